@@ -152,7 +152,9 @@ class SAM(torch.optim.Optimizer):
             raise ValueError("state_dict() while the weights are perturbed: call second_step() or restore() first")
         sd = super().state_dict()                           # our per-parameter state (masks) and the groups
         sd["base"] = self.base_optimizer.state_dict()       # momentum etc.
-        sd["counters"] = self._counters()
+        sd["counters"] = {k: getattr(self, k) for k in ("steps", "last_mask_update") if hasattr(self, k)}
+        if hasattr(self, "generator"):                      # SSAMD's growth RNG
+            sd["counters"]["generator"] = self.generator.get_state()
         return sd
 
     def load_state_dict(self, state_dict):
@@ -161,13 +163,10 @@ class SAM(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self.base_optimizer.load_state_dict(base)
         self.param_groups = self.base_optimizer.param_groups  # loading replaced the list: share it again
-        self._load_counters(counters)
-
-    def _counters(self):
-        return {"steps": self.steps}
-
-    def _load_counters(self, c):
-        self.steps = c["steps"]
+        for k, v in counters.items():
+            self.generator.set_state(v) if k == "generator" else setattr(self, k, v)
+        if getattr(self, "last_mask_update", -1) >= 0:
+            self._set_masks(self.masks(), count_update=False)   # rebuild the structure='tensor' cache
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -294,54 +293,134 @@ class _SparseSAM(SAM):
             for p in frozen:
                 p.requires_grad_(True)
 
-    def _counters(self):
-        return {"steps": self.steps, "last_mask_update": self.last_mask_update}
-
-    def _load_counters(self, c):
-        self.steps, self.last_mask_update = c["steps"], c["last_mask_update"]
-        if self.last_mask_update >= 0:
-            self._set_masks(self.masks(), count_update=False)      # rebuild the tensor-structure cache
-
 
 # ----------------------------------------------------------------------------------------------------
 # SSAM-F: the mask from the empirical Fisher (Eq. 3-6, Alg. 2 Option I)
 
-def empirical_fisher(model, data, num_samples, loss_fn=None, chunk_size=None):
+def empirical_fisher(model, data, num_samples, loss_fn=None, chunk_size=32):
     """Sum over `num_samples` samples of the squared per-sample gradient (Eq. 5; the 1/N_F does not change
     the ranking). Returns {parameter of `model`: tensor}.
 
-    Per-sample gradients come from torch.func (vmap of grad) in chunks of `chunk_size` samples (default 8 on
-    the CPU, where larger chunks measured slower, 64 on a GPU), on a
-    copy of the model that shares no weights, so the model's parameters, gradients and BatchNorm buffers are
-    never touched. In train mode each sample is normalized as its own batch of one (as in the authors'
-    batch-1 loop); in eval mode BatchNorm uses the running statistics.
+    Works on a copy of the model that shares its weights read-only, so the model's parameters, gradients
+    and BatchNorm buffers are never touched. In train mode each sample is normalized as its own batch of
+    one (as the authors' batch-1 loop does); in eval mode BatchNorm uses the running statistics.
+    Per-sample gradients come `chunk_size` samples at a time from one batched forward/backward: for models
+    built of Linear, Conv2d and normalization layers each layer's per-sample gradient is rebuilt from its
+    input and output gradient (_tapped_sq_grads); any other model goes through torch.func (vmap of grad).
     """
     loss_fn = loss_fn or F.cross_entropy
     named = dict(model.named_parameters())
-    weights = {n: p.detach() for n, p in named.items()}
-    net = copy.deepcopy(model, memo={id(p): torch.empty(0) for p in named.values()})  # buffers only
-    if model.training:
-        torch.func.replace_all_batch_norm_modules_(net)   # batch statistics, no running-stat updates
-    buffers = dict(net.named_buffers())
-
-    def sample_loss(w, x, y):
-        return loss_fn(torch.func.functional_call(net, (w, buffers), (x[None],)), y[None])
-
-    per_sample_grads = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0), randomness="different")
-    fisher = {n: torch.zeros_like(w) for n, w in weights.items()}
-    device, seen = next(iter(weights.values())).device, 0
-    chunk_size = chunk_size or (64 if device.type == "cuda" else 8)
+    net = copy.deepcopy(model, memo={id(p): p.detach() for p in named.values()})   # buffers copied, weights shared
+    for mod in net.modules():
+        if hasattr(mod, "inplace"):
+            mod.inplace = False                          # taps need each layer's own output
+    tapped = all(_tappable(mod) for mod in net.modules())
+    if model.training and tapped:                        # a batch of one: instance statistics
+        for mod in net.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                mod.forward = (lambda a, m=mod: F.instance_norm(a, weight=m.weight, bias=m.bias, eps=m.eps))
+    elif model.training:
+        torch.func.replace_all_batch_norm_modules_(net)
+    per_sample_sq = _tapped_sq_grads if tapped else _func_sq_grads
+    fisher = {n: torch.zeros_like(p) for n, p in named.items()}
+    device, seen = next(iter(named.values())).device, 0
     for x, y in data:
         x, y = x[: num_samples - seen].to(device), y[: num_samples - seen].to(device)
         for xc, yc in zip(x.split(chunk_size), y.split(chunk_size)):
-            g = per_sample_grads(weights, xc, yc)
-            torch._foreach_add_(list(fisher.values()), [g[n].square().sum(0) for n in fisher])   # Eq. 5
+            sq = per_sample_sq(net, xc, yc, loss_fn, model.training)
+            torch._foreach_add_(list(fisher.values()), [sq[n] for n in fisher])      # Eq. 5
         seen += len(x)
         if seen >= num_samples:
             break
     if seen < num_samples:
         raise ValueError(f"data gave {seen} samples but num_samples={num_samples}: pass more data or lower num_samples")
     return {named[n]: f for n, f in fisher.items()}
+
+
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+def _tappable(mod):
+    if next(mod.parameters(recurse=False), None) is None:
+        return True
+    if isinstance(mod, nn.Conv2d):
+        return mod.groups == 1 and mod.padding_mode == "zeros" and not isinstance(mod.padding, str)
+    return isinstance(mod, (nn.Linear,) + _NORMS) and (not isinstance(mod, nn.LayerNorm) or mod.weight is not None)
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a layer's output that appends the output's gradient to `box` (later in-place ops are fine)."""
+
+    @staticmethod
+    def forward(ctx, x, box):
+        ctx.box = box
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.box.append(g)
+        return g, None
+
+
+def _tapped_sq_grads(net, x, y, loss_fn, per_sample_bn):
+    """{name: sum_i g_i^2} from one batched pass: per-sample grads of Linear (δ aᵀ), Conv2d (δ unfold(a)ᵀ) and
+    norm layers (Σ δ ⊙ x̂, Σ δ), from each layer's input a and output gradient δ."""
+    taps = []
+
+    def tap(mod, inputs, out):
+        taps.append([mod, inputs[0].detach()])
+        return _Tap.apply(out, taps[-1])
+
+    hooks = [m.register_forward_hook(tap) for m in net.modules() if next(m.parameters(recurse=False), None) is not None]
+    try:
+        x = x.detach().requires_grad_(True)
+        out = net(x)
+        torch.autograd.grad(sum(loss_fn(out[i:i + 1], y[i:i + 1]) for i in range(len(x))), x)
+    finally:
+        for h in hooks:
+            h.remove()
+    sq, name = {}, {id(p): n for n, p in net.named_parameters()}
+    for mod, a, g in taps:
+        b = len(a)
+        if isinstance(mod, nn.Linear) and a.dim() == 2:
+            sq[name[id(mod.weight)]] = (g * g).t() @ (a * a)                 # sum_i (δ_i a_iᵀ)^2, never materialized
+            gb = g
+        elif isinstance(mod, nn.Linear):
+            sq[name[id(mod.weight)]] = torch.einsum("b...o,b...i->boi", g, a).square().sum(0)
+            gb = g.reshape(b, -1, g.shape[-1]).sum(1)
+        elif isinstance(mod, nn.Conv2d):
+            cols = F.unfold(a, mod.kernel_size, mod.dilation, mod.padding, mod.stride)       # [b, in*k*k, L]
+            sq[name[id(mod.weight)]] = torch.bmm(g.flatten(2), cols.transpose(1, 2)).square().sum(0).view_as(mod.weight)
+            gb = g.flatten(2).sum(2)
+        else:                                                               # BatchNorm, GroupNorm, LayerNorm
+            if isinstance(mod, nn.LayerNorm):
+                xh = F.layer_norm(a, mod.normalized_shape, eps=mod.eps)
+                per = lambda t: t.reshape(b, -1, *mod.normalized_shape).sum(1)
+            else:
+                if isinstance(mod, nn.GroupNorm):
+                    xh = F.group_norm(a, mod.num_groups, eps=mod.eps)
+                elif per_sample_bn:
+                    xh = F.instance_norm(a, eps=mod.eps)
+                else:
+                    shape = (1, -1) + (1,) * (a.dim() - 2)
+                    xh = (a - mod.running_mean.view(shape)) * torch.rsqrt(mod.running_var.view(shape) + mod.eps)
+                per = lambda t: t.reshape(b, a.shape[1], -1).sum(2)
+            sq[name[id(mod.weight)]] = per(g * xh).square().sum(0)
+            gb = per(g)
+        if mod.bias is not None:
+            sq[name[id(mod.bias)]] = gb.square().sum(0)
+    return sq
+
+
+def _func_sq_grads(net, x, y, loss_fn, per_sample_bn):
+    """{name: sum_i g_i^2} with torch.func: vmap over samples of the gradient of one sample's loss."""
+    weights, buffers = dict(net.named_parameters()), dict(net.named_buffers())
+
+    def sample_loss(w, xi, yi):
+        return loss_fn(torch.func.functional_call(net, (w, buffers), (xi[None],)), yi[None])
+
+    g = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0), randomness="different")(weights, x, y)
+    return {n: gn.square().sum(0) for n, gn in g.items()}
 
 
 class SSAMF(_SparseSAM):
@@ -364,7 +443,7 @@ class SSAMF(_SparseSAM):
         self.num_samples = num_samples
 
     @torch.no_grad()
-    def update_mask(self, model, data, loss_fn=None, chunk_size=None):
+    def update_mask(self, model, data, loss_fn=None, chunk_size=32):
         """Fisher over num_samples samples of `data` (Eq. 5), then the top-(1-s)·|w| mask (Eq. 6)."""
         with torch.enable_grad():
             fisher = empirical_fisher(model, data, self.num_samples, loss_fn, chunk_size)
@@ -444,13 +523,6 @@ class SSAMD(_SparseSAM):
             by_param = {id(p): gr for p, gr in zip(params, grads)}
             self.update_mask([by_param.get(id(p)) for p in self._params()])
         return [self.state[p]["mask"] for p in params]
-
-    def _counters(self):
-        return {**super()._counters(), "generator": self.generator.get_state()}
-
-    def _load_counters(self, c):
-        super()._load_counters(c)
-        self.generator.set_state(c["generator"])
 
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
