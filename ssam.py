@@ -163,6 +163,9 @@ class SAM(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self.base_optimizer.load_state_dict(base)
         self.param_groups = self.base_optimizer.param_groups  # loading replaced the list: share it again
+        for st in self.state.values():
+            if "mask" in st:
+                st["mask"] = st["mask"].bool()              # Optimizer.load_state_dict cast it to the param dtype
         for k, v in counters.items():
             self.generator.set_state(v) if k == "generator" else setattr(self, k, v)
         if getattr(self, "last_mask_update", -1) >= 0:
@@ -302,11 +305,12 @@ def empirical_fisher(model, data, num_samples, loss_fn=None, chunk_size=32):
     the ranking). Returns {parameter of `model`: tensor}.
 
     Works on a copy of the model that shares its weights read-only, so the model's parameters, gradients
-    and BatchNorm buffers are never touched. In train mode each sample is normalized as its own batch of
-    one (as the authors' batch-1 loop does); in eval mode BatchNorm uses the running statistics.
-    Per-sample gradients come `chunk_size` samples at a time from one batched forward/backward: for models
-    built of Linear, Conv2d and normalization layers each layer's per-sample gradient is rebuilt from its
-    input and output gradient (_tapped_sq_grads); any other model goes through torch.func (vmap of grad).
+    and BatchNorm buffers are never touched. Each BatchNorm layer behaves as in the authors' batch-1 loop:
+    in train mode (or without running statistics) each sample is normalized as its own batch of one; in
+    eval mode with the running statistics. Per-sample gradients come `chunk_size` samples at a time from
+    one batched forward/backward: for models built of Linear, Conv2d and normalization layers, each called
+    once per forward, a layer's per-sample gradient is rebuilt from its input and output gradient
+    (_tapped_sq_grads); any other model goes through torch.func (vmap of grad).
     """
     loss_fn = loss_fn or F.cross_entropy
     named = dict(model.named_parameters())
@@ -314,20 +318,19 @@ def empirical_fisher(model, data, num_samples, loss_fn=None, chunk_size=32):
     for mod in net.modules():
         if hasattr(mod, "inplace"):
             mod.inplace = False                          # taps need each layer's own output
+        mod.per_sample_stats = isinstance(mod, nn.modules.batchnorm._BatchNorm) and (
+            mod.training or mod.running_mean is None)    # batch statistics of a batch of one: instance norm
+        if mod.per_sample_stats:
+            mod.forward = (lambda a, m=mod: F.instance_norm(a, weight=m.weight, bias=m.bias, eps=m.eps))
     tapped = all(_tappable(mod) for mod in net.modules())
-    if model.training and tapped:                        # a batch of one: instance statistics
-        for mod in net.modules():
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                mod.forward = (lambda a, m=mod: F.instance_norm(a, weight=m.weight, bias=m.bias, eps=m.eps))
-    elif model.training:
-        torch.func.replace_all_batch_norm_modules_(net)
-    per_sample_sq = _tapped_sq_grads if tapped else _func_sq_grads
     fisher = {n: torch.zeros_like(p) for n, p in named.items()}
     device, seen = next(iter(named.values())).device, 0
     for x, y in data:
         x, y = x[: num_samples - seen].to(device), y[: num_samples - seen].to(device)
         for xc, yc in zip(x.split(chunk_size), y.split(chunk_size)):
-            sq = per_sample_sq(net, xc, yc, loss_fn, model.training)
+            sq = _tapped_sq_grads(net, xc, yc, loss_fn) if tapped else None
+            if sq is None:                               # not tappable, or a layer ran twice: torch.func
+                tapped, sq = False, _func_sq_grads(net, xc, yc, loss_fn)
             torch._foreach_add_(list(fisher.values()), [sq[n] for n in fisher])      # Eq. 5
         seen += len(x)
         if seen >= num_samples:
@@ -362,9 +365,9 @@ class _Tap(torch.autograd.Function):
         return g, None
 
 
-def _tapped_sq_grads(net, x, y, loss_fn, per_sample_bn):
+def _tapped_sq_grads(net, x, y, loss_fn):
     """{name: sum_i g_i^2} from one batched pass: per-sample grads of Linear (δ aᵀ), Conv2d (δ unfold(a)ᵀ) and
-    norm layers (Σ δ ⊙ x̂, Σ δ), from each layer's input a and output gradient δ."""
+    norm layers (Σ δ ⊙ x̂, Σ δ), from each layer's input a and output gradient δ. None if a layer ran twice."""
     taps = []
 
     def tap(mod, inputs, out):
@@ -379,6 +382,8 @@ def _tapped_sq_grads(net, x, y, loss_fn, per_sample_bn):
     finally:
         for h in hooks:
             h.remove()
+    if len({id(mod) for mod, *_ in taps}) < len(taps):
+        return None
     sq, name = {}, {id(p): n for n, p in net.named_parameters()}
     for mod, a, g in taps:
         b = len(a)
@@ -399,7 +404,7 @@ def _tapped_sq_grads(net, x, y, loss_fn, per_sample_bn):
             else:
                 if isinstance(mod, nn.GroupNorm):
                     xh = F.group_norm(a, mod.num_groups, eps=mod.eps)
-                elif per_sample_bn:
+                elif mod.per_sample_stats:
                     xh = F.instance_norm(a, eps=mod.eps)
                 else:
                     shape = (1, -1) + (1,) * (a.dim() - 2)
@@ -412,7 +417,7 @@ def _tapped_sq_grads(net, x, y, loss_fn, per_sample_bn):
     return sq
 
 
-def _func_sq_grads(net, x, y, loss_fn, per_sample_bn):
+def _func_sq_grads(net, x, y, loss_fn):
     """{name: sum_i g_i^2} with torch.func: vmap over samples of the gradient of one sample's loss."""
     weights, buffers = dict(net.named_parameters()), dict(net.named_buffers())
 

@@ -96,6 +96,7 @@ def test_requires_grad_restored_when_the_pass_raises():
     assert all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook")
 def test_backward_does_not_descend_below_the_lowest_perturbed_layer():
     model = tiny_net()
     x, y = batch()
