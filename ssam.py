@@ -13,8 +13,8 @@ Fisher (SSAM-F, Eq. 5-6) or grown and dropped during training (SSAM-D, Eq. 7-9).
             loss_fn(model(x), y).backward()      # 2nd pass: gradient at w + eps
         opt.second_step(zero_grad=True)          # w back exactly, then the base optimizer steps
 
-Contents, in the paper's order: SAM (Eq. 2) | mask helpers (top-k, N:M) | SSAMF (Eq. 3-6) |
-SSAMD (Eq. 7-9) | the 2:4 sparse backward | the BatchNorm helper.
+Contents, in the paper's order: SAM (Eq. 2) | mask helpers (top-k, N:M, whole tensors) | SSAMF (Eq. 3-6) |
+SSAMD (Eq. 7-9) | SAMON (normalization layers only) | the 2:4 sparse backward | the BatchNorm helper.
 """
 import copy
 import math
@@ -243,7 +243,15 @@ def select_masks(scores, density, nm=None):
 
 
 class _SparseSAM(SAM):
-    """What SSAM-F and SSAM-D share: the masks, the schedule, validation, counters."""
+    """What SSAM-F and SSAM-D share: the masks, the schedule, validation, counters.
+
+    structure: None (element-wise, the paper), 'N:M' such as '2:4' (N of every M outputs, see nm_mask;
+    sparsity must be 1 - N/M), or 'tensor' (whole parameter tensors: wrap the first pass in
+    `with opt.ascent_pass():` and unperturbed tensors cost no weight gradient there).
+    norm: 'full' (default for element-wise and N:M masks) normalizes eps by ||g|| over all parameters as
+    the paper writes it; 'masked' by ||g ⊙ m||, which structure='tensor' requires since it never computes
+    the full gradient in the first pass.
+    """
 
     def __init__(self, params, base_optimizer, rho, sparsity, update_interval, structure, norm, **kwargs):
         if not 0 <= sparsity <= 1:
