@@ -1,0 +1,69 @@
+"""pytest-benchmark setup for bench/: the repo root on sys.path, size options, the machine in the JSON.
+
+    OMP_WAIT_POLICY=PASSIVE pytest bench/ --benchmark-only --benchmark-json bench/results/throughput.json   # CPU
+    pytest bench/ --benchmark-only --bench-device cuda --bench-batch 128 --bench-width 512 \\
+        --bench-rounds 20 --benchmark-json bench/results/throughput-gpu.json                        # a GPU
+"""
+import os
+import sys
+
+# libgomp's default is to spin while waiting for the other thread: on a box shared with other jobs a descheduled
+# thread then costs the whole step (measured: a 0.6 s step took 2.9-3.1 s). Passive waiting is immune. Must be set
+# before torch loads libgomp; `make bench-throughput` sets it in the environment as well.
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for path in (ROOT, os.path.join(ROOT, "bench")):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import common  # noqa: E402  (needs the path above)
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("bench", "ssam benchmark sizes (defaults: the whole suite in minutes on 2 CPU cores)")
+    g.addoption("--bench-device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
+    g.addoption("--bench-batch", type=int, default=32, help="training batch (the paper: 128)")
+    g.addoption("--bench-width", type=int, default=256, help="TinyViT width (multiple of 4*heads=16)")
+    g.addoption("--bench-models", default="resnet18,vit", help="comma-separated: resnet18, vit")
+    g.addoption("--bench-passes", type=int, default=3, help="passes over all benchmarks; each method is timed "
+                "once per pass, so methods alternate in time and share the machine's ups and downs (default 3)")
+    g.addoption("--bench-rounds", type=int, default=1, help="timed training steps per method and pass (default 1)")
+    g.addoption("--bench-first-step-rounds", type=int, default=20, help="timed first_step calls per method and pass")
+    g.addoption("--bench-fisher-samples", type=int, default=128, help="SSAM-F's N_F (the paper: 128)")
+    g.addoption("--bench-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+
+
+@pytest.fixture(scope="session")
+def cfg(request):
+    o = request.config.getoption
+    if o("--bench-threads"):
+        torch.set_num_threads(o("--bench-threads"))
+    if o("--bench-device").startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("--bench-device cuda but no CUDA device")
+    return dict(device=o("--bench-device"), batch=o("--bench-batch"), width=o("--bench-width"),
+                rounds=o("--bench-rounds"), first_step_rounds=o("--bench-first-step-rounds"),
+                fisher_samples=o("--bench-fisher-samples"))
+
+
+def pytest_generate_tests(metafunc):
+    if "bench_pass" in metafunc.fixturenames:                 # first: the outermost loop
+        metafunc.parametrize("bench_pass", range(metafunc.config.getoption("--bench-passes")),
+                             ids=lambda i: f"pass{i}")
+    if "model_name" in metafunc.fixturenames:
+        metafunc.parametrize("model_name", metafunc.config.getoption("--bench-models").split(","))
+
+
+def pytest_sessionstart(session):
+    session.config.bench_machine = common.machine()          # CPU, cores, torch, GPU, load average at the start
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["bench"] = dict(getattr(config, "bench_machine", {}), threads=torch.get_num_threads(),
+                                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "(default: active)"))
+    if hasattr(os, "getloadavg"):                  # and at the end: other jobs on the box skew timings
+        machine_info["bench"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]

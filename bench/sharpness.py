@@ -1,0 +1,123 @@
+"""Top Hessian eigenvalues of a trained train.py checkpoint on a batch of training data (paper §5.3, Fig. 5):
+lambda_1 and lambda_1 / lambda_5, by Lanczos with Hessian-vector products (double backward).
+
+    python bench/sharpness.py runs/cifar10-subset-sam-seed0/ckpt.pt                  # -> <run>/sharpness.json
+    python bench/sharpness.py runs/*/ckpt.pt --batch 256 --iters 30                  # several runs, one table
+
+The model is in eval mode (BatchNorm uses its running statistics), so the loss is one fixed function of the
+weights; the batch is the first --batch training images, normalized, not augmented. The Hessian is over all
+parameters. Lanczos with full reorthogonalization: --iters Hessian-vector products give Ritz values whose
+largest converge to the top eigenvalues first. Measured on a wrn10-1 checkpoint: with 20 products lambda_1..3
+agree with 40 products to 4 digits and lambda_5 to 2%; raise --iters when lambda_5 matters.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [HERE, ROOT]
+
+
+def hvp_operator(model, loss_fn, x, y):
+    """v (flat) -> H v (flat), H = the Hessian of loss_fn(model(x), y) over model's parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
+    sizes = [p.numel() for p in params]
+
+    def hvp(v):
+        vs = [c.view_as(p) for c, p in zip(v.split(sizes), params)]
+        hv = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=True)
+        return torch.cat([h.reshape(-1) for h in hv])
+
+    return hvp, sum(sizes), params[0].dtype, params[0].device
+
+
+def lanczos(hvp, n, iters, dtype=torch.float32, device="cpu", seed=0):
+    """Eigenvalues of the iters x iters Lanczos tridiagonal T (Ritz values), largest first. Full
+    reorthogonalization against all previous vectors keeps them orthogonal in floating point."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(n, generator=g, dtype=dtype).to(device)
+    Q = [q / q.norm()]
+    alphas, betas = [], []
+    for j in range(min(iters, n)):
+        w = hvp(Q[j])
+        alphas.append(torch.dot(w, Q[j]).item())
+        V = torch.stack(Q)                                   # [j+1, n]
+        for _ in range(2):                                   # w -= V^T (V w), twice ("twice is enough")
+            w = w - V.t() @ (V @ w)
+        beta = w.norm().item()
+        if j == min(iters, n) - 1 or beta < 1e-8 * max(abs(a) for a in alphas):
+            break                                            # done, or an invariant subspace: T is exact
+        betas.append(beta)
+        Q.append(w / beta)
+    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if betas:
+        off = torch.tensor(betas, dtype=torch.float64)
+        T += torch.diag(off, 1) + torch.diag(off, -1)
+    return torch.linalg.eigvalsh(T).flip(0)
+
+
+def top_eigenvalues(model, x, y, k=5, iters=30, loss_fn=F.cross_entropy, seed=0):
+    hvp, n, dtype, device = hvp_operator(model, loss_fn, x, y)
+    return lanczos(hvp, n, max(iters, k), dtype, device, seed)[:k].tolist()
+
+
+def load_run(path, device):
+    """A train.py checkpoint -> (model in eval mode, its config). ckpt: {"model": state_dict, "config": {...}}."""
+    import train                                             # the repo's train.py: models and data
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    cfg = ck["config"]
+    num_classes = {"cifar100": 100, "imagenet": 1000}.get(cfg["dataset"], 10)
+    model = train.make_model(cfg["model"], num_classes, small_images=cfg["dataset"] != "imagenet")
+    model.load_state_dict(ck["model"])
+    return model.to(device).eval(), cfg
+
+
+def train_batch(cfg, n, device):
+    """The first n training images of the run's dataset, normalized (no augmentation), and their labels."""
+    import train
+    if cfg["dataset"] == "imagenet":
+        raise SystemExit("sharpness.py: ImageNet checkpoints are not supported (CIFAR data lives in memory here)")
+    train_x, train_y, _, _ = train.load_cifar(cfg)
+    return train.normalize(train_x[:n].to(device)), train_y[:n].to(device)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("checkpoints", nargs="+", help="train.py ckpt.pt files")
+    ap.add_argument("--batch", type=int, default=128, help="training images the loss is taken over (default 128)")
+    ap.add_argument("--k", type=int, default=5, help="eigenvalues to report (default 5: lambda_1/lambda_5)")
+    ap.add_argument("--iters", type=int, default=20, help="Lanczos iterations = Hessian-vector products (default 20)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seed", type=int, default=0, help="Lanczos start vector")
+    ap.add_argument("--out", help="one JSON for all checkpoints (default: sharpness.json next to each)")
+    args = ap.parse_args()
+    results = []
+    for path in args.checkpoints:
+        t0 = time.perf_counter()
+        model, cfg = load_run(path, args.device)
+        x, y = train_batch(cfg, args.batch, args.device)
+        eig = top_eigenvalues(model, x, y, args.k, args.iters, seed=args.seed)
+        r = dict(checkpoint=path, model=cfg["model"], optimizer=cfg["optimizer"], sparsity=cfg.get("sparsity"),
+                 eigenvalues=eig, lambda_1=eig[0], lambda_1_over_lambda_k=eig[0] / eig[-1], k=args.k,
+                 batch=args.batch, iters=args.iters, seconds=time.perf_counter() - t0)
+        results.append(r)
+        if not args.out:
+            with open(os.path.join(os.path.dirname(path), "sharpness.json"), "w") as f:
+                json.dump(r, f, indent=2)
+        print(f"{path}: {cfg['optimizer']}{'' if r['sparsity'] is None else ' s=%g' % r['sparsity']}  "
+              f"lambda_1 {eig[0]:.4g}  lambda_1/lambda_{args.k} {r['lambda_1_over_lambda_k']:.3g}  "
+              f"top {args.k}: {', '.join(f'{e:.4g}' for e in eig)}  ({r['seconds']:.0f} s)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
