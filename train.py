@@ -90,11 +90,12 @@ def get_args(argv=None):
     g.add_argument("--train-size", type=int, default=0, help="train on a fixed random N-image part (0 = all; tests)")
     g.add_argument("--seed", type=int, default=0, help="model init, data order, augmentation, SSAM-D growth")
     g = ap.add_argument_group("optimizer")
-    g.add_argument("--optimizer", default="sgd", help="sgd | sam | ssamf | ssamd (default: %(default)s)")
+    g.add_argument("--optimizer", default="sgd", help="sgd | sam | ssamf | ssamd | samon (SAM on normalization layers only) "
+                   "(default: %(default)s)")
     g.add_argument("--sparsity", type=float, default=0.5, help="SSAM: fraction of weights NOT perturbed; the paper "
                    "uses 0.5, 0.8, 0.9, 0.95, 0.98, 0.99 (default: %(default)s)")
-    g.add_argument("--structure", default="unstructured", help="SSAM mask: unstructured | 2:4 (2:4 needs sparsity "
-                   "0.5) (default: %(default)s)")
+    g.add_argument("--structure", default="unstructured", help="SSAM mask: unstructured | 2:4 (needs sparsity "
+                   "0.5) | tensor (whole tensors; skips their ascent weight gradient) (default: %(default)s)")
     g.add_argument("--update-interval", type=int, default=0, help="steps between SSAM mask updates; 0 = once an "
                    "epoch, as in the authors' code (default: %(default)s)")
     g.add_argument("--num-samples", type=int, default=128, help="SSAM-F: training images for the Fisher estimate "
@@ -127,10 +128,10 @@ def resolve_config(args):
         if v is not None and k not in ("weight_decay", "demo"):
             cfg[k] = v
     cfg["optimizer"] = cfg["optimizer"].lower()
-    if cfg["optimizer"] not in ("sgd", "sam", "ssamf", "ssamd"):
-        raise SystemExit(f"unknown --optimizer {cfg['optimizer']!r}: choose sgd, sam, ssamf or ssamd")
-    if cfg["structure"] not in ("unstructured", "2:4"):
-        raise SystemExit(f"unknown --structure {cfg['structure']!r}: choose unstructured or 2:4")
+    if cfg["optimizer"] not in ("sgd", "sam", "ssamf", "ssamd", "samon"):
+        raise SystemExit(f"unknown --optimizer {cfg['optimizer']!r}: choose sgd, sam, ssamf, ssamd or samon")
+    if cfg["structure"] not in ("unstructured", "2:4", "tensor"):
+        raise SystemExit(f"unknown --structure {cfg['structure']!r}: choose unstructured, 2:4 or tensor")
     if cfg["structure"] == "2:4" and cfg["sparsity"] != 0.5 and cfg["optimizer"] in ("ssamf", "ssamd"):
         raise SystemExit(f"--structure 2:4 perturbs 2 of every 4 weights: it needs --sparsity 0.5, not {cfg['sparsity']}")
     if cfg["dataset"] not in ("cifar10-subset", "cifar10", "cifar100", "imagenet"):
@@ -140,13 +141,14 @@ def resolve_config(args):
     wd_sgd, wd_sam = cfg.pop("wd_sgd"), cfg.pop("wd_sam")
     wd = wd_sgd if cfg["optimizer"] == "sgd" else wd_sam
     cfg["weight_decay"] = args.weight_decay if args.weight_decay is not None else wd
-    if cfg["optimizer"] in ("sgd", "sam"):  # these knobs mean nothing there; keep them out of names and checks
+    if cfg["optimizer"] in ("sgd", "sam", "samon"):  # these knobs mean nothing there; keep them out of names and checks
         for k in ("sparsity", "structure", "update_interval", "num_samples", "drop_rate"):
             cfg.pop(k)
     if cfg["optimizer"] == "sgd":
         cfg.pop("rho"), cfg.pop("adaptive"), cfg.pop("sync_ascent")
     if not cfg.get("name"):
         sp = f"-s{cfg['sparsity']:g}" if "sparsity" in cfg else ""
+        sp += f"-{cfg['structure'].replace(':', 'of')}" if cfg.get("structure", "unstructured") != "unstructured" else ""
         cfg["name"] = f"{args.preset}-{cfg['optimizer']}{sp}-seed{cfg['seed']}"
     cfg["out_dir"] = cfg.get("out_dir") or str(ROOT / "runs" / cfg["name"])
     return cfg
@@ -408,6 +410,8 @@ def make_optimizer(cfg, model, steps_per_epoch):
         return torch.optim.SGD(model.parameters(), **sgd)
     if o == "sam":
         return ssam.SAM(model.parameters(), torch.optim.SGD, rho=cfg["rho"], adaptive=cfg["adaptive"], **sgd)
+    if o == "samon":
+        return ssam.SAMON(model, torch.optim.SGD, rho=cfg["rho"], **sgd)
     structure = None if cfg["structure"] == "unstructured" else cfg["structure"]
     interval = cfg["update_interval"] or steps_per_epoch
     if o == "ssamf":
@@ -444,16 +448,21 @@ def train_step(model, opt, x, y, autocast, scaler=None, sync_ascent=False):
         opt.zero_grad(set_to_none=True)
         return loss.detach(), out.detach()
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    with model.no_sync() if ddp and not sync_ascent else contextlib.nullcontext():
+    ascent = opt.ascent_pass() if hasattr(opt, "ascent_pass") else contextlib.nullcontext()   # structure=tensor
+    with model.no_sync() if ddp and not sync_ascent else contextlib.nullcontext(), ascent:
         with autocast:
             out = model(x)
             loss = F.cross_entropy(out, y)
         (loss if scaler is None else scaler.scale(loss)).backward()
     opt.first_step(zero_grad=True)                     # w <- w + eps (SSAM-D may draw a new mask in here)
-    with ssam.frozen_bn_stats(model):                  # BN running statistics follow the first pass only
-        with autocast:
-            loss2 = F.cross_entropy(model(x), y)
-        (loss2 if scaler is None else scaler.scale(loss2)).backward()
+    try:
+        with ssam.frozen_bn_stats(model):              # BN running statistics follow the first pass only
+            with autocast:
+                loss2 = F.cross_entropy(model(x), y)
+            (loss2 if scaler is None else scaler.scale(loss2)).backward()
+    except BaseException:                              # Ctrl-C, OOM...: never leave (or checkpoint) w + eps
+        opt.restore()
+        raise
     if scaler is not None:
         scaler.unscale_(opt.base_optimizer)
         grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
@@ -571,7 +580,7 @@ def train(cfg, show_config=True):
                               enabled=cfg["amp"] != "none")
     scaler = torch.amp.GradScaler(device.type) if cfg["amp"] == "fp16" else None
     g = torch.Generator().manual_seed(cfg["seed"])  # data order, augmentation, Fisher images: all from here
-    sparse = cfg["optimizer"] in ("ssamf", "ssamd")
+    sparse = cfg["optimizer"] in ("ssamf", "ssamd", "samon")
 
     # resume
     start_epoch, elapsed = 0, 0.0

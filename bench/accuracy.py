@@ -31,7 +31,9 @@ DEFAULTS = dict(model="wrn10-1", epochs=4, seeds=[0, 1, 2], sparsities=[0.5, 0.9
 
 
 def configs(sparsities):
-    return [("sgd", None), ("sam", None)] + [(o, s) for o in ("ssamf", "ssamd") for s in sparsities]
+    """'<opt>-tensor' runs SSAM with whole-tensor masks (--structure tensor); samon: normalization layers only."""
+    return ([("sgd", None), ("sam", None), ("samon", None)] + [(o, s) for o in ("ssamf", "ssamd") for s in sparsities]
+            + [("ssamd-tensor", s) for s in sparsities])
 
 
 def run_name(opt, sparsity, seed):
@@ -40,9 +42,11 @@ def run_name(opt, sparsity, seed):
 
 def command(args, opt, sparsity, seed, out_dir):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--dataset", "cifar10-subset", "--model", args.model,
-           "--optimizer", opt, "--epochs", str(args.epochs), "--seed", str(seed), "--out-dir", out_dir, "--fresh"]
+           "--optimizer", opt.removesuffix("-tensor"), "--epochs", str(args.epochs), "--seed", str(seed), "--out-dir", out_dir, "--fresh"]
     if sparsity is not None:
         cmd += ["--sparsity", str(sparsity)]
+    if opt.endswith("-tensor"):
+        cmd += ["--structure", "tensor"]
     return cmd + args.train_args
 
 

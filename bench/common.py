@@ -32,11 +32,16 @@ METHODS = [
     ("ssamd", 0.5, "2:4", False),
     ("ssamf", 0.5, "2:4", True),     # 2:4 sparse backward: dX = dY (W ⊙ M) in the ascent pass of nn.Linear
     ("ssamd", 0.5, "2:4", True),
+    ("ssamf", 0.5, "tensor", False),  # whole-tensor masks: no ascent weight gradient for unperturbed tensors
+    ("ssamf", 0.9, "tensor", False),
+    ("ssamf", 0.99, "tensor", False),
+    ("ssamd", 0.9, "tensor", False),
+    ("samon", 0.0, None, False),      # SAM-ON: only normalization layers perturbed
 ]
 
 
 def method_name(opt, sparsity, structure, sparse_ascent):
-    name = opt if opt in ("sgd", "sam") else f"{opt}-s{sparsity:g}"
+    name = opt if opt in ("sgd", "sam", "samon") else f"{opt}-s{sparsity:g}"
     return name + (f"-{structure}" if structure else "") + ("-sparse_ascent" if sparse_ascent else "")
 
 
@@ -108,6 +113,8 @@ def make_optimizer(model, opt, sparsity=0.0, structure=None, update_interval=10*
         return torch.optim.SGD(model.parameters(), **sgd)
     if opt == "sam":
         return ssam.SAM(model.parameters(), torch.optim.SGD, rho=rho, **sgd)
+    if opt == "samon":
+        return ssam.SAMON(model, torch.optim.SGD, rho=rho, **sgd)
     if opt == "ssamf":
         return ssam.SSAMF(model.parameters(), torch.optim.SGD, rho=rho, sparsity=sparsity, structure=structure,
                           update_interval=update_interval, num_samples=num_samples, **sgd)
@@ -131,7 +138,8 @@ def train_step(model, opt, x, y, sparse_ascent=False):
         opt.zero_grad(set_to_none=True)
         sync(x.device)
         return
-    with ssam.sparse_ascent(model, opt) if sparse_ascent else contextlib.nullcontext():
+    with ssam.sparse_ascent(model, opt) if sparse_ascent else contextlib.nullcontext(), opt.ascent_pass() \
+            if hasattr(opt, "ascent_pass") else contextlib.nullcontext():   # structure='tensor': fewer gradients
         F.cross_entropy(model(x), y).backward()
     opt.first_step(zero_grad=True)
     with ssam.frozen_bn_stats(model):

@@ -21,8 +21,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-COLORS = dict(sgd="tab:gray", sam="tab:blue", ssamf="tab:orange", ssamd="tab:green")
-LABELS = dict(sgd="SGD", sam="SAM", ssamf="SSAM-F", ssamd="SSAM-D")
+COLORS = dict(sgd="tab:gray", sam="tab:blue", ssamf="tab:orange", ssamd="tab:green", samon="tab:purple",
+              **{"ssamd-tensor": "tab:red"})
+LABELS = dict(sgd="SGD", sam="SAM", ssamf="SSAM-F", ssamd="SSAM-D", samon="SAM-ON (norm layers)",
+              **{"ssamd-tensor": "SSAM-D, tensor masks"})
 
 
 def load(source):
@@ -42,7 +44,7 @@ def load(source):
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             metrics = [json.loads(line) for line in f if line.strip()]
         cfg = final["config"]
-        runs.append(dict(optimizer=cfg["optimizer"], sparsity=cfg.get("sparsity"), seed=cfg.get("seed"),
+        runs.append(dict(optimizer=cfg["optimizer"] + ("-tensor" if cfg.get("structure") == "tensor" else ""), sparsity=cfg.get("sparsity"), seed=cfg.get("seed"),
                          test_acc=final["test_acc"], metrics=metrics, out_dir=run_dir,
                          setting=f"{cfg.get('model')}, {cfg.get('dataset')}, {cfg.get('epochs')} epochs"))
     if not runs:
@@ -73,13 +75,13 @@ def seeds_note(groups):
 def plot_accuracy_vs_sparsity(runs, title, path):
     groups = by_method(runs)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for opt in ("sgd", "sam"):                          # dense methods: a horizontal line and a band of ±1 std
+    for opt in ("sgd", "sam", "samon"):                 # fixed-mask methods: a horizontal line and a band of ±1 std
         if (opt, None) in groups:
             m, s = mean_std([100 * r["test_acc"] for r in groups[(opt, None)]])
             ax.axhline(m, color=COLORS[opt], ls="--", label=f"{LABELS[opt]} ({m:.1f})")
             ax.axhspan(m - s, m + s, color=COLORS[opt], alpha=0.12)
     sparsities = sorted({s for _, s in groups if s is not None})
-    for opt in ("ssamf", "ssamd"):
+    for opt in ("ssamf", "ssamd", "ssamd-tensor"):
         xs = [s for s in sparsities if (opt, s) in groups]
         if xs:
             stats = [mean_std([100 * r["test_acc"] for r in groups[(opt, s)]]) for s in xs]

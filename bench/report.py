@@ -27,6 +27,8 @@ def paper_flops(e):
     """The paper's theoretical cost relative to SGD for this method (None where the paper has no number)."""
     if e["opt"] == "sgd":
         return 1.0
+    if e["opt"] == "samon":
+        return None
     return common.PAPER_FLOPS.get(0.0 if e["opt"] == "sam" else e["sparsity"])
 
 
