@@ -399,11 +399,11 @@ def _tapped_sq_grads(net, x, y, loss_fn):
             sq[name[id(mod.weight)]] = (g * g).t() @ (a * a)                 # sum_i (δ_i a_iᵀ)^2, never materialized
             gb = g
         elif isinstance(mod, nn.Linear):
-            sq[name[id(mod.weight)]] = torch.einsum("b...o,b...i->boi", g, a).square().sum(0)
+            sq[name[id(mod.weight)]] = torch.einsum("b...o,b...i->boi", g, a).square_().sum(0)
             gb = g.reshape(b, -1, g.shape[-1]).sum(1)
         elif isinstance(mod, nn.Conv2d):
             cols = F.unfold(a, mod.kernel_size, mod.dilation, mod.padding, mod.stride)       # [b, in*k*k, L]
-            sq[name[id(mod.weight)]] = torch.bmm(g.flatten(2), cols.transpose(1, 2)).square().sum(0).view_as(mod.weight)
+            sq[name[id(mod.weight)]] = torch.bmm(g.flatten(2), cols.transpose(1, 2)).square_().sum(0).view_as(mod.weight)
             gb = g.flatten(2).sum(2)
         else:                                                               # BatchNorm, GroupNorm, LayerNorm
             if isinstance(mod, nn.LayerNorm):
