@@ -52,7 +52,7 @@ console = Console(stderr=True)
 PRESET_KEYS = ("dataset", "model", "epochs", "batch_size", "lr", "wd_sgd", "wd_sam", "rho")
 PRESETS = {
     # name                dataset           model       epochs batch  lr    wd SGD  wd SAM  rho
-    "cifar10-subset":    ("cifar10-subset", "wrn10-1",  8,     64,    0.05, 5e-4,   1e-3,   0.1),   # demo (see below)
+    "cifar10-subset":    ("cifar10-subset", "wrn10-1",  6,     64,    0.05, 5e-4,   1e-3,   0.1),   # demo (see below)
     "cifar10-resnet18":  ("cifar10",        "resnet18", 200,   128,   0.05, 5e-4,   1e-3,   0.1),   # Table 1
     "cifar100-resnet18": ("cifar100",       "resnet18", 200,   128,   0.05, 5e-4,   1e-3,   0.2),   # Table 1
     "cifar10-wrn28-10":  ("cifar10",        "wrn28-10", 200,   128,   0.05, 5e-4,   1e-3,   0.1),   # Table 2
@@ -61,7 +61,8 @@ PRESETS = {
 }
 # Why the demo preset is what it is (2-core CPU, SGD): wrn10-1 ran an epoch of the subset in 3.9 s at batch 64 and
 # 4.9 s at batch 128, and reached 42.8% / 37.6% test accuracy after 5 epochs; wrn16-1 reached 34% in 3 epochs of
-# about the same time. 8 epochs keep all four optimizers of --demo under 5 minutes (SAM-type steps cost 2 passes).
+# about the same time. 6 epochs keep all four optimizers of --demo under 5 minutes (SAM-type steps cost 2 passes):
+# `make demo` took 370 s with 8 epochs on an idle box (SGD 79, SAM 148, SSAM-F 155, SSAM-D 148 ms/step).
 # Shared by every preset (§5.1): SGD momentum 0.9, cosine LR, crop+flip (+Cutout 16x16 on CIFAR).
 MOMENTUM = 0.9
 CIFAR_MEAN, CIFAR_STD = (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)     # per channel, 0..255 pixel units
