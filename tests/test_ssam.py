@@ -765,6 +765,18 @@ def test_masks_stay_bool_after_load_state_dict(kind):
     assert oc.density() == ob.density()
 
 
+def assert_sgd_step_with_lr(model, opt, x, y, lr):
+    """One SAM step without momentum moves w by exactly -lr times the gradient taken at w + eps."""
+    w = [p.detach().clone() for p in model.parameters()]
+    loss_of(model, x, y).backward()
+    opt.first_step(zero_grad=True)
+    loss_of(model, x, y).backward()
+    g2 = [p.grad.clone() for p in model.parameters()]
+    opt.second_step(zero_grad=True)
+    for p, w0, g in zip(model.parameters(), w, g2):
+        torch.testing.assert_close(p.detach(), w0 - lr * g, rtol=0, atol=1e-7)
+
+
 def test_lr_scheduler_drives_the_base_optimizer():
     model = mlp(0)
     opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.2)
@@ -775,14 +787,7 @@ def test_lr_scheduler_drives_the_base_optimizer():
     lr = 0.2 * (1 + math.cos(math.pi / 4)) / 2
     assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(lr)
     x, y = vec_batch(0)
-    w = [p.detach().clone() for p in model.parameters()]
-    loss_of(model, x, y).backward()
-    opt.first_step(zero_grad=True)
-    loss_of(model, x, y).backward()
-    g2 = [p.grad.clone() for p in model.parameters()]
-    opt.second_step(zero_grad=True)
-    for p, w0, g in zip(model.parameters(), w, g2):
-        torch.testing.assert_close(p.detach(), w0 - lr * g, rtol=0, atol=1e-7)
+    assert_sgd_step_with_lr(model, opt, x, y, lr)
 
     # after load_state_dict the scheduler still drives the lr the base optimizer uses
     opt.load_state_dict(opt.state_dict())
@@ -792,14 +797,7 @@ def test_lr_scheduler_drives_the_base_optimizer():
         sched.step()
     lr2 = 0.2 * (1 + math.cos(2 * math.pi / 4)) / 2
     assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(lr2)
-    w = [p.detach().clone() for p in model.parameters()]
-    loss_of(model, x, y).backward()
-    opt.first_step(zero_grad=True)
-    loss_of(model, x, y).backward()
-    g2 = [p.grad.clone() for p in model.parameters()]
-    opt.second_step(zero_grad=True)
-    for p, w0, g in zip(model.parameters(), w, g2):
-        torch.testing.assert_close(p.detach(), w0 - lr2 * g, rtol=0, atol=1e-7)
+    assert_sgd_step_with_lr(model, opt, x, y, lr2)
 
 
 # ----------------------------------------------------------------------------------------------------
