@@ -299,3 +299,28 @@ def test_torchrun_two_cpu_processes_end_to_end(tmp_path):
     line = json.loads((out / "metrics.jsonl").read_text())
     assert final["processes"] == 2 and line["ranks_in_sync"] is True and line["masks_updated"] >= 3
     assert 0 <= final["test_acc"] <= 1
+
+
+# -------------------------------------------------------------------------------------------- structured masks
+def test_tensor_masks_and_samon_skip_ascent_gradients_in_train_step():
+    """train_step wraps the first pass in opt.ascent_pass(): unperturbed tensors get no ascent gradient there,
+    and the flags come back on for the descent pass."""
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    for argv in (["--optimizer", "samon"], ["--optimizer", "ssamd", "--structure", "tensor", "--sparsity", "0.9"]):
+        cfg = cfg_for(argv + TINY)
+        torch.manual_seed(0)
+        model = train.make_model("wrn10-1", 10, True)
+        opt = train.make_optimizer(cfg, model, steps_per_epoch=12)
+        frozen = list(opt._unperturbed)
+        assert frozen and len(frozen) < len(list(model.parameters()))
+        seen = []
+        hooks = [p.register_hook(lambda g, p=p: seen.append(id(p))) for p in model.parameters()]
+        w0 = [p.detach().clone() for p in model.parameters()]
+        train.train_step(model, opt, x, y, torch.autocast("cpu", enabled=False))
+        for h in hooks:
+            h.remove()
+        n = len(list(model.parameters()))
+        ascent_ids = set(seen[: len(seen) - n])                    # the descent pass grads every parameter
+        assert not ascent_ids & {id(p) for p in frozen}
+        assert all(p.requires_grad for p in model.parameters())
+        assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), w0))
