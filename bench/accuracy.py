@@ -119,7 +119,7 @@ def render(result):
     s, m = result["settings"], result["machine"]
     lines = ["# Accuracy: SGD, SAM, SSAM-F, SSAM-D (short runs)", "",
              f"{s['model']} on cifar10-subset (5,000 train / 1,000 test images), {s['epochs']} epochs, seeds "
-             f"{s['seeds']}, train.py defaults otherwise (batch 128, lr 0.05 cosine, rho 0.1, masks updated once an "
+             f"{s['seeds']}, train.py defaults otherwise (the cifar10-subset preset: batch 64, lr 0.05 cosine, rho 0.1, masks updated once an "
              f"epoch). {len(result['runs'])} runs, {s['jobs']} at a time; total wall time {result['wall_s'] / 60:.1f} "
              "min.",
              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; load average at the start "
