@@ -277,6 +277,9 @@ class _SparseSAM(SAM):
     def masks(self):
         return [self.state[p]["mask"] for p in self._params()]
 
+    def _mask_for_step(self, params, grads):
+        return [self.state[p]["mask"] for p in params]
+
     def density(self):
         """Fraction of entries perturbed (1 - s). Synchronizes with the device: for logging."""
         masks = self.masks()
@@ -470,7 +473,7 @@ class SSAMF(_SparseSAM):
         if self.last_mask_update < 0:
             raise ValueError("SSAMF has no mask yet: call opt.update_mask(model, data) before the first step "
                              "(opt.mask_update_due says when)")
-        return [self.state[p]["mask"] for p in params]
+        return super()._mask_for_step(params, grads)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -535,7 +538,7 @@ class SSAMD(_SparseSAM):
         if self.mask_update_due:
             by_param = {id(p): gr for p, gr in zip(params, grads)}
             self.update_mask([by_param.get(id(p)) for p in self._params()])
-        return [self.state[p]["mask"] for p in params]
+        return super()._mask_for_step(params, grads)
 
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
@@ -559,9 +562,6 @@ class SAMON(_SparseSAM):
     @property
     def mask_update_due(self):
         return False
-
-    def _mask_for_step(self, params, grads):
-        return [self.state[p]["mask"] for p in params]
 
 
 # ----------------------------------------------------------------------------------------------------
