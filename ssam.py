@@ -163,13 +163,8 @@ class SAM(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self.base_optimizer.load_state_dict(base)
         self.param_groups = self.base_optimizer.param_groups  # loading replaced the list: share it again
-        for st in self.state.values():
-            if "mask" in st:
-                st["mask"] = st["mask"].bool()              # Optimizer.load_state_dict cast it to the param dtype
         for k, v in counters.items():
             self.generator.set_state(v) if k == "generator" else setattr(self, k, v)
-        if getattr(self, "last_mask_update", -1) >= 0:
-            self._set_masks(self.masks(), count_update=False)   # rebuild the structure='tensor' cache
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -279,6 +274,13 @@ class _SparseSAM(SAM):
 
     def _mask_for_step(self, params, grads):
         return [self.state[p]["mask"] for p in params]
+
+    def load_state_dict(self, state_dict):
+        """Optimizer.load_state_dict casts the masks to the parameter dtype: back to bool, and the
+        structure='tensor' cache rebuilt."""
+        super().load_state_dict(state_dict)
+        if self.last_mask_update >= 0:
+            self._set_masks([m.bool() for m in self.masks()], count_update=False)
 
     def density(self):
         """Fraction of entries perturbed (1 - s). Synchronizes with the device: for logging."""
