@@ -597,13 +597,17 @@ def sparse_input_grad(gy, weight, mask):
     with torch.sparse.to_sparse_semi_structured (again each call, since W changes) and multiplied on the
     sparse tensor cores; everywhere else (CPU, fp32, shapes the kernel refuses) the same product runs dense."""
     wm = weight * mask
-    if wm.is_cuda and wm.dtype in (torch.float16, torch.bfloat16):
+    key = (wm.shape, gy.shape, wm.dtype, wm.device)
+    if wm.is_cuda and wm.dtype in (torch.float16, torch.bfloat16) and key not in _REFUSED:
         try:
             wt = torch.sparse.to_sparse_semi_structured(wm.t().contiguous())     # [in, out], 2:4 along out
             return (wt @ gy.t().contiguous()).t()
         except (RuntimeError, ValueError, NotImplementedError):
-            pass                                                            # kernel refused this shape/GPU
+            _REFUSED.add(key)                               # kernel refused this shape/GPU: dense from now on
     return gy @ wm
+
+
+_REFUSED = set()
 
 
 @contextmanager
