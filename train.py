@@ -27,6 +27,8 @@ import json
 import math
 import os
 import re
+import shutil
+import socket
 import time
 from pathlib import Path
 
@@ -68,50 +70,78 @@ MOMENTUM = 0.9
 CIFAR_MEAN, CIFAR_STD = (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)     # per channel, 0..255 pixel units
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Keys that may change between a run and its --resume without changing what is trained.
-RESUME_FREE = {"resume", "fresh", "out_dir", "name", "data_dir", "workers", "device", "compile"}
+RESUME_FREE = {"resume", "fresh", "out_dir", "name", "data_dir", "cache_dir", "workers", "device", "compile"}
+# Defaults of the flags that are not part of a preset. The flags themselves default to None, so that a flag the
+# user gave can be told from a default (a given flag that the run would ignore is an error, see resolve_config).
+DEFAULTS = dict(cutout=16, train_size=0, seed=0, optimizer="sgd", sparsity=0.5, structure="unstructured",
+                update_interval=0, num_samples=128, drop_rate=0.5, amp="none", workers=8)
+SAM_TYPES = ("sam", "ssamf", "ssamd", "samon")
+# Optimizer flags and the optimizers that read them; given with any other optimizer, the flag is an error.
+USED_BY = dict(rho=SAM_TYPES, adaptive=("sam",), sync_ascent=SAM_TYPES, sparsity=("ssamf", "ssamd"),
+               structure=("ssamf", "ssamd"), update_interval=("ssamf", "ssamd"), num_samples=("ssamf",),
+               drop_rate=("ssamd",))
+# What each numeric flag allows: (test, words for the error message).
+ALLOWED = dict(
+    epochs=(lambda v: v >= 1, "an integer >= 1"),
+    batch_size=(lambda v: v >= 1, "an integer >= 1"),
+    lr=(lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    weight_decay=(lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    rho=(lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    cutout=(lambda v: v >= 0, "0 (off) or a square side in pixels >= 1"),
+    train_size=(lambda v: v >= 0, "0 (all images) or a number of images >= 1"),
+    seed=(lambda v: v >= 0, "an integer >= 0"),
+    sparsity=(lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    update_interval=(lambda v: v >= 0, "0 (once an epoch) or a number of steps >= 1"),
+    num_samples=(lambda v: v >= 1, "an integer >= 1"),
+    drop_rate=(lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    workers=(lambda v: v >= 0, "an integer >= 0"),
+)
 
 
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
+    d = DEFAULTS
     a("--preset", default="cifar10-subset", help=f"recipe to start from: {', '.join(PRESETS)} (default: %(default)s)")
     a("--demo", action="store_true", help="train SGD, SAM, SSAM-F, SSAM-D on the preset and print a comparison table")
     g = ap.add_argument_group("recipe (default: the preset's value)")
     g.add_argument("--dataset", help="cifar10-subset | cifar10 | cifar100 | imagenet")
     g.add_argument("--data-dir", help="CIFAR: ImageFolder tree <dir>/{train,test}/<class>/*.jpg, or torchvision's "
                    "download folder (default data/<dataset>); ImageNet: <dir>/{train,val}/<class>/*")
+    g.add_argument("--cache-dir", help="where an ImageFolder tree's decoded tensors are cached (default: "
+                   "$SSAM_CACHE_DIR, else $XDG_CACHE_HOME/ssam, else ~/.cache/ssam)")
     g.add_argument("--model", help="resnet18 | resnet50 | wrn<depth>-<width>, e.g. wrn28-10, wrn16-1")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int, help="global batch, split over torchrun's processes")
     g.add_argument("--lr", type=float, help="peak learning rate; cosine decay to 0 over all steps")
     g.add_argument("--weight-decay", type=float, help="default: the preset's wd for SGD, or for SAM/SSAM")
     g.add_argument("--rho", type=float, help="SAM/SSAM perturbation radius")
-    g.add_argument("--cutout", type=int, default=16, help="Cutout square side on CIFAR, applied with p=0.5; 0 = off "
-                   "(default: %(default)s)")
-    g.add_argument("--train-size", type=int, default=0, help="train on a fixed random N-image part (0 = all; tests)")
-    g.add_argument("--seed", type=int, default=0, help="model init, data order, augmentation, SSAM-D growth")
+    g.add_argument("--cutout", type=int, help=f"Cutout square side on CIFAR, applied with p=0.5; 0 = off "
+                   f"(default: {d['cutout']})")
+    g.add_argument("--train-size", type=int, help="CIFAR: train on a fixed random N-image part (0 = all; tests)")
+    g.add_argument("--seed", type=int, help="model init, data order, augmentation, SSAM-D growth (default: 0)")
     g = ap.add_argument_group("optimizer")
-    g.add_argument("--optimizer", default="sgd", help="sgd | sam | ssamf | ssamd | samon (SAM on normalization layers only) "
-                   "(default: %(default)s)")
-    g.add_argument("--sparsity", type=float, default=0.5, help="SSAM: fraction of weights NOT perturbed; the paper "
-                   "uses 0.5, 0.8, 0.9, 0.95, 0.98, 0.99 (default: %(default)s)")
-    g.add_argument("--structure", default="unstructured", help="SSAM mask: unstructured | 2:4 (needs sparsity "
-                   "0.5) | tensor (whole tensors; skips their ascent weight gradient) (default: %(default)s)")
-    g.add_argument("--update-interval", type=int, default=0, help="steps between SSAM mask updates; 0 = once an "
-                   "epoch, as in the authors' code (default: %(default)s)")
-    g.add_argument("--num-samples", type=int, default=128, help="SSAM-F: training images for the Fisher estimate "
-                   "(N_F, Eq. 5) (default: %(default)s)")
-    g.add_argument("--drop-rate", type=float, default=0.5, help="SSAM-D: fraction of the mask dropped and regrown "
-                   "at each update (alpha, Eq. 9; cosine-decayed) (default: %(default)s)")
+    g.add_argument("--optimizer", help="sgd | sam | ssamf | ssamd | samon (SAM on normalization layers only) "
+                   f"(default: {d['optimizer']})")
+    g.add_argument("--sparsity", type=float, help="SSAM: fraction of weights NOT perturbed; the paper "
+                   f"uses 0.5, 0.8, 0.9, 0.95, 0.98, 0.99 (default: {d['sparsity']})")
+    g.add_argument("--structure", help="SSAM mask: unstructured | 2:4 (needs sparsity 0.5) | tensor (whole "
+                   f"tensors; skips their ascent weight gradient) (default: {d['structure']})")
+    g.add_argument("--update-interval", type=int, help="steps between SSAM mask updates; 0 = once an "
+                   f"epoch, as in the authors' code (default: {d['update_interval']})")
+    g.add_argument("--num-samples", type=int, help="SSAM-F: training images for the Fisher estimate "
+                   f"(N_F, Eq. 5) (default: {d['num_samples']})")
+    g.add_argument("--drop-rate", type=float, help="SSAM-D: fraction of the mask dropped and regrown "
+                   f"at each update (alpha, Eq. 9; cosine-decayed) (default: {d['drop_rate']})")
     g.add_argument("--adaptive", action="store_true", help="SAM: adaptive (ASAM) perturbation")
     g.add_argument("--sync-ascent", action="store_true", help="DDP: all-reduce the ascent (first) gradient too; "
                    "default off = each process perturbs with its own batch's gradient, as in the SAM paper")
     g = ap.add_argument_group("system")
     g.add_argument("--device", help="cuda | cpu | cuda:N (default: cuda if available)")
-    g.add_argument("--amp", default="none", help="none | bf16 | fp16 (fp16: CUDA only, with a GradScaler)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA only)")
-    g.add_argument("--channels-last", action="store_true", help="channels-last memory format (CUDA only)")
-    g.add_argument("--workers", type=int, default=8, help="ImageNet DataLoader workers (default: %(default)s)")
+    g.add_argument("--amp", help=f"none | bf16 | fp16 (fp16 with a GradScaler) (default: {d['amp']})")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (the CPU needs a C compiler)")
+    g.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    g.add_argument("--workers", type=int, help=f"ImageNet DataLoader workers (default: {d['workers']})")
     g.add_argument("--name", help="run name (default: <preset>-<optimizer>[-s<sparsity>]-seed<seed>)")
     g.add_argument("--out-dir", help="default runs/<name>")
     g.add_argument("--resume", action="store_true", help="continue from <out-dir>/ckpt.pt")
@@ -122,9 +152,16 @@ def get_args(argv=None):
     return args
 
 
+def flag(key):
+    return "--" + key.replace("_", "-")
+
+
 def resolve_config(args):
-    """Preset values, overridden by every flag that was given. Returns a plain dict."""
-    cfg = dict(zip(PRESET_KEYS, PRESETS[args.preset]))
+    """Preset values, then DEFAULTS, overridden by every flag that was given. Returns a plain dict. Every value
+    is checked here: a bad value, or a flag the run would ignore, is a one-line SystemExit saying what to pass."""
+    given = {k: v for k, v in vars(args).items() if v is not None and v is not False and k not in ("demo", "preset")}
+    cfg = {**dict(zip(PRESET_KEYS, PRESETS[args.preset])), **DEFAULTS, "resume": False, "fresh": False,
+           "compile": False, "channels_last": False, "adaptive": False, "sync_ascent": False}
     for k, v in vars(args).items():
         if v is not None and k not in ("weight_decay", "demo"):
             cfg[k] = v
@@ -142,6 +179,30 @@ def resolve_config(args):
     wd_sgd, wd_sam = cfg.pop("wd_sgd"), cfg.pop("wd_sam")
     wd = wd_sgd if cfg["optimizer"] == "sgd" else wd_sam
     cfg["weight_decay"] = args.weight_decay if args.weight_decay is not None else wd
+    for k, (ok, allowed) in ALLOWED.items():
+        if not ok(cfg[k]):
+            raise SystemExit(f"{flag(k)} {cfg[k]!r}: must be {allowed}")
+    if cfg["resume"] and cfg["fresh"]:
+        raise SystemExit("--resume and --fresh contradict each other: pass one of them")
+    # flags this run would ignore: errors, since a result must be what its command line says
+    ignored = []
+    if not getattr(args, "demo", False):  # the demo runs every optimizer with the same flags
+        ignored += [(k, f"it is used by --optimizer {' / '.join(USED_BY[k])} only, not {cfg['optimizer']}")
+                    for k in USED_BY if k in given and cfg["optimizer"] not in USED_BY[k]]
+    dataset = cfg["dataset"]
+    if dataset == "cifar10-subset":
+        ignored += [(k, "--dataset cifar10-subset is the subset shipped in data/; to train on a tree of your own, "
+                     "pass --dataset cifar10 or cifar100 (or a --preset cifar10-*/cifar100-*)")
+                    for k in ("data_dir", "cache_dir") if k in given]
+    if dataset == "imagenet":
+        ignored += [(k, "ImageNet uses RandomResizedCrop + flip and the whole train/ folder")
+                    for k in ("cutout", "train_size") if k in given]
+        ignored += [("cache_dir", "ImageNet is read by DataLoader workers, never cached")] if "cache_dir" in given else []
+    elif "workers" in given:
+        ignored += [("workers", "CIFAR sits on the device as one tensor; there are no DataLoader workers")]
+    if ignored:
+        k, why = ignored[0]
+        raise SystemExit(f"{flag(k)} would be ignored: {why}. Drop {flag(k)} or change the run as said")
     if cfg["optimizer"] in ("sgd", "sam", "samon"):  # these knobs mean nothing there; keep them out of names and checks
         for k in ("sparsity", "structure", "update_interval", "num_samples", "drop_rate"):
             cfg.pop(k)
@@ -179,34 +240,65 @@ def load_subset():
     return out
 
 
-def load_image_folder_tensor(root):
-    """<root>/{train,test}/<class>/*.jpg -> uint8 tensors, decoded once and cached in data/cache/."""
+def cache_dir(cfg):
+    """Where decoded ImageFolder trees are cached: outside the source tree, in the user's cache directory."""
+    d = cfg.get("cache_dir") or os.environ.get("SSAM_CACHE_DIR")
+    if not d:
+        d = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ssam"
+    return Path(d).expanduser()
+
+
+def decode_image_file(f):
+    """One image file -> (H, W, 3) uint8; an unreadable file is an error that names it."""
+    try:
+        with Image.open(f) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:   # UnidentifiedImageError, "image file is truncated", ...
+        raise SystemExit(f"{f}: not a readable image ({type(e).__name__}: {e}); delete or replace it") from None
+
+
+def load_image_folder_tensor(root, cache_root):
+    """<root>/{train,test}/<class>/*.jpg -> [train_x, train_y, test_x, test_y], decoded once and cached in
+    cache_root. The cache key covers every file's path (so its class), size and mtime: any change re-decodes."""
     root = Path(root).resolve()
     classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
-    files = {s: sorted((root / s).glob("*/*")) for s in ("train", "test")}
-    key = f"{root}|{classes}|{len(files['train'])}|{len(files['test'])}"
-    cache = ROOT / "data" / "cache" / f"{root.name}-{hash_str(key):016x}.pt"
+    files = {s: sorted(f for f in (root / s).glob("*/*") if f.is_file()) for s in ("train", "test")}
+    for s in ("train", "test"):
+        bad = [f for f in files[s] if f.parent.name not in classes]
+        if bad:
+            raise SystemExit(f"{bad[0]}: class folder {bad[0].parent.name!r} is in {s}/ but not in train/")
+    h = hashlib.sha256(f"{root}|{classes}".encode())
+    for s in ("train", "test"):
+        for f in files[s]:
+            st = f.stat()
+            h.update(f"|{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    cache = Path(cache_root) / f"{root.name}-{h.hexdigest()[:16]}.pt"
     if cache.exists():
         return torch.load(cache)
     out = []
     with console.status(f"decoding {len(files['train']) + len(files['test'])} images from {root} (once; cached "
                         f"in {cache})"):
         for s in ("train", "test"):
-            bad = [f for f in files[s] if f.parent.name not in classes]
-            if bad:
-                raise SystemExit(f"{bad[0]}: class folder {bad[0].parent.name!r} is in {s}/ but not in train/")
-            x = decode_jpegs([f.read_bytes() for f in files[s]])
+            imgs = [decode_image_file(f) for f in files[s]]
+            for f, im in zip(files[s], imgs):
+                if im.shape != imgs[0].shape:
+                    raise SystemExit(f"{f}: image is {im.shape[1]}x{im.shape[0]}, but {files[s][0]} is "
+                                     f"{imgs[0].shape[1]}x{imgs[0].shape[0]}: all images must have one size")
+            x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
             y = torch.tensor([classes.index(f.parent.name) for f in files[s]])
             out += [x, y]
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    torch.save(out, tmp)
-    os.replace(tmp, cache)
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(out, tmp)
+        os.replace(tmp, cache)
+    except OSError as e:                # read-only home, full disk: the decoded tensors are still good
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        console.print(f"[yellow]warning:[/] could not write the decoded cache {cache} ({type(e).__name__}: {e}); "
+                      f"training from memory. Pass --cache-dir (or set SSAM_CACHE_DIR) to a writable folder "
+                      f"to decode only once")
     return out
-
-
-def hash_str(s):  # stable across processes (python's hash() is salted)
-    return int.from_bytes(hashlib.sha256(s.encode()).digest()[:8], "little")
 
 
 def load_cifar(cfg):
@@ -214,13 +306,22 @@ def load_cifar(cfg):
     name = cfg["dataset"]
     if name == "cifar10-subset":
         return load_subset()
+    num_classes = 100 if name == "cifar100" else 10
     root = Path(cfg.get("data_dir") or ROOT / "data" / name)
     if (root / "train").is_dir() or (root / "test").is_dir():
         for s in ("train", "test"):
             if not (root / s).is_dir() or not any(d.is_dir() for d in (root / s).iterdir()):
                 raise SystemExit(f"{root}: expected an ImageFolder tree {root}/{{train,test}}/<class>/*.jpg, but "
                                  f"{root / s} is missing or has no class folders")
-        return load_image_folder_tensor(root)
+        classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+        if len(classes) != num_classes:   # before decoding anything
+            shown = ", ".join(classes[:12]) + (", ..." if len(classes) > 12 else "")
+            raise SystemExit(f"{root}/train has {len(classes)} class folders ({shown}), but --dataset {name} has "
+                             f"{num_classes} classes: pass the --dataset (or --preset) that matches the tree")
+        return load_image_folder_tensor(root, cache_dir(cfg))
+    if cfg.get("cache_dir"):
+        raise SystemExit(f"--cache-dir would be ignored: {root} is not an ImageFolder tree (torchvision's {name} files "
+                         "are read directly, never cached). Drop --cache-dir")
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     if root.exists() and any(root.iterdir()) and not any(root.glob("cifar-*-python*")):
         raise SystemExit(f"{root} holds neither an ImageFolder tree ({root}/train/<class>/*.jpg and {root}/test/...) "
@@ -274,6 +375,9 @@ class CifarOnDevice:
 
     def __init__(self, cfg, device, rank, world):
         train_x, train_y, test_x, test_y = load_cifar(cfg)
+        if cfg["train_size"] > len(train_y):
+            raise SystemExit(f"--train-size {cfg['train_size']}: must be at most the {len(train_y)} training images "
+                             f"of {cfg['dataset']} (or 0 for all)")
         if cfg["train_size"]:
             keep = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0))[:cfg["train_size"]]
             train_x, train_y = train_x[keep.sort().values], train_y[keep.sort().values]
@@ -281,6 +385,7 @@ class CifarOnDevice:
         self.train_x, self.train_y = train_x.to(device), train_y.to(device)
         self.test_x, self.test_y = test_x[rank::world].to(device), test_y[rank::world].to(device)
         self.batch, self.cutout, self.rank, self.world = cfg["batch_size"], cfg["cutout"], rank, world
+        self.num_train = len(self.train_y)
         self.steps_per_epoch = len(self.train_y) // self.batch               # the last partial batch is dropped
         if self.steps_per_epoch == 0:
             raise SystemExit(f"--batch-size {self.batch} is larger than the {len(self.train_y)} training images")
@@ -330,6 +435,7 @@ class ImageNetLoader:
                                                   persistent_workers=self.workers > 0)
         self.test_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(test_ds, range(rank, len(test_ds), world)),
                                                        250, num_workers=self.workers, pin_memory=True)
+        self.num_train = len(self.train_ds)
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
             raise SystemExit(f"--batch-size {cfg['batch_size']} is larger than the {len(self.train_ds)} training images")
@@ -503,6 +609,12 @@ def save_checkpoint(path, **state):
     os.replace(tmp, path)  # atomic: a crash leaves either the old checkpoint or the new one, never half of one
 
 
+def config_diff(saved, cfg):
+    """The keys that change what is trained and differ between a saved config and cfg, as 'k=old (now new)'."""
+    keys = sorted(k for k in set(saved) | set(cfg) if k not in RESUME_FREE and saved.get(k) != cfg.get(k))
+    return ", ".join(f"{k}={saved.get(k)!r} (now {cfg.get(k)!r})" for k in keys)
+
+
 def load_checkpoint(path, cfg):
     if not path.exists():
         raise SystemExit(f"--resume: no checkpoint at {path}; drop --resume to start from scratch")
@@ -512,12 +624,74 @@ def load_checkpoint(path, cfg):
     except Exception as e:
         raise SystemExit(f"--resume: {path} is unreadable or not a train.py checkpoint ({type(e).__name__}: {e}). "
                          f"Delete it (or the run folder) to start over, or pass --fresh") from None
-    diff = sorted(k for k in set(saved) | set(cfg) if k not in RESUME_FREE and saved.get(k) != cfg.get(k))
+    diff = config_diff(saved, cfg)
     if diff:
-        raise SystemExit(f"--resume: {path} was made with a different config: " +
-                         ", ".join(f"{k}={saved.get(k)!r} (now {cfg.get(k)!r})" for k in diff) +
-                         ". Use the same flags, another --out-dir, or --fresh to start over")
+        raise SystemExit(f"--resume: {path} was made with a different config: {diff}. Use the same flags, another "
+                         f"--out-dir, or --fresh to start over")
     return ck
+
+
+def read_log(path):
+    """metrics.jsonl -> list of dicts. A cut last line (a kill or a full disk mid-write) is dropped."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise SystemExit(f"{path}: line {i + 1} is not JSON ({line[:60]!r}): fix or delete that line") from None
+            console.print(f"[yellow]warning:[/] {path}: dropped its cut last line {line[:60]!r}")
+    return out
+
+
+def write_atomic(path, text):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:       # exists, owned by someone else
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def out_dir_lock(out_dir):
+    """One run writes an out-dir at a time. <out-dir>/lock holds the writer's "host pid" and is removed when the
+    run ends (error or not). A lock left by a killed run (same host, pid not alive) is stale and taken over; one
+    from another host cannot be checked and refuses the run."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock, host = out_dir / "lock", socket.gethostname()
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                other_host, _, pid = lock.read_text().partition(" ")
+            except FileNotFoundError:                   # released in between: try again
+                continue
+            if other_host == host and pid.isdigit() and not pid_alive(int(pid)):
+                console.print(f"[yellow]note:[/] removing the stale lock {lock} of process {pid} (no longer running)")
+                lock.unlink(missing_ok=True)
+                continue
+            who = f"process {pid} on {other_host}" if pid.isdigit() else "a run that is just starting"
+            raise SystemExit(f"{out_dir} is in use by another train.py run ({who}; {lock}): wait for it to end, pass "
+                             f"another --out-dir, or delete {lock} if that run is gone") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{host} {os.getpid()}")
+        break
+    else:
+        raise SystemExit(f"could not take the lock {lock}: another run keeps taking it; pass another --out-dir")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -525,11 +699,18 @@ def load_checkpoint(path, cfg):
 # -----------------------------------------------------------------------------------------------------------
 def setup_distributed(cfg):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process."""
+    dev = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {dev}: no CUDA device here; pass --device cpu")
+    if cfg["compile"] and not dev.startswith("cuda") and not shutil.which(os.environ.get("CXX", "g++")):
+        raise SystemExit(f"--compile on the CPU needs a C++ compiler ({os.environ.get('CXX', 'g++')}, or set CXX); "
+                         f"install one or drop --compile")
     if "RANK" not in os.environ:
-        dev = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(dev), 0, 1
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    cuda = (cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if ":" in dev:
+        raise SystemExit(f"--device {dev}: under torchrun each process uses cuda:<LOCAL_RANK>; pass --device cuda")
+    cuda = dev.startswith("cuda")
     if cuda:
         torch.cuda.set_device(local)
     if not dist.is_initialized():
@@ -539,20 +720,12 @@ def setup_distributed(cfg):
     return torch.device(f"cuda:{local}" if cuda else "cpu"), rank, world
 
 
-def check_system_flags(cfg, device):
-    if device.type != "cuda":
-        for flag, on in (("--amp fp16", cfg["amp"] == "fp16"), ("--compile", cfg["compile"]),
-                         ("--channels-last", cfg["channels_last"])):
-            if on:
-                raise SystemExit(f"{flag} is for CUDA only (device is {device}); on a CPU use --amp bf16 or none")
-
-
 def train(cfg, show_config=True):
     """Train one run described by cfg (see resolve_config); returns the final metrics dict (rank 0)."""
     device, rank, world = setup_distributed(cfg)
     master = rank == 0
-    check_system_flags(cfg, device)
-    out_dir, ckpt_path = Path(cfg["out_dir"]), Path(cfg["out_dir"]) / "ckpt.pt"
+    out_dir = Path(cfg["out_dir"])
+    ckpt_path, final_path = out_dir / "ckpt.pt", out_dir / "final.json"
     if master and show_config:
         table = Table("key", "value", title=f"config ({world} process{'es' if world > 1 else ''} on {device})")
         for k, v in cfg.items():
@@ -560,11 +733,39 @@ def train(cfg, show_config=True):
         console.print(table)
     if ckpt_path.exists() and not cfg["resume"] and not cfg["fresh"]:
         raise SystemExit(f"{ckpt_path} exists: pass --resume to continue that run, or --fresh to start over")
+    if cfg["resume"] and final_path.exists():       # a finished run: say so and change nothing
+        with contextlib.suppress(ValueError):       # (an unreadable final.json is remade below)
+            done = json.loads(final_path.read_text())
+            diff = config_diff(done["config"], cfg)
+            if diff:
+                raise SystemExit(f"--resume: {final_path} was made with a different config: {diff}. Use the same "
+                                 f"flags, another --out-dir, or --fresh to start over")
+            if master:
+                console.print(f"{out_dir} is finished ({done['epochs']} epochs, test accuracy {done['test_acc']:.4f} "
+                              f"in {final_path}): nothing to do. Pass --fresh instead of --resume to train it again")
+            return done
+    with out_dir_lock(out_dir) if master else contextlib.nullcontext():
+        if master and cfg["fresh"]:                 # start over: nothing of an earlier run may be mixed in
+            for f in ("ckpt.pt", "metrics.jsonl", "final.json"):
+                (out_dir / f).unlink(missing_ok=True)
+        return _train(cfg, device, rank, world)
+
+
+class Diverged(SystemExit):
+    """The training loss or the weights are not finite: the run stops (exit status 1) without a checkpoint."""
+
+
+def _train(cfg, device, rank, world):
+    master = rank == 0
+    out_dir = Path(cfg["out_dir"])
+    ckpt_path, log_path = out_dir / "ckpt.pt", out_dir / "metrics.jsonl"
     torch.manual_seed(cfg["seed"])
 
     # data, model, optimizer, schedule
     imagenet = cfg["dataset"] == "imagenet"
     data = (ImageNetLoader if imagenet else CifarOnDevice)(cfg, device, rank, world)
+    if cfg["optimizer"] == "ssamf" and cfg["num_samples"] > data.num_train:
+        raise SystemExit(f"--num-samples {cfg['num_samples']}: must be at most the {data.num_train} training images")
     steps_per_epoch, total_steps = data.steps_per_epoch, cfg["epochs"] * data.steps_per_epoch
     raw_model = make_model(cfg["model"], data.num_classes, small_images=not imagenet).to(device)
     if cfg["channels_last"]:
@@ -602,12 +803,10 @@ def train(cfg, show_config=True):
         if master:
             console.print(f"resumed {ckpt_path} at epoch {start_epoch}/{cfg['epochs']}")
     if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "final.json").unlink(missing_ok=True)  # only a finished run has one (scripts/reproduce.py skips those)
-        log_path = out_dir / "metrics.jsonl"
-        lines = log_path.read_text().splitlines() if cfg["resume"] and log_path.exists() else []
         # keep only the epochs the checkpoint has (a crash between log line and checkpoint would repeat one)
-        log_path.write_text("".join(l + "\n" for l in lines if json.loads(l)["epoch"] <= start_epoch))
+        lines = read_log(log_path) if cfg["resume"] else []
+        write_atomic(log_path, "".join(json.dumps(l) + "\n" for l in lines if l["epoch"] <= start_epoch))
+        (out_dir / "final.json").unlink(missing_ok=True)  # only a finished run has one (scripts/reproduce.py skips those)
 
     def evaluate():
         model.eval()
@@ -623,15 +822,38 @@ def train(cfg, show_config=True):
         model.train()
         return (correct / n).item()
 
+    fp16 = cfg["amp"] == "fp16"
+
+    def stop_if_diverged(epoch, step, bad_steps, end_of_epoch):
+        """Ends the run (Diverged, exit status 1) before anything is written if the loss was not finite at some
+        step (fp16: at every step of the epoch, since GradScaler skips a step whose loss overflowed and lowers its
+        scale) or, at the end of the epoch, a weight or BN statistic is not finite. bad_steps counts the steps with
+        a non-finite loss; summed over the processes so that all of them stop together. One host sync."""
+        bad = bad_steps.clone()
+        if world > 1:
+            dist.all_reduce(bad)
+        limit = (world * steps_per_epoch - 1 if end_of_epoch else math.inf) if fp16 else 0
+        flags = [bad > limit]
+        if end_of_epoch:
+            flags += [~torch.isfinite(t).all() for t in raw_model.state_dict().values() if t.is_floating_point()]
+        if not torch.stack(flags).any().item():
+            return
+        what = "the loss is NaN or inf" if flags[0].item() else "a weight or BatchNorm statistic is NaN or inf"
+        kept = (f"{ckpt_path} (epoch {epoch}) is kept as the last good checkpoint" if epoch else
+                "no checkpoint was written")             # a checkpoint is written after every good epoch
+        raise Diverged(f"training diverged in epoch {epoch + 1} (by step {step + 1} of {steps_per_epoch}): {what} "
+                       f"(--lr {cfg['lr']:g}, now {sched.get_last_lr()[0]:.3g}). Stopped: {kept}, no final.json. "
+                       f"Lower --lr" + (" or --rho" if "rho" in cfg else ""))
+
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[metrics]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                         console=console, disable=not master, transient=False)
-    epoch_log, test_acc, step_times = None, float("nan"), []
+    epoch_log, test_acc = None, float("nan")
     with progress:
         for epoch in range(start_epoch, cfg["epochs"]):
             model.train()
             task = progress.add_task(f"epoch {epoch + 1}/{cfg['epochs']}", total=steps_per_epoch, metrics="")
-            loss_sum, correct, seen = (torch.zeros((), device=device) for _ in range(3))
+            loss_sum, loss_seen, bad_steps, correct, seen = (torch.zeros((), device=device) for _ in range(5))
             t0, data_time, masks_updated = time.perf_counter(), 0.0, 0
             batches = data.batches(g)
             for step in range(steps_per_epoch):
@@ -654,25 +876,31 @@ def train(cfg, show_config=True):
                     if world > 1:
                         broadcast_masks(opt)
                 sched.step()
-                loss_sum += loss * len(y)
+                finite = torch.isfinite(loss)                       # counted on the device: no sync per step
+                bad_steps += ~finite
+                loss_sum += torch.where(finite, loss * len(y), 0.0)
+                loss_seen += finite * len(y)
                 correct += (out.argmax(1) == y).sum()
                 seen += len(y)
-                if master and (step % 10 == 0 or step == steps_per_epoch - 1):  # .item() syncs: not every step
-                    progress.update(task, completed=step + 1, metrics=f"loss {(loss_sum / seen).item():.3f} "
-                                    f"acc {(correct / seen).item():.3f} lr {sched.get_last_lr()[0]:.4f}")
+                if step % 10 == 0 or step == steps_per_epoch - 1:   # .item() syncs: not every step
+                    stop_if_diverged(epoch, step, bad_steps, end_of_epoch=False)
+                    if master:
+                        progress.update(task, completed=step + 1, metrics=f"loss {(loss_sum / loss_seen).item():.3f}"
+                                        f" acc {(correct / seen).item():.3f} lr {sched.get_last_lr()[0]:.4f}")
             if device.type == "cuda":
                 torch.cuda.synchronize()
             train_time = time.perf_counter() - t0
+            stop_if_diverged(epoch, steps_per_epoch - 1, bad_steps, end_of_epoch=True)
             if world > 1:
-                for t in (loss_sum, correct, seen):
+                for t in (loss_sum, loss_seen, bad_steps, correct, seen):
                     dist.all_reduce(t)
             test_acc = evaluate()
             elapsed += time.perf_counter() - t0
-            step_times.append(train_time / steps_per_epoch)
-            epoch_log = dict(epoch=epoch + 1, loss=(loss_sum / seen).item(), acc=(correct / seen).item(),
+            epoch_log = dict(epoch=epoch + 1, loss=(loss_sum / loss_seen).item(), acc=(correct / seen).item(),
                              test_acc=test_acc, lr=sched.get_last_lr()[0], time=train_time,
                              step_ms=1000 * train_time / steps_per_epoch, data_share=data_time / train_time,
-                             density=opt.density() if sparse else 1.0, masks_updated=masks_updated)
+                             density=opt.density() if sparse else 1.0, masks_updated=masks_updated,
+                             nonfinite_loss_steps=int(bad_steps.item()))       # fp16: steps GradScaler skipped
             if world > 1:  # all processes must hold the same weights and masks, or something is broken
                 mine = fingerprint(raw_model, opt)
                 fps = [torch.zeros_like(mine) for _ in range(world)]
@@ -691,14 +919,16 @@ def train(cfg, show_config=True):
                                 torch_rng=torch.get_rng_state(),
                                 cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
-    if epoch_log is None:  # resumed a finished run: nothing trained, just measure
+    if epoch_log is None:  # resumed after the last checkpoint but before final.json: nothing to train, just measure
         test_acc = evaluate()
-    result = dict(config=cfg, test_acc=test_acc, train_acc=epoch_log["acc"] if epoch_log else None,
-                  epochs=cfg["epochs"], time_s=elapsed, step_ms=1000 * float(np.median(step_times)) if step_times
-                  else None, density=opt.density() if sparse else 1.0, processes=world, device=str(device),
+    # train accuracy and ms/step over every epoch of the run (a resumed run's log holds the earlier ones too)
+    history = read_log(log_path) if master else [epoch_log] if epoch_log else []
+    result = dict(config=cfg, test_acc=test_acc, train_acc=history[-1]["acc"] if history else None,
+                  epochs=cfg["epochs"], time_s=elapsed, step_ms=float(np.median([h["step_ms"] for h in history]))
+                  if history else None, density=opt.density() if sparse else 1.0, processes=world, device=str(device),
                   torch=torch.__version__)
     if master:
-        (out_dir / "final.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_atomic(out_dir / "final.json", json.dumps(result, indent=2) + "\n")
         console.print(f"[bold]{cfg['name']}[/]: test accuracy {test_acc:.4f}, {result['step_ms'] or 0:.0f} ms/step, "
                       f"{elapsed:.0f} s -> {out_dir / 'final.json'}")
     return result

@@ -1,6 +1,7 @@
 """Tests of train.py: augmentation, models, presets, data errors, checkpoints (kill -9 + resume is bit-exact),
 fp16 step skipping, and DDP over gloo (weights and SSAM masks identical on both processes). CPU only."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -26,6 +27,11 @@ def run_train(*args, env=None, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=300, **kw)
+
+
+def said(r):
+    """stderr of a finished run with rich's line wrapping undone."""
+    return " ".join(r.stderr.split())
 
 
 def cfg_for(argv):
@@ -66,26 +72,87 @@ def test_subset_ships_and_is_class_balanced():
     assert torch.allclose(mean, torch.tensor([125.3, 123.0, 113.9]), atol=6)
 
 
-def test_image_folder_tree_is_decoded_once_and_cached(tmp_path, monkeypatch):
-    sx, sy, _, _ = train.load_subset()
-    monkeypatch.setattr(train, "ROOT", tmp_path)                    # keep the cache out of the repo
+def make_tree(root, per_class=(4, 2), classes=range(10)):
+    """An ImageFolder tree <root>/{train,test}/<class>/*.jpg of real subset JPEGs: per_class images per class."""
     import numpy as np
     z = np.load(ROOT / "data" / "cifar10_subset.npz")
-    tree = tmp_path / "tree"
-    for split, per in (("train", 4), ("test", 2)):
-        off, buf = z[f"{split}_offsets"], z[f"{split}_jpeg"]
-        for i in [j for c in range(10) for j in range(c * len(off) // 10, c * len(off) // 10 + per)]:
-            name = str(z[f"{split}_names"][i])
-            (tree / split / name).parent.mkdir(parents=True, exist_ok=True)
-            (tree / split / name).write_bytes(buf[off[i]:off[i + 1]].tobytes())
-    cfg = {"dataset": "cifar10", "data_dir": str(tree)}
+    for split, per in zip(("train", "test"), per_class):
+        off, buf, names = z[f"{split}_offsets"], z[f"{split}_jpeg"], z[f"{split}_names"]
+        for c in classes:
+            for j in range((c % 10) * (len(off) - 1) // 10, (c % 10) * (len(off) - 1) // 10 + per):
+                f = root / split / f"c{c:03d}" / Path(str(names[j])).name
+                f.parent.mkdir(parents=True, exist_ok=True)
+                f.write_bytes(buf[off[j]:off[j + 1]].tobytes())
+    return root
+
+
+def test_image_folder_tree_is_decoded_once_and_cached_outside_the_repo(tmp_path, monkeypatch):
+    sx, sy, _, _ = train.load_subset()
+    tree = make_tree(tmp_path / "tree")
+    cfg = {"dataset": "cifar10", "data_dir": str(tree), "cache_dir": str(tmp_path / "cache")}
     tx, ty, vx, vy = train.load_cifar(cfg)
     assert tx.shape == (40, 3, 32, 32) and torch.equal(torch.bincount(ty), torch.full((10,), 4)) and len(vy) == 20
     assert torch.equal(tx[:4], sx[:4]) and torch.equal(tx[4:8], sx[500:504])
-    cache = list((tmp_path / "data" / "cache").glob("*.pt"))
+    cache = list((tmp_path / "cache").glob("*.pt"))
     assert len(cache) == 1
     torch.save([t[:1] for t in (tx, ty, vx, vy)], cache[0])         # the second load reads the cache, not the JPEGs
     assert len(train.load_cifar(cfg)[0]) == 1
+    # the default cache directory: $SSAM_CACHE_DIR, else $XDG_CACHE_HOME/ssam, else ~/.cache/ssam; never the repo
+    for k in ("SSAM_CACHE_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert train.cache_dir({}) == tmp_path / "home" / ".cache" / "ssam"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert train.cache_dir({}) == tmp_path / "xdg" / "ssam"
+    monkeypatch.setenv("SSAM_CACHE_DIR", str(tmp_path / "env"))
+    assert train.cache_dir({}) == tmp_path / "env"
+    assert train.cache_dir(cfg_for(["--dataset", "cifar10", "--cache-dir", str(tmp_path / "flag")])) == tmp_path / "flag"
+    train.load_cifar({"dataset": "cifar10", "data_dir": str(tree)})
+    assert len(list((tmp_path / "env").glob("*.pt"))) == 1 and not (ROOT / "data" / "cache").exists()
+
+
+def test_cache_key_follows_the_files_and_their_labels(tmp_path):
+    tree = make_tree(tmp_path / "tree")
+    cfg = {"dataset": "cifar10", "data_dir": str(tree), "cache_dir": str(tmp_path / "cache")}
+    tx, ty, _, _ = train.load_cifar(cfg)
+    a, b = sorted((tree / "train" / "c000").iterdir())[0], sorted((tree / "train" / "c001").iterdir())[0]
+    img_b = tx[sorted((tree / "train").glob("*/*")).index(b)]
+    a.rename(tree / "train" / "c001" / a.name)                      # swap one image between two classes:
+    b.rename(tree / "train" / "c000" / b.name)                      # same counts, same file names
+    tx2, ty2, _, _ = train.load_cifar(cfg)
+    assert not torch.equal(tx, tx2) and torch.equal(torch.bincount(ty2), torch.full((10,), 4))
+    i = sorted((tree / "train").glob("*/*")).index(tree / "train" / "c000" / b.name)
+    assert torch.equal(tx2[i], img_b) and ty2[i] == 0               # the moved image has its new label
+    f = sorted((tree / "test" / "c005").iterdir())[0]
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))    # touched: decoded again
+    train.load_cifar(cfg)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 3
+
+
+def test_image_folder_errors_name_the_problem(tmp_path, capsys):
+    for n, dataset in ((3, "cifar10"), (10, "cifar100"), (11, "cifar10")):   # class count checked before decoding
+        tree = make_tree(tmp_path / f"t{n}", (1, 1), classes=range(n))
+        with pytest.raises(SystemExit, match=f"has {n} class folders .* --dataset {dataset} has "
+                           f"{100 if dataset == 'cifar100' else 10} classes"):
+            train.load_cifar({"dataset": dataset, "data_dir": str(tree), "cache_dir": str(tmp_path / "cache")})
+    tree = make_tree(tmp_path / "bad", (2, 1))
+    good = sorted((tree / "train" / "c003").iterdir())[0]
+    good.write_bytes(good.read_bytes()[:300])                       # a truncated JPEG
+    cfg = {"dataset": "cifar10", "data_dir": str(tree), "cache_dir": str(tmp_path / "cache")}
+    with pytest.raises(SystemExit, match=f"{good}: not a readable image"):
+        train.load_cifar(cfg)
+    good.unlink()
+    (tree / "test" / "c007" / "notes.txt").write_text("not an image")   # a stray non-image file
+    with pytest.raises(SystemExit, match=f"{tree / 'test' / 'c007' / 'notes.txt'}: not a readable image"):
+        train.load_cifar(cfg)
+    (tree / "test" / "c007" / "notes.txt").unlink()
+    # the cache location cannot be written (its parent is a file): a warning, and the data come from memory
+    (tmp_path / "file").write_text("")
+    tx, ty, vx, vy = train.load_cifar({**cfg, "cache_dir": str(tmp_path / "file" / "cache")})
+    assert len(tx) == 19 and len(vx) == 10
+    assert "could not write the decoded cache" in capsys.readouterr().err
+    r = run_train("--dataset", "cifar10", "--data-dir", str(tmp_path / "t3"), "--cache-dir", str(tmp_path / "cache"))
+    assert r.returncode != 0 and "has 3 class folders" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_clear_errors_for_bad_data_models_and_optimizers(tmp_path):
@@ -107,6 +174,61 @@ def test_clear_errors_for_bad_data_models_and_optimizers(tmp_path):
         train.get_args(["--preset", "mnist"])
     r = run_train("--model", "resnet99")                            # a message, not a traceback
     assert r.returncode != 0 and "unknown --model 'resnet99'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_numbers_are_one_line_errors_naming_the_value(tmp_path):
+    for argv, msg in ((["--batch-size", "-64"], "--batch-size -64: must be an integer >= 1"),
+                      (["--batch-size", "0"], "--batch-size 0: must be an integer >= 1"),
+                      (["--epochs", "0"], "--epochs 0: must be an integer >= 1"),
+                      (["--train-size", "-5"], r"--train-size -5: must be 0 \(all images\) or a number of images >= 1"),
+                      (["--lr", "nan"], "--lr nan: must be a finite number > 0"),
+                      (["--lr", "-0.1"], "--lr -0.1: must be a finite number > 0"),
+                      (["--weight-decay", "inf"], "--weight-decay inf: must be a finite number >= 0"),
+                      (["--optimizer", "sam", "--rho", "-1"], "--rho -1.0: must be a finite number >= 0"),
+                      (["--optimizer", "ssamf", "--sparsity", "1.5"], r"--sparsity 1.5: must be a fraction in \[0, 1\]"),
+                      (["--optimizer", "ssamd", "--update-interval", "-1"], r"--update-interval -1: must be 0 \(once"),
+                      (["--optimizer", "ssamf", "--num-samples", "0"], "--num-samples 0: must be an integer >= 1"),
+                      (["--optimizer", "ssamd", "--drop-rate", "2"], r"--drop-rate 2.0: must be a fraction in \[0, 1\]"),
+                      (["--cutout", "-1"], "--cutout -1: must be 0"), (["--seed", "-3"], "--seed -3: must be"),
+                      (["--preset", "imagenet-resnet50", "--workers", "-1"], "--workers -1: must be an integer >= 0")):
+        with pytest.raises(SystemExit, match=msg):
+            cfg_for(argv)
+    # limits that depend on the data: checked once it is loaded, before anything is written
+    for argv, msg in ((["--train-size", "6000"], "--train-size 6000: must be at most the 5000 training images"),
+                      (["--optimizer", "ssamf", "--train-size", "64", "--num-samples", "128"],
+                       "--num-samples 128: must be at most the 64 training images")):
+        with pytest.raises(SystemExit, match=msg):
+            train.train(cfg_for([*argv, "--out-dir", str(tmp_path / "x")]), show_config=False)
+        assert not (tmp_path / "x" / "ckpt.pt").exists() and not (tmp_path / "x" / "lock").exists()
+    r = run_train("--batch-size", "-64")
+    assert r.returncode != 0 and r.stderr.strip() == "--batch-size -64: must be an integer >= 1"
+
+
+def test_flags_that_would_be_ignored_are_errors():
+    for argv, msg in ((["--data-dir", "/data/cifar10"], "--data-dir would be ignored: --dataset cifar10-subset is the "
+                       "subset shipped in data/; to train on a tree of your own, pass --dataset cifar10"),
+                      (["--cache-dir", "/tmp/c"], "--cache-dir would be ignored"),
+                      (["--rho", "0.2"], "--rho would be ignored: it is used by --optimizer sam / ssamf / ssamd / samon "
+                       "only, not sgd"),
+                      (["--optimizer", "sam", "--sparsity", "0.9"], "--sparsity would be ignored"),
+                      (["--optimizer", "samon", "--structure", "2:4"], "--structure would be ignored"),
+                      (["--optimizer", "ssamd", "--num-samples", "64"], "--num-samples would be ignored: .* ssamf only"),
+                      (["--optimizer", "ssamf", "--drop-rate", "0.3"], "--drop-rate would be ignored: .* ssamd only"),
+                      (["--optimizer", "ssamf", "--adaptive"], "--adaptive would be ignored: .* sam only"),
+                      (["--optimizer", "sgd", "--sync-ascent"], "--sync-ascent would be ignored"),
+                      (["--workers", "4"], "--workers would be ignored: CIFAR sits on the device"),
+                      (["--preset", "imagenet-resnet50", "--cutout", "8"], "--cutout would be ignored: ImageNet"),
+                      (["--preset", "imagenet-resnet50", "--train-size", "100"], "--train-size would be ignored"),
+                      (["--resume", "--fresh"], "--resume and --fresh contradict each other")):
+        with pytest.raises(SystemExit, match=msg):
+            cfg_for(argv)
+    # what stays allowed: the demo passes one set of flags to every optimizer; torchvision's folder gets no cache
+    assert cfg_for(["--demo", "--sparsity", "0.9"])["optimizer"] == "sgd"
+    assert cfg_for(["--optimizer", "sam", "--sync-ascent"])["sync_ascent"] is True
+    with pytest.raises(SystemExit, match="--cache-dir would be ignored: .* not an ImageFolder tree"):
+        train.load_cifar({"dataset": "cifar10", "data_dir": str(ROOT / "nowhere"), "cache_dir": "/tmp/c"})
+    r = run_train("--data-dir", "/data/cifar10")
+    assert r.returncode != 0 and "--data-dir would be ignored" in r.stderr and "Traceback" not in r.stderr
 
 
 # -------------------------------------------------------------------------------------------- recipes
@@ -235,6 +357,7 @@ def test_bad_checkpoints_are_errors_not_restarts(tmp_path):
         train.train(cfg_for(argv), show_config=False)               # no silent overwrite either
     with pytest.raises(SystemExit, match=r"different config: lr=0.05 \(now 0.1\)"):
         train.train(cfg_for([*argv, "--lr", "0.1", "--resume"]), show_config=False)
+    (tmp_path / "final.json").unlink()                              # as if killed before it was written
     good = ck.read_bytes()
     ck.write_bytes(good[: len(good) // 2])                          # truncated, as by a full disk
     with pytest.raises(SystemExit, match="unreadable"):
@@ -242,6 +365,117 @@ def test_bad_checkpoints_are_errors_not_restarts(tmp_path):
     assert ck.read_bytes() == good[: len(good) // 2]                # nothing was overwritten
     r = run_train(*argv[:-2], "--epochs", "1", "--out-dir", str(tmp_path), "--resume")
     assert r.returncode != 0 and "unreadable" in r.stderr and "Traceback" not in r.stderr   # a message on the CLI
+
+
+def test_diverging_runs_stop_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
+    argv = [*TINY, "--train-size", "64", "--epochs", "3"]          # 2 steps an epoch: finite after 1, NaN after 2
+    r = run_train(*argv, "--lr", "1e6", "--out-dir", str(tmp_path / "sgd"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "training diverged in epoch 2" in said(r) and "NaN or inf" in said(r) and "Lower --lr" in said(r)
+    for o in ("sgd", "sam", "ssamf", "ssamd"):
+        if o != "sgd":
+            with pytest.raises(train.Diverged, match="training diverged in epoch 2"):
+                train.train(cfg_for([*argv, "--lr", "1e6", "--optimizer", o, "--out-dir", str(tmp_path / o)] +
+                                    (["--num-samples", "32"] if o == "ssamf" else [])), show_config=False)
+        ck = torch.load(tmp_path / o / "ckpt.pt", weights_only=False)       # epoch 1's, not overwritten
+        assert ck["epoch"] == 1 and all(torch.isfinite(t).all() for t in ck["model"].values() if t.is_floating_point())
+        assert len((tmp_path / o / "metrics.jsonl").read_text().splitlines()) == 1
+        assert not (tmp_path / o / "final.json").exists() and not (tmp_path / o / "lock").exists()
+    # only a BN statistic turns NaN in epoch 2: the loss stays finite (train mode normalizes with the batch's
+    # statistics), but the run stops all the same, and its last good checkpoint resumes cleanly
+    real_step, calls = train.train_step, []
+
+    def poisoned_step(model, *args, **kw):
+        calls.append(1)
+        result = real_step(model, *args, **kw)
+        if len(calls) == 3:                                         # epoch 2, step 1 of 2
+            with torch.no_grad():
+                model.bn.running_var[0] = float("nan")
+        return result
+    monkeypatch.setattr(train, "train_step", poisoned_step)
+    out = tmp_path / "bn"
+    with pytest.raises(train.Diverged, match="diverged in epoch 2 .* a weight or BatchNorm statistic is NaN or inf"
+                       ".* Stopped: .* \\(epoch 1\\) is kept as the last good checkpoint, no final.json"):
+        train.train(cfg_for([*argv, "--optimizer", "sam", "--out-dir", str(out)]), show_config=False)
+    assert torch.load(out / "ckpt.pt", weights_only=False)["epoch"] == 1 and not (out / "final.json").exists()
+    monkeypatch.setattr(train, "train_step", real_step)
+    done = train.train(cfg_for([*argv, "--optimizer", "sam", "--out-dir", str(out), "--resume"]), show_config=False)
+    assert done["epochs"] == 3 and len((out / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_fp16_steps_with_a_non_finite_loss_are_skipped_not_fatal(tmp_path, monkeypatch):
+    """With --amp fp16 GradScaler skips a step whose loss overflowed: the run goes on (the step is counted in the
+    log). Without fp16 the same loss stops the run."""
+    real_step, calls = train.train_step, []
+
+    def overflowing_step(*args, **kw):
+        calls.append(1)
+        loss, out = real_step(*args, **kw)
+        return (loss * float("inf") if len(calls) == 2 else loss), out
+    monkeypatch.setattr(train, "train_step", overflowing_step)
+    monkeypatch.setattr(train.CifarOnDevice, "test_batches", lambda self: iter([(train.normalize(self.test_x[:8]),
+                                                                                 self.test_y[:8])]))  # fp16 CPU: slow
+    argv = [*TINY, "--train-size", "64", "--epochs", "1", "--optimizer", "sam"]
+    done = train.train(cfg_for([*argv, "--amp", "fp16", "--out-dir", str(tmp_path / "fp16")]), show_config=False)
+    log = json.loads((tmp_path / "fp16" / "metrics.jsonl").read_text())
+    assert done["epochs"] == 1 and log["nonfinite_loss_steps"] == 1 and math.isfinite(log["loss"])
+    calls.clear()
+    with pytest.raises(train.Diverged):
+        train.train(cfg_for([*argv, "--out-dir", str(tmp_path / "fp32")]), show_config=False)
+
+
+def test_one_run_per_out_dir(tmp_path):
+    out = tmp_path / "run"
+    argv = [*TINY, "--epochs", "3", "--out-dir", str(out)]
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (out / "lock").exists():
+        assert p.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    r = run_train(*argv[:-2], "--out-dir", str(out), "--fresh")
+    assert r.returncode != 0 and f"{out} is in use by another train.py run (process {p.pid}" in said(r)
+    p.send_signal(signal.SIGKILL)                                   # leaves its lock behind: stale
+    p.wait()
+    assert (out / "lock").exists()
+    r = run_train(*argv[:-4], "--epochs", "1", "--train-size", "64", "--out-dir", str(out), "--fresh")
+    assert r.returncode == 0 and "removing the stale lock" in said(r), r.stderr[-2000:]
+    assert not (out / "lock").exists()                              # released on exit
+    assert json.loads((out / "final.json").read_text())["epochs"] == 1
+
+
+def test_resume_drops_a_cut_log_line_and_a_finished_run_stays_as_it_is(tmp_path, monkeypatch):
+    argv = [*TINY, "--train-size", "64", "--epochs", "2", "--out-dir", str(tmp_path)]
+    real_step, calls = train.train_step, []
+
+    def crashing_step(*args, **kw):
+        calls.append(1)
+        if len(calls) == 3:                                         # in epoch 2
+            raise KeyboardInterrupt
+        return real_step(*args, **kw)
+    monkeypatch.setattr(train, "train_step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg_for(argv), show_config=False)
+    monkeypatch.setattr(train, "train_step", real_step)
+    log = tmp_path / "metrics.jsonl"
+    line = log.read_text()
+    log.write_text(line + line[:25])                                # epoch 2's line, cut by a kill mid-write
+    done = train.train(cfg_for([*argv, "--resume"]), show_config=False)
+    lines = [json.loads(l) for l in log.read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2] and done["train_acc"] == lines[1]["acc"]
+    assert done["step_ms"] == pytest.approx((lines[0]["step_ms"] + lines[1]["step_ms"]) / 2)      # both epochs
+
+    final, ck = tmp_path / "final.json", tmp_path / "ckpt.pt"
+    before = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in (final, ck, log)}
+    r = run_train(*argv, "--resume")                                # finished: nothing to do, nothing touched
+    assert r.returncode == 0 and f"{tmp_path} is finished (2 epochs, test accuracy" in said(r)
+    assert before == {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in (final, ck, log)}
+    r = run_train(*argv, "--resume", "--lr", "0.1")
+    assert r.returncode != 0 and "different config: lr=0.05 (now 0.1)" in said(r)
+    log.write_text('{"epoch": 1, "lo\n' + line)                    # a broken line that is not the last: an error
+    final.unlink()
+    with pytest.raises(SystemExit, match="metrics.jsonl: line 1 is not JSON"):
+        train.train(cfg_for([*argv, "--resume"]), show_config=False)
 
 
 # -------------------------------------------------------------------------------------------- DDP
