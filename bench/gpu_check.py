@@ -13,8 +13,9 @@ and exits 0.
    bit for bit after first_step.
 4. The throughput benchmark at GPU sizes (batch 128, TinyViT width 512) -> bench/results/throughput-gpu.{json,md},
    including batched Fisher vs the batch-1 loop (target >= 10x) and the mask-update costs.
-Exit status 1 if a correctness check (1-3) fails; performance targets, and a 2:4 kernel that refuses a shape
-(the dense fallback then gives the right answer), are reported as PASS/MISS only.
+Exit status 1 if a correctness check (1-3) fails, or if on CUDA the 2:4 kernel never ran inside
+ssam.sparse_input_grad (every shape fell back to the dense product: checks 1-2 would then compare dense with
+dense). Performance targets, and a kernel that refuses some shapes only, are reported as PASS/MISS.
 """
 import argparse
 import contextlib
@@ -58,8 +59,12 @@ def timed(fn, device, warmup=None, repeat=None):
 
 @contextlib.contextmanager
 def semi_structured_refused():
-    """Make torch.sparse.to_sparse_semi_structured raise, so ssam.sparse_input_grad takes its dense fallback."""
+    """Make torch.sparse.to_sparse_semi_structured raise, so ssam.sparse_input_grad takes its dense fallback.
+    ssam remembers refused shapes (ssam._REFUSED): that memory is put back as it was, so later checks still
+    use the kernel."""
     original = torch.sparse.to_sparse_semi_structured
+    refused = getattr(ssam, "_REFUSED", None)
+    saved = set(refused) if refused is not None else None
 
     def refuse(*args, **kwargs):
         raise RuntimeError("refused by gpu_check")
@@ -69,6 +74,50 @@ def semi_structured_refused():
         yield
     finally:
         torch.sparse.to_sparse_semi_structured = original
+        if refused is not None:
+            refused.clear()
+            refused.update(saved)
+
+
+KERNEL_RUNS = [0]   # calls in which ssam.sparse_input_grad ran the 2:4 kernel, over the whole script
+
+
+@contextlib.contextmanager
+def count_kernel_runs():
+    """Counts (into the yielded list, and KERNEL_RUNS) the weights that ssam.sparse_input_grad compressed to 2:4
+    and then multiplied on the kernel: a compression whose matmul failed lands in ssam._REFUSED, and is taken off."""
+    original = torch.sparse.to_sparse_semi_structured
+    refused = getattr(ssam, "_REFUSED", set())
+    n_refused, runs = len(refused), [0]
+
+    def counting(*args, **kwargs):
+        out = original(*args, **kwargs)                 # raises if the kernel refuses: not counted
+        runs[0] += 1
+        return out
+
+    torch.sparse.to_sparse_semi_structured = counting
+    try:
+        yield runs
+    finally:
+        torch.sparse.to_sparse_semi_structured = original
+        runs[0] = max(0, runs[0] - (len(refused) - n_refused))
+        KERNEL_RUNS[0] += runs[0]
+
+
+def expects_kernel(device):
+    """On CUDA the 2:4 kernel must run at least once; on the CPU it cannot (torch's semi-structured is CUDA only)."""
+    return torch.device(device).type == "cuda"
+
+
+def kernel_verdict(device, runs):
+    """The row that fails the script when the kernel was expected and never ran."""
+    name = "2:4 kernel ran in ssam.sparse_input_grad"
+    if not expects_kernel(device):
+        return (name, f"not expected on {device} (CUDA only); every product ran dense", None)
+    if runs == 0:
+        return (name, "NEVER: every shape fell back to the dense product, so the 2:4 checks above compared "
+                "dense with dense. Does this GPU/torch build support torch.sparse semi-structured (sm80+)?", False)
+    return (name, f"{runs} call(s) on the kernel", True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -89,18 +138,20 @@ def check_sparse_input_grad(device, rows):
                 kernel, why = True, ""
             except (RuntimeError, ValueError, NotImplementedError) as e:
                 wt, kernel, why = None, False, f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
-            out = ssam.sparse_input_grad(gy, w, mask)
+            with count_kernel_runs() as runs:
+                out = ssam.sparse_input_grad(gy, w, mask)
             dense = gy @ (w * mask)
             err = ((out.double() - ref).abs().max() / ref.abs().max()).item()
             err_dense = ((dense.double() - ref).abs().max() / ref.abs().max()).item()
             ok = out.shape == dense.shape and err <= max(4 * err_dense, 1e-2)
-            if ok and not kernel and device == "cuda":
+            if ok and not runs[0] and expects_kernel(device):
                 ok = "MISS"                                                        # right, but not on the kernel
             t_call = timed(lambda: ssam.sparse_input_grad(gy, w, mask), device)      # compress + sparse matmul
             t_dense = timed(lambda: gy @ (w * mask), device)                       # the fallback
             t_kernel = timed(lambda: wt @ gy.t().contiguous(), device) if kernel else None
             name = f"sparse_input_grad {str(dtype)[6:]} W {out_f}x{in_f}, dY {tokens}x{out_f}"
-            detail = (f"2:4 kernel {'used' if kernel else 'REFUSED (' + why + ')'}; rel err {err:.1e} (dense "
+            detail = (f"2:4 kernel {'used' if kernel else 'REFUSED (' + why + ')'}"
+                      f"{'' if runs[0] else ', ssam.sparse_input_grad ran dense'}; rel err {err:.1e} (dense "
                       f"{err_dense:.1e}); ms: call {1e3 * t_call:.3f}, dense {1e3 * t_dense:.3f}"
                       + (f", matmul alone {1e3 * t_kernel:.3f} ({t_dense / t_kernel:.2f}x dense)" if kernel else ""))
             rows.append((name, detail, ok))
@@ -122,15 +173,19 @@ def check_sparse_ascent_bf16(device, rows):
             grads = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
         return torch.cat([g.float().reshape(-1) for g in grads])
 
-    g_kernel = ascent_grads()
-    t_kernel = timed(ascent_grads, device)
+    with count_kernel_runs() as runs:
+        g_kernel = ascent_grads()
+        t_kernel = timed(ascent_grads, device)
     with semi_structured_refused():
         g_dense = ascent_grads()
         t_dense = timed(ascent_grads, device)
     err = ((g_kernel - g_dense).norm() / g_dense.norm()).item()
     ok = bool(torch.isfinite(g_kernel).all()) and err < 5e-2
-    rows.append((f"sparse_ascent bf16 TinyViT-{width} b{batch}, ascent pass", f"rel err vs dense fallback {err:.1e}; ms: 2:4 "
-                 f"{1e3 * t_kernel:.1f}, dense {1e3 * t_dense:.1f} ({t_dense / t_kernel:.2f}x)", ok))
+    detail = (f"rel err vs dense fallback {err:.1e}; ms: 2:4 {1e3 * t_kernel:.1f}, dense {1e3 * t_dense:.1f} "
+              f"({t_dense / t_kernel:.2f}x); kernel calls {runs[0]}")
+    if expects_kernel(device) and not runs[0]:   # both passes ran dense: the comparison proves nothing
+        ok, detail = False, f"the 2:4 kernel never ran in the ascent pass (dense vs dense): {detail}"
+    rows.append((f"sparse_ascent bf16 TinyViT-{width} b{batch}, ascent pass", detail, ok))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -192,12 +247,12 @@ def run_benchmark(device, rows, extra):
     rows.append(("report", f"{out}.md", None))
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-bench", action="store_true", help="skip the throughput benchmark (check 4)")
     ap.add_argument("--cpu", action="store_true", help="run checks 1-3 on the CPU (tests this script, not the GPU)")
     ap.add_argument("bench_args", nargs="*", help="after --: more pytest flags for the benchmark")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not torch.cuda.is_available() and not args.cpu:
         print("no CUDA device: skipped")
         return 0
@@ -205,14 +260,19 @@ def main():
     m = common.machine()
     print(f"{m.get('gpu', m['cpu'])}; torch {m['torch']}; CUDA {torch.version.cuda}", flush=True)
     rows, t0 = [], time.perf_counter()
-    for check in (check_sparse_input_grad, check_sparse_ascent_bf16, check_steps):
+    KERNEL_RUNS[0] = 0
+    for check in (check_sparse_input_grad, check_sparse_ascent_bf16, check_steps, None):
         n = len(rows)
         try:
-            check(device, rows)
+            if check is None:                           # after checks 1-3: did the 2:4 kernel run at all?
+                rows.append(kernel_verdict(device, KERNEL_RUNS[0]))
+            else:
+                check(device, rows)
         except Exception as e:                          # report and go on: one broken check must not hide others
             rows.append((check.__name__, f"raised {type(e).__name__}: {str(e).splitlines()[0][:120]}", False))
         for name, detail, ok in rows[n:]:
-            print(f"  {'FAIL' if ok is False else 'MISS' if ok == 'MISS' else 'ok  '} {name}: {detail}", flush=True)
+            mark = {False: "FAIL", None: "--  ", "MISS": "MISS"}.get(ok, "ok  ")
+            print(f"  {mark} {name}: {detail}", flush=True)
     if not args.no_bench:
         run_benchmark(device, rows, args.bench_args)
     width = max(len(r[0]) for r in rows)

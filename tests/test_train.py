@@ -276,6 +276,93 @@ def test_fp16_step_with_inf_restores_weights_and_skips_sgd():
     assert all(torch.isfinite(p).all() for p in model.parameters()) and scaler.get_scale() == 512.0
 
 
+def test_fp16_sgd_step_with_inf_is_skipped_with_weights_and_momentum_untouched():
+    """The GradScaler path of train_step for plain SGD, on the CPU (torch.amp.GradScaler works there)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    autocast = torch.autocast("cpu", dtype=torch.float16)
+    hook = model[0].weight.register_hook(lambda g: g * float("inf"))
+    w0 = [p.detach().clone() for p in model.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    train.train_step(model, opt, x, y, autocast, scaler)
+    assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))                 # skipped: no decay
+    assert not any("momentum_buffer" in s for s in opt.state.values())                   # no momentum started
+    assert scaler.get_scale() == 512.0 and all(p.grad is None for p in model.parameters())
+    hook.remove()
+    train.train_step(model, opt, x, y, autocast, scaler)
+    assert all(not torch.equal(a, b) for a, b in zip(w0, model.parameters()))             # a real step
+    assert scaler.get_scale() == 512.0 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_channels_last_gives_the_default_result(tmp_path, monkeypatch):
+    # the step itself, in float64: channels-last changes the memory layout only, so the same numbers to 1e-12
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (16,), generator=g)
+    for o in ("sgd", "sam", "ssamd"):
+        weights = []
+        for cl in (False, True):
+            torch.manual_seed(0)
+            model = train.make_model("wrn10-1", 10, True).double()
+            model = model.to(memory_format=torch.channels_last) if cl else model
+            opt = train.make_optimizer({**cfg_for([*TINY, "--optimizer", o]), "update_interval": 2}, model, 4)
+            for _ in range(3):
+                train.train_step(model, opt, x.contiguous(memory_format=torch.channels_last) if cl else x, y,
+                                 torch.autocast("cpu", enabled=False))
+            weights.append(list(model.state_dict().values()))
+        assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(*weights)), o
+    # the flag through train(): batches and weights really are channels-last; float32 results agree closely
+    real_step, seen = train.train_step, []
+
+    def recording_step(model, opt, x, *args, **kw):
+        seen.append((x.is_contiguous(memory_format=torch.channels_last),
+                     model.conv.weight.is_contiguous(memory_format=torch.channels_last)))
+        return real_step(model, opt, x, *args, **kw)
+    monkeypatch.setattr(train, "train_step", recording_step)
+    argv = [*TINY, "--train-size", "64", "--epochs", "1", "--optimizer", "sam"]
+    a = train.train(cfg_for([*argv, "--out-dir", str(tmp_path / "a")]), show_config=False)
+    b = train.train(cfg_for([*argv, "--channels-last", "--out-dir", str(tmp_path / "b")]), show_config=False)
+    assert seen == [(False, False)] * 2 + [(True, True)] * 2
+    ca, cb = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in "ab")
+    for k in ca["model"]:   # float32 rounding, amplified by 2 SAM steps: measured up to 7e-4
+        assert torch.allclose(ca["model"][k].float(), cb["model"][k].float(), rtol=0, atol=3e-3), k
+    assert abs(a["test_acc"] - b["test_acc"]) <= 0.003              # a few of 1,000 test images may flip
+
+
+def test_compiled_model_steps_like_the_eager_one():
+    """--compile on the CPU (inductor; needs a C++ compiler): a tiny convnet, two SAM steps through train_step
+    (the second pass recompiles for the frozen BN statistics), the same weights as eager to float precision."""
+    from torch._dynamo.utils import counters
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 3, (8,))
+    weights = []
+    torch._dynamo.reset()
+    counters.clear()
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+        opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+        w0 = [t.detach().clone() for t in model.state_dict().values()]
+        for _ in range(2):
+            train.train_step(torch.compile(model) if compiled else model, opt, x, y, torch.autocast("cpu", enabled=False))
+        weights.append([t.detach().clone() for t in model.state_dict().values()])
+    assert all(torch.allclose(a.float(), b.float(), atol=1e-6) for a, b in zip(*weights))
+    assert not any(torch.equal(a, b) for a, b in zip(weights[1], w0))          # every tensor moved (BN stats too)
+    assert counters["stats"]["unique_graphs"] >= 2                 # really compiled: two BN modes, two graphs
+
+
+def test_cuda_only_flags_run_on_the_cpu_and_missing_pieces_are_errors(monkeypatch):
+    cfg = cfg_for(["--amp", "fp16", "--compile", "--channels-last", "--device", "cpu"])
+    assert train.setup_distributed(cfg)[0] == torch.device("cpu")      # accepted on the CPU (tested above)
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    with pytest.raises(SystemExit, match="--compile on the CPU needs a C\\+\\+ compiler \\(no-such-compiler"):
+        train.setup_distributed(cfg)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--device cuda: no CUDA device here; pass --device cpu"):
+            train.setup_distributed(cfg_for(["--device", "cuda"]))
+
+
 def test_second_pass_leaves_bn_running_stats_alone():
     torch.manual_seed(0)
     model = train.make_model("wrn10-1", 10, True)
