@@ -16,7 +16,8 @@ CPU processes (gloo) work the same way: torchrun --standalone --nproc_per_node 2
 
 Every preset value can be overridden by its flag (python train.py --help). The resolved config is printed
 at the start. Output goes to --out-dir (default runs/<name>): metrics.jsonl (one line an epoch),
-ckpt.pt (written atomically every epoch) and final.json.
+ckpt.pt (written atomically every epoch), final.json (only once the run has finished) and, while a run
+writes there, lock. A run that diverges (NaN/inf loss or weights) stops with exit status 1.
 """
 import argparse
 import contextlib
