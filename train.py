@@ -104,6 +104,8 @@ def get_args(argv=None):
     g.add_argument("--drop-rate", type=float, default=0.5, help="SSAM-D: fraction of the mask dropped and regrown "
                    "at each update (alpha, Eq. 9; cosine-decayed) (default: %(default)s)")
     g.add_argument("--adaptive", action="store_true", help="SAM: adaptive (ASAM) perturbation")
+    g.add_argument("--ascent-fraction", type=float, default=1.0, help="SAM-type: run the first (ascent) pass on "
+                   "the first f of each batch, the second on all of it; 0 < f <= 1 (default: %(default)s)")
     g.add_argument("--sync-ascent", action="store_true", help="DDP: all-reduce the ascent (first) gradient too; "
                    "default off = each process perturbs with its own batch's gradient, as in the SAM paper")
     g = ap.add_argument_group("system")
@@ -139,6 +141,9 @@ def resolve_config(args):
         raise SystemExit(f"unknown --dataset {cfg['dataset']!r}: choose cifar10-subset, cifar10, cifar100 or imagenet")
     if cfg["amp"] not in ("none", "bf16", "fp16"):
         raise SystemExit(f"unknown --amp {cfg['amp']!r}: choose none, bf16 or fp16")
+    if not 0 < cfg["ascent_fraction"] <= 1:
+        raise SystemExit(f"--ascent-fraction {cfg['ascent_fraction']} is not in (0, 1]: the share of the batch the "
+                         "first pass sees")
     wd_sgd, wd_sam = cfg.pop("wd_sgd"), cfg.pop("wd_sam")
     wd = wd_sgd if cfg["optimizer"] == "sgd" else wd_sam
     cfg["weight_decay"] = args.weight_decay if args.weight_decay is not None else wd
@@ -146,10 +151,11 @@ def resolve_config(args):
         for k in ("sparsity", "structure", "update_interval", "num_samples", "drop_rate"):
             cfg.pop(k)
     if cfg["optimizer"] == "sgd":
-        cfg.pop("rho"), cfg.pop("adaptive"), cfg.pop("sync_ascent")
+        cfg.pop("rho"), cfg.pop("adaptive"), cfg.pop("sync_ascent"), cfg.pop("ascent_fraction")
     if not cfg.get("name"):
         sp = f"-s{cfg['sparsity']:g}" if "sparsity" in cfg else ""
         sp += f"-{cfg['structure'].replace(':', 'of')}" if cfg.get("structure", "unstructured") != "unstructured" else ""
+        sp += f"-f{cfg['ascent_fraction']:g}" if cfg.get("ascent_fraction", 1) != 1 else ""
         cfg["name"] = f"{args.preset}-{cfg['optimizer']}{sp}-seed{cfg['seed']}"
     cfg["out_dir"] = cfg.get("out_dir") or str(ROOT / "runs" / cfg["name"])
     return cfg
@@ -426,9 +432,11 @@ def make_optimizer(cfg, model, steps_per_epoch):
 # -----------------------------------------------------------------------------------------------------------
 # One training step. SAM-type: ascent pass, w + e, descent pass with BN statistics frozen, restore, SGD step.
 # -----------------------------------------------------------------------------------------------------------
-def train_step(model, opt, x, y, autocast, scaler=None, sync_ascent=False):
+def train_step(model, opt, x, y, autocast, scaler=None, sync_ascent=False, ascent_fraction=1.0):
     """Returns (loss, logits) of the unperturbed pass. `model` may be DDP-wrapped: the ascent pass then runs
     under no_sync() (no all-reduce) unless sync_ascent; the descent pass all-reduces as usual.
+    ascent_fraction < 1: the ascent pass (and the returned loss, logits) sees only the first f of x (of each
+    process's share under DDP); the descent pass sees all of x.
 
     fp16 (scaler given): the ascent gradient stays scaled, since eps = rho * g / ||g|| (and SSAM-D's ranking by
     |g|) do not depend on the scale; if it overflowed, ssam.py makes eps = 0. The descent gradient is unscaled
@@ -450,10 +458,11 @@ def train_step(model, opt, x, y, autocast, scaler=None, sync_ascent=False):
         return loss.detach(), out.detach()
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     ascent = opt.ascent_pass() if hasattr(opt, "ascent_pass") else contextlib.nullcontext()   # structure=tensor
+    k = max(1, round(ascent_fraction * len(y)))          # eps only needs a direction: a sub-batch gives one
     with model.no_sync() if ddp and not sync_ascent else contextlib.nullcontext(), ascent:
         with autocast:
-            out = model(x)
-            loss = F.cross_entropy(out, y)
+            out = model(x[:k])
+            loss = F.cross_entropy(out, y[:k])
         (loss if scaler is None else scaler.scale(loss)).backward()
     opt.first_step(zero_grad=True)                     # w <- w + eps (SSAM-D may draw a new mask in here)
     try:
@@ -648,15 +657,16 @@ def train(cfg, show_config=True):
                     if world > 1:
                         broadcast_masks(opt)
                 mask_step = opt.last_mask_update if cfg["optimizer"] == "ssamd" else None
-                loss, out = train_step(model, opt, x, y, autocast, scaler, cfg.get("sync_ascent", False))
+                loss, out = train_step(model, opt, x, y, autocast, scaler, cfg.get("sync_ascent", False),
+                                       cfg.get("ascent_fraction", 1.0))
                 if cfg["optimizer"] == "ssamd" and opt.last_mask_update != mask_step:
                     masks_updated += 1  # SSAM-D drew a new mask in first_step, from this process's gradient
                     if world > 1:
                         broadcast_masks(opt)
                 sched.step()
-                loss_sum += loss * len(y)
-                correct += (out.argmax(1) == y).sum()
-                seen += len(y)
+                loss_sum += loss * len(out)                 # out: the unperturbed pass (--ascent-fraction of y)
+                correct += (out.argmax(1) == y[:len(out)]).sum()
+                seen += len(out)
                 if master and (step % 10 == 0 or step == steps_per_epoch - 1):  # .item() syncs: not every step
                     progress.update(task, completed=step + 1, metrics=f"loss {(loss_sum / seen).item():.3f} "
                                     f"acc {(correct / seen).item():.3f} lr {sched.get_last_lr()[0]:.4f}")
