@@ -223,11 +223,53 @@ def tensor_masks(scores, density):
     return [torch.full_like(s, k, dtype=torch.bool) for s, k in zip(scores, keep)]
 
 
-def select_masks(scores, density, nm=None):
+def ascent_costs(model, *inputs):
+    """{parameter: (forward, input grads of all later layers, its weight grad)} in multiply-adds, for
+    cost_tensor_masks, from one hooked forward of `inputs` (only shapes matter)."""
+    order, macs = {}, {}
+
+    def enter(m, args):                            # a layer's place: the start of its first call
+        order.setdefault(m, len(order))
+
+    def count(m, args, out):                       # per output: a Linear row, a conv window, or elementwise
+        macs[m] = macs.get(m, 0) + out.numel() * (m.in_features if isinstance(m, nn.Linear) else m.in_channels //
+                  m.groups * math.prod(m.kernel_size) if isinstance(m, nn.modules.conv._ConvNd) else 1)
+    hooks = [h for m in model.modules() if next(m.parameters(recurse=False), None) is not None
+             for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(count))]
+    try:
+        with torch.no_grad(), frozen_bn_stats(model):
+            model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {p: (sum(macs.values()), sum(f for k, f in macs.items() if order[k] > order[m]),
+                macs[m] * p.numel() / sum(q.numel() for q in m.parameters(recurse=False)))   # dW: its share
+            for m in order for p in m.parameters(recurse=False)}
+
+
+def cost_tensor_masks(scores, density, costs):
+    """structure='tensor' by cost: the ascent pass pays the forward, input grads down to the lowest perturbed
+    layer and the perturbed tensors' weight grads (costs[i] from ascent_costs). For each cut (lowest layer
+    allowed), tensor_masks' rule fills the budget from the tensors above it; the fill with the most score
+    mass (Fisher or |g|) per unit of cost wins. Never exceeds density·|w|; may fall short of it."""
+    sizes, (fwd, dx, dw) = [s.numel() for s in scores], zip(*costs)
+    mass = torch.stack([s.float().sum().to(scores[0].device) for s in scores]).tolist()
+    best = (-1.0, [])
+    for cut in sorted(set(dx)):
+        room, take = round(density * sum(sizes)), []
+        for i in sorted(range(len(scores)), key=lambda i: -mass[i] / sizes[i]):
+            if dx[i] <= cut and sizes[i] <= room:
+                take, room = take + [i], room - sizes[i]
+        cost = max(fwd) + max((dx[i] for i in take), default=0) + sum(dw[i] for i in take)
+        best = max(best, (sum(mass[i] for i in take) / cost, take))
+    return [torch.full_like(s, i in best[1], dtype=torch.bool) for i, s in enumerate(scores)]
+
+
+def select_masks(scores, density, nm=None, costs=None):
     """Masks at exact density: N:M per group where a tensor holds the pattern, else one global top-k;
-    nm='tensor' selects whole tensors (tensor_masks)."""
+    nm='tensor' selects whole tensors (tensor_masks, or cost_tensor_masks when costs are given)."""
     if nm == "tensor":
-        return tensor_masks(scores, density)
+        return cost_tensor_masks(scores, density, costs) if costs else tensor_masks(scores, density)
     masks = [nm_mask(s, *nm) if _nm_eligible(s, nm) else None for s in scores]
     pooled = [i for i, mk in enumerate(masks) if mk is None]
     if pooled:
@@ -243,12 +285,13 @@ class _SparseSAM(SAM):
     structure: None (element-wise, the paper), 'N:M' such as '2:4' (N of every M outputs, see nm_mask;
     sparsity must be 1 - N/M), or 'tensor' (whole parameter tensors: wrap the first pass in
     `with opt.ascent_pass():` and unperturbed tensors cost no weight gradient there).
+    costs: ascent_costs(model, x) to pick whole tensors by score per ascent cost (cost_tensor_masks).
     norm: 'full' (default for element-wise and N:M masks) normalizes eps by ||g|| over all parameters as
     the paper writes it; 'masked' by ||g ⊙ m||, which structure='tensor' requires since it never computes
     the full gradient in the first pass.
     """
 
-    def __init__(self, params, base_optimizer, rho, sparsity, update_interval, structure, norm, **kwargs):
+    def __init__(self, params, base_optimizer, rho, sparsity, update_interval, structure, norm, costs=None, **kwargs):
         if not 0 <= sparsity <= 1:
             raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}")
         if not (isinstance(update_interval, int) and update_interval >= 1):
@@ -259,8 +302,11 @@ class _SparseSAM(SAM):
         if norm not in ("full", "masked") or (self.nm == "tensor" and norm != "masked"):
             raise ValueError(f"norm={norm!r} not allowed: use 'full' (||g||, the paper) or 'masked' (||g ⊙ m||); "
                              "structure='tensor' needs 'masked', since unperturbed tensors get no ascent gradient")
+        if costs is not None and self.nm != "tensor":
+            raise ValueError("costs= picks whole tensors by their ascent cost: it needs structure='tensor'")
         super().__init__(params, base_optimizer, rho=rho, **kwargs)
         self.sparsity, self.update_interval, self.structure, self.norm = sparsity, update_interval, structure, norm
+        self.costs = costs and [costs.get(p, (0, 0, 0)) for p in self._params()]   # None: the paper's ranking
         self.last_mask_update = -1     # step of the last mask update; -1: never
         self._unperturbed = []         # structure='tensor': the tensors ascent_pass() freezes
 
@@ -469,7 +515,7 @@ class SSAMF(_SparseSAM):
         if missing:
             raise ValueError(f"{len(missing)} optimizer parameters are not parameters of `model` (pass the model "
                              "they belong to; for DDP pass model.module)")
-        self._set_masks(select_masks([fisher[p] for p in self._params()], 1 - self.sparsity, self.nm))
+        self._set_masks(select_masks([fisher[p] for p in self._params()], 1 - self.sparsity, self.nm, self.costs))
 
     def _mask_for_step(self, params, grads):
         if self.last_mask_update < 0:
@@ -500,7 +546,7 @@ class SSAMD(_SparseSAM):
         params = self._params()
         self.generator = torch.Generator(device=params[0].device)
         self.generator.manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
-        self._set_masks(select_masks([self._rand(p) for p in params], 1 - sparsity, self.nm))   # Alg. 1, line 1
+        self._set_masks(select_masks([self._rand(p) for p in params], 1 - sparsity, self.nm, self.costs))   # Alg. 1 l. 1
 
     def _rand(self, p):
         shape = () if self.nm == "tensor" else p.shape      # structure='tensor': one draw per tensor
@@ -534,7 +580,7 @@ class SSAMD(_SparseSAM):
         kept = [m & ~d for m, d in zip(masks, dropped)]
         # Eq. 8: grow at random among the unperturbed: kept entries score 2, the rest uniform in [0, 1)
         grow_scores = [torch.where(k, 2.0, self._rand(p)) for k, p in zip(kept, params)]
-        self._set_masks(select_masks(grow_scores, 1 - self.sparsity, self.nm))
+        self._set_masks(select_masks(grow_scores, 1 - self.sparsity, self.nm, self.costs))
 
     def _mask_for_step(self, params, grads):
         if self.mask_update_due:

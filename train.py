@@ -97,6 +97,8 @@ def get_args(argv=None):
                    "uses 0.5, 0.8, 0.9, 0.95, 0.98, 0.99 (default: %(default)s)")
     g.add_argument("--structure", default="unstructured", help="SSAM mask: unstructured | 2:4 (needs sparsity "
                    "0.5) | tensor (whole tensors; skips their ascent weight gradient) (default: %(default)s)")
+    g.add_argument("--mask-select", default="paper", help="--structure tensor: paper (the tensors of highest mean "
+                   "score) | cost (most score per unit of ascent-pass cost, ssam.cost_tensor_masks) (default: %(default)s)")
     g.add_argument("--update-interval", type=int, default=0, help="steps between SSAM mask updates; 0 = once an "
                    "epoch, as in the authors' code (default: %(default)s)")
     g.add_argument("--num-samples", type=int, default=128, help="SSAM-F: training images for the Fisher estimate "
@@ -144,6 +146,13 @@ def resolve_config(args):
     if not 0 < cfg["ascent_fraction"] <= 1:
         raise SystemExit(f"--ascent-fraction {cfg['ascent_fraction']} is not in (0, 1]: the share of the batch the "
                          "first pass sees")
+    if cfg["mask_select"] not in ("paper", "cost"):
+        raise SystemExit(f"unknown --mask-select {cfg['mask_select']!r}: choose paper or cost")
+    if cfg["mask_select"] == "cost" and (cfg["structure"] != "tensor" or cfg["optimizer"] not in ("ssamf", "ssamd")):
+        raise SystemExit("--mask-select cost picks whole tensors: it needs --optimizer ssamf or ssamd and --structure tensor")
+    for k, default in (("ascent_fraction", 1.0), ("mask_select", "paper")):
+        if cfg[k] == default:                  # defaults stay out of the config: older checkpoints still resume
+            cfg.pop(k)
     wd_sgd, wd_sam = cfg.pop("wd_sgd"), cfg.pop("wd_sam")
     wd = wd_sgd if cfg["optimizer"] == "sgd" else wd_sam
     cfg["weight_decay"] = args.weight_decay if args.weight_decay is not None else wd
@@ -151,11 +160,12 @@ def resolve_config(args):
         for k in ("sparsity", "structure", "update_interval", "num_samples", "drop_rate"):
             cfg.pop(k)
     if cfg["optimizer"] == "sgd":
-        cfg.pop("rho"), cfg.pop("adaptive"), cfg.pop("sync_ascent"), cfg.pop("ascent_fraction")
+        cfg.pop("rho"), cfg.pop("adaptive"), cfg.pop("sync_ascent"), cfg.pop("ascent_fraction", None)
     if not cfg.get("name"):
         sp = f"-s{cfg['sparsity']:g}" if "sparsity" in cfg else ""
         sp += f"-{cfg['structure'].replace(':', 'of')}" if cfg.get("structure", "unstructured") != "unstructured" else ""
-        sp += f"-f{cfg['ascent_fraction']:g}" if cfg.get("ascent_fraction", 1) != 1 else ""
+        sp += "-cost" if "mask_select" in cfg else ""
+        sp += f"-f{cfg['ascent_fraction']:g}" if "ascent_fraction" in cfg else ""
         cfg["name"] = f"{args.preset}-{cfg['optimizer']}{sp}-seed{cfg['seed']}"
     cfg["out_dir"] = cfg.get("out_dir") or str(ROOT / "runs" / cfg["name"])
     return cfg
@@ -421,12 +431,17 @@ def make_optimizer(cfg, model, steps_per_epoch):
         return ssam.SAMON(model, torch.optim.SGD, rho=cfg["rho"], **sgd)
     structure = None if cfg["structure"] == "unstructured" else cfg["structure"]
     interval = cfg["update_interval"] or steps_per_epoch
+    costs = None                               # --mask-select cost: each tensor's ascent cost, from one forward
+    if cfg.get("mask_select") == "cost":
+        side = 224 if cfg["dataset"] == "imagenet" else 32
+        costs = ssam.ascent_costs(model, torch.zeros(2, 3, side, side, device=next(model.parameters()).device))
     if o == "ssamf":
         return ssam.SSAMF(model.parameters(), torch.optim.SGD, rho=cfg["rho"], sparsity=cfg["sparsity"],
-                          num_samples=cfg["num_samples"], update_interval=interval, structure=structure, **sgd)
+                          num_samples=cfg["num_samples"], update_interval=interval, structure=structure,
+                          costs=costs, **sgd)
     return ssam.SSAMD(model.parameters(), torch.optim.SGD, rho=cfg["rho"], sparsity=cfg["sparsity"],
                       drop_rate=cfg["drop_rate"], update_interval=interval, structure=structure,
-                      total_steps=cfg["epochs"] * steps_per_epoch, seed=cfg["seed"], **sgd)
+                      total_steps=cfg["epochs"] * steps_per_epoch, seed=cfg["seed"], costs=costs, **sgd)
 
 
 # -----------------------------------------------------------------------------------------------------------

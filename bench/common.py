@@ -25,6 +25,7 @@ CIFAR_TRAIN_IMAGES = 50_000
 # The paper's theoretical cost of one step relative to SGD (Tables 1-3, FLOPs column), by sparsity; SAM = 0.
 PAPER_FLOPS = {0.0: 2.0, 0.5: 1.65, 0.8: 1.44, 0.9: 1.36, 0.95: 1.33, 0.98: 1.31, 0.99: 1.30}
 
+COST = "--sparsity 0.9 --structure tensor --mask-select cost"   # whole-tensor masks picked by score per ascent cost
 # The methods timed: name -> (train.py flags, weights). "fresh": the seed-0 init; "trained": after
 # --bench-train-steps SGD steps on the shipped CIFAR-10 subset (Fisher and |g| rankings change with training).
 METHODS = {
@@ -37,6 +38,11 @@ METHODS = {
     "ssamd-s0.5-2:4": ("--optimizer ssamd --sparsity 0.5 --structure 2:4", "fresh"),
     "ssamf-s0.9-tensor": ("--optimizer ssamf --sparsity 0.9 --structure tensor", "fresh"),
     "ssamf-s0.9-tensor@trained": ("--optimizer ssamf --sparsity 0.9 --structure tensor", "trained"),
+    "ssamf-s0.9-tensor-cost": (f"{COST} --optimizer ssamf", "fresh"),
+    "ssamf-s0.9-tensor-cost@trained": (f"{COST} --optimizer ssamf", "trained"),
+    "ssamd-s0.9-tensor-cost": (f"{COST} --optimizer ssamd", "fresh"),
+    "ssamf-s0.9-tensor-cost-f0.5": (f"{COST} --optimizer ssamf --ascent-fraction 0.5", "fresh"),
+    "ssamf-s0.9-tensor-cost-f0.25": (f"{COST} --optimizer ssamf --ascent-fraction 0.25", "fresh"),
     "samon": ("--optimizer samon", "fresh"),
 }
 
