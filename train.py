@@ -106,6 +106,8 @@ def get_args(argv=None):
     g.add_argument("--drop-rate", type=float, default=0.5, help="SSAM-D: fraction of the mask dropped and regrown "
                    "at each update (alpha, Eq. 9; cosine-decayed) (default: %(default)s)")
     g.add_argument("--adaptive", action="store_true", help="SAM: adaptive (ASAM) perturbation")
+    g.add_argument("--sparse-ascent", action="store_true", help="ssamf/ssamd with --structure 2:4: nn.Linear input "
+                   "gradients of the ascent pass through W ⊙ M (ssam.sparse_ascent; 2:4 tensor cores on CUDA with --amp)")
     g.add_argument("--ascent-fraction", type=float, default=1.0, help="SAM-type: run the first (ascent) pass on "
                    "the first f of each batch, the second on all of it; 0 < f <= 1 (default: %(default)s)")
     g.add_argument("--sync-ascent", action="store_true", help="DDP: all-reduce the ascent (first) gradient too; "
@@ -139,6 +141,11 @@ def resolve_config(args):
         raise SystemExit(f"unknown --structure {cfg['structure']!r}: choose unstructured, 2:4 or tensor")
     if cfg["structure"] == "2:4" and cfg["sparsity"] != 0.5 and cfg["optimizer"] in ("ssamf", "ssamd"):
         raise SystemExit(f"--structure 2:4 perturbs 2 of every 4 weights: it needs --sparsity 0.5, not {cfg['sparsity']}")
+    if cfg["sparse_ascent"] and not (cfg["optimizer"] in ("ssamf", "ssamd") and cfg["structure"] == "2:4"):
+        raise SystemExit(f"--sparse-ascent needs --optimizer ssamf or ssamd with --structure 2:4, not --optimizer "
+                         f"{cfg['optimizer']} --structure {cfg['structure']}: it multiplies by the 2:4-masked weight")
+    if not cfg["sparse_ascent"]:
+        cfg.pop("sparse_ascent")                    # off: keep it out of the config (and old checkpoints' configs)
     if cfg["dataset"] not in ("cifar10-subset", "cifar10", "cifar100", "imagenet"):
         raise SystemExit(f"unknown --dataset {cfg['dataset']!r}: choose cifar10-subset, cifar10, cifar100 or imagenet")
     if cfg["amp"] not in ("none", "bf16", "fp16"):
@@ -447,7 +454,7 @@ def make_optimizer(cfg, model, steps_per_epoch):
 # -----------------------------------------------------------------------------------------------------------
 # One training step. SAM-type: ascent pass, w + e, descent pass with BN statistics frozen, restore, SGD step.
 # -----------------------------------------------------------------------------------------------------------
-def train_step(model, opt, x, y, autocast, scaler=None, sync_ascent=False, ascent_fraction=1.0):
+def train_step(model, opt, x, y, autocast, scaler=None, sync_ascent=False, sparse_ascent=False, ascent_fraction=1.0):
     """Returns (loss, logits) of the unperturbed pass. `model` may be DDP-wrapped: the ascent pass then runs
     under no_sync() (no all-reduce) unless sync_ascent; the descent pass all-reduces as usual.
     ascent_fraction < 1: the ascent pass (and the returned loss, logits) sees only the first f of x (of each
@@ -474,7 +481,8 @@ def train_step(model, opt, x, y, autocast, scaler=None, sync_ascent=False, ascen
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     ascent = opt.ascent_pass() if hasattr(opt, "ascent_pass") else contextlib.nullcontext()   # structure=tensor
     k = max(1, round(ascent_fraction * len(y)))          # eps only needs a direction: a sub-batch gives one
-    with model.no_sync() if ddp and not sync_ascent else contextlib.nullcontext(), ascent:
+    sparse = ssam.sparse_ascent(model, opt) if sparse_ascent else contextlib.nullcontext()  # dX = dY (W ⊙ M)
+    with model.no_sync() if ddp and not sync_ascent else contextlib.nullcontext(), ascent, sparse:
         with autocast:
             out = model(x[:k])
             loss = F.cross_entropy(out, y[:k])
@@ -594,8 +602,15 @@ def train(cfg, show_config=True):
     if cfg["channels_last"]:
         raw_model = raw_model.to(memory_format=torch.channels_last)
     model = raw_model
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.get("sparse_ascent") and cfg["compile"]:
+        raise SystemExit("--sparse-ascent with --compile: torch.compile hides the nn.Linear layers it patches; drop one")
+    if cfg.get("sparse_ascent") and not any(isinstance(m, nn.Linear) and m.out_features % 4 == 0 for m in raw_model.modules()):
+        raise SystemExit(f"--sparse-ascent: --model {cfg['model']} has no nn.Linear with a multiple of 4 outputs, so no 2:4 "
+                         "mask fits a layer it could change; drop --sparse-ascent")
+    if world > 1:   # tensor masks / SAM-ON skip tensors in a synchronized ascent pass: DDP must be told
+        unused = cfg.get("sync_ascent", False) and (cfg["optimizer"] == "samon" or cfg.get("structure") == "tensor")
+        model = nn.parallel.DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                    find_unused_parameters=unused)
     if cfg["compile"]:
         model = torch.compile(model)
     opt = make_optimizer(cfg, raw_model, steps_per_epoch)
@@ -673,7 +688,7 @@ def train(cfg, show_config=True):
                         broadcast_masks(opt)
                 mask_step = opt.last_mask_update if cfg["optimizer"] == "ssamd" else None
                 loss, out = train_step(model, opt, x, y, autocast, scaler, cfg.get("sync_ascent", False),
-                                       cfg.get("ascent_fraction", 1.0))
+                                       cfg.get("sparse_ascent", False), cfg.get("ascent_fraction", 1.0))
                 if cfg["optimizer"] == "ssamd" and opt.last_mask_update != mask_step:
                     masks_updated += 1  # SSAM-D drew a new mask in first_step, from this process's gradient
                     if world > 1:

@@ -36,6 +36,7 @@ METHODS = {
     "ssamf-s0.5": ("--optimizer ssamf --sparsity 0.5", "fresh"),
     "ssamd-s0.9": ("--optimizer ssamd --sparsity 0.9", "fresh"),
     "ssamd-s0.5-2:4": ("--optimizer ssamd --sparsity 0.5 --structure 2:4", "fresh"),
+    "ssamd-s0.5-2:4-sparse_ascent": ("--optimizer ssamd --sparsity 0.5 --structure 2:4 --sparse-ascent", "fresh"),
     "ssamf-s0.9-tensor": ("--optimizer ssamf --sparsity 0.9 --structure tensor", "fresh"),
     "ssamf-s0.9-tensor@trained": ("--optimizer ssamf --sparsity 0.9 --structure tensor", "trained"),
     "ssamf-s0.9-tensor-cost": (f"{COST} --optimizer ssamf", "fresh"),
@@ -71,7 +72,8 @@ NO_AMP = torch.autocast("cpu", enabled=False)
 
 def train_step(model, opt, cfg, x, y):
     """One step of train.py (train.train_step, fp32), then a device sync so the timer sees the work."""
-    train.train_step(model, opt, x, y, NO_AMP, None, cfg.get("sync_ascent", False), cfg.get("ascent_fraction", 1.0))
+    train.train_step(model, opt, x, y, NO_AMP, None, sync_ascent=cfg.get("sync_ascent", False),
+                     sparse_ascent=cfg.get("sparse_ascent", False), ascent_fraction=cfg.get("ascent_fraction", 1.0))
     sync(x.device)
 
 

@@ -140,6 +140,8 @@ def check_steps(device, rows):
     batch = SIZES[device]["batch"] // 2
     for model_name in ("resnet18", "vit"):
         for method, (flags, _) in common.METHODS.items():
+            if "--sparse-ascent" in flags and model_name == "resnet18":
+                continue                                # no nn.Linear a 2:4 mask fits
             torch.manual_seed(0)
             model = common.make_model(model_name).to(device)
             x = torch.randn(batch, 3, 32, 32, device=device)

@@ -63,6 +63,8 @@ def run_sync(fn, device, *args):
 @pytest.mark.parametrize("method", list(common.METHODS))
 def test_step(benchmark, bench_round, model_name, method, cfg):
     flags, weights = common.METHODS[method]
+    if "--sparse-ascent" in flags and model_name == "resnet18":
+        pytest.skip("ResNet-18 has no nn.Linear a 2:4 mask fits (its fc has 10 outputs): nothing to patch")
     benchmark.group = f"step: {model_name} b{cfg['batch']}"
     key = ("step", model_name, method, cfg["device"], cfg["batch"], cfg["width"])
     first = key not in LIVE

@@ -164,9 +164,9 @@ def test_the_timed_step_is_train_py_step(monkeypatch):
     assert isinstance(opt, ssam.SSAMD) and opt.nm == (2, 4) and cfg["lr"] == 0.05    # the cifar10-resnet18 recipe
     calls = []
     real = common.train.train_step
-    monkeypatch.setattr(common.train, "train_step", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(common.train, "train_step", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     common.train_step(model, opt, cfg, x, y)
-    assert calls == [1.0]                                      # train.py's step, with the ascent fraction
+    assert calls == [dict(sync_ascent=False, sparse_ascent=False, ascent_fraction=1.0)]   # train.py's step
     F.cross_entropy(model(x), y).backward()
     opt.first_step(zero_grad=True)
     mem = common.optimizer_state_bytes(opt)
