@@ -202,7 +202,7 @@ def render(data, source):
     lines += ["", "FLOP bound: the step's multiply-adds as a multiple of SGD's, counted per layer with hooks "
               "(bench/common.py pass_macs: forward 1 unit, input gradient 1, weight gradient 1; the ascent pass "
               "with the tensors `ascent_pass()` freezes and on the `--ascent-fraction` of the batch): what the "
-              "method's kernels could reach. The paper's column counts a sparse perturbation as proportionally "
+              "method's kernels could reach (dense: `--sparse-ascent`'s 2:4 input gradients are counted in full). The paper's column counts a sparse perturbation as proportionally "
               "cheaper (Tables 1-3, footnote 4); dense kernels do the same work whatever an element-wise mask says. "
               "density: the share of weights perturbed. weights: the seed-0 init, or after a few SGD steps on the "
               "CIFAR-10 subset (`trained`).", ""]
