@@ -165,3 +165,32 @@ def test_mask_select_flag():
         train.resolve_config(train.get_args(argv[:-1] + ["cheap"]))
     with pytest.raises(SystemExit, match="needs --optimizer ssamf or ssamd and --structure tensor"):
         train.resolve_config(train.get_args(argv[:4] + ["--mask-select", "cost"]))      # element-wise masks
+
+
+def _ddp_ascent_fraction_worker(rank, world, init_file, result_file):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    out = {}
+    for sync in (False, True):
+        model = convnet()                                            # same seed-0 weights on both processes
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = make_opt("sam", model)
+        sizes = []
+        model[0].register_forward_hook(lambda m, inp, o: sizes.append(len(inp[0])))
+        g = torch.Generator().manual_seed(100 + rank)               # different data on each process
+        for _ in range(3):
+            x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+            train.train_step(ddp, opt, x, y, NO_AMP, sync_ascent=sync, ascent_fraction=0.25)
+        out[sync] = dict(sizes=sizes, params=torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.save(out, f"{result_file}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_ascent_fraction_keeps_processes_identical(tmp_path):
+    torch.multiprocessing.spawn(_ddp_ascent_fraction_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")),
+                                nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in (0, 1))
+    for sync in (False, True):
+        assert r0[sync]["sizes"] == r1[sync]["sizes"] == [2, 8] * 3     # each process: a quarter of its own share
+        assert torch.equal(r0[sync]["params"], r1[sync]["params"])      # the descent gradient is all-reduced
+    assert not torch.equal(r0[False]["params"], r0[True]["params"])     # --sync-ascent changes eps
