@@ -36,17 +36,15 @@ subset: venv
 	@test -n "$(ARCHIVE)" || { echo "usage: make subset ARCHIVE=/path/to/cifar10-jpeg.tar.gz"; exit 2; }
 	$(PYTHON) scripts/make_subset.py $(ARCHIVE)
 
-# Paste into the Makefile (recipes are indented with one TAB) and add the names to .PHONY:
-# OMP_WAIT_POLICY=PASSIVE: libgomp's waiting threads sleep instead of spinning; on a shared CPU box spinning made a
-# 0.6 s step take 2.9-3.1 s (bench/conftest.py sets it too when it can). Results land in bench/results/.
-
-# Step throughput of SGD/SAM/SSAM-F/SSAM-D, mask-update costs, optimizer memory (4.5 min measured on 2 CPU cores).
-# GPU sizes: make bench-throughput BENCH_ARGS="--bench-batch 128 --bench-width 512 --bench-rounds 20"
+# Step time of every method in bench/common.py (10 interleaved rounds), mask-update costs, optimizer memory ->
+# bench/results/throughput.json. OMP_WAIT_POLICY=PASSIVE: libgomp's waiting threads sleep instead of spinning, which
+# on a CPU shared with other jobs multiplied step times. GPU sizes:
+#   make bench-throughput BENCH_ARGS="--bench-device cuda --bench-batch 128 --bench-width 512 --bench-rounds 20"
 bench-throughput: venv
 	mkdir -p bench/results
 	OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m pytest bench/ --benchmark-only --benchmark-json bench/results/throughput.json $(BENCH_ARGS)
 
-# bench/results/throughput.json -> bench/results/throughput.md (ratios to SGD, the paper's FLOPs, PASS/MISS)
+# bench/results/throughput.json -> bench/results/throughput.md: ratios with 95% intervals, FLOP bounds, targets
 bench-report: venv
 	$(PYTHON) bench/report.py bench/results/throughput.json -o bench/results/throughput.md
 

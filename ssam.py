@@ -1,23 +1,17 @@
-"""Sparse Sharpness-Aware Minimization (SSAM) in one file. Needs torch only: copy it into your repo.
+"""Sparse Sharpness-Aware Minimization (SSAM) in one file; needs torch only. README.md: usage, guarantees, decisions.
 
-Mi et al., "Make Sharpness-Aware Minimization Stronger: A Sparsified Perturbation Approach", NeurIPS 2022.
-SAM climbs to w + eps, eps = rho * g / ||g|| (Eq. 2), and descends with the gradient found there. SSAM
-perturbs only the entries a binary mask m selects, eps = rho * g / ||g|| ⊙ m, with m from the empirical
-Fisher (SSAM-F, Eq. 5-6) or grown and dropped during training (SSAM-D, Eq. 7-9).
-
-    opt = SSAMD(model.parameters(), torch.optim.SGD, rho=0.1, sparsity=0.5, total_steps=T, lr=0.05, momentum=0.9)
-    for x, y in loader:
-        loss_fn(model(x), y).backward()          # 1st pass: gradient at w
-        opt.first_step(zero_grad=True)           # w <- w + eps
-        with frozen_bn_stats(model):
-            loss_fn(model(x), y).backward()      # 2nd pass: gradient at w + eps
-        opt.second_step(zero_grad=True)          # w back exactly, then the base optimizer steps
-
-Contents, in the paper's order: SAM (Eq. 2) | mask helpers (top-k, N:M, whole tensors) | SSAMF (Eq. 3-6) |
-SSAMD (Eq. 7-9) | SAMON (normalization layers only) | the 2:4 sparse backward | the BatchNorm helper.
+Mi et al., "Make Sharpness-Aware Minimization Stronger: A Sparsified Perturbation Approach", NeurIPS 2022. SAM
+climbs to w + eps, eps = rho * g / ||g|| (Eq. 2), and descends with the gradient found there; SSAM perturbs only
+the entries a binary mask m selects, eps ⊙ m, m from the empirical Fisher (SSAM-F, Eq. 5-6) or grown and dropped
+during training (SSAM-D, Eq. 7-9). In the paper's order: SAM | mask helpers | SSAMF | SSAMD | SAMON | the 2:4
+sparse backward | the BatchNorm helper. A step: loss.backward(); opt.first_step(zero_grad=True); a second
+forward/backward (under frozen_bn_stats(model)); opt.second_step(zero_grad=True). Or davda54's opt.step(closure).
 """
 import copy
+import itertools
 import math
+import re
+import warnings
 from contextlib import contextmanager
 
 import torch
@@ -25,42 +19,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ----------------------------------------------------------------------------------------------------
-# SAM (Foret et al. 2021), the frame SSAM's masks plug into
+# ---- SAM (Foret et al. 2021), the frame SSAM's masks plug into -------------------------------------
 
 class SAM(torch.optim.Optimizer):
-    """Sharpness-Aware Minimization; `adaptive=True` is ASAM (eps scaled element-wise by w^2).
-
-    base_optimizer: an optimizer class (built here over SAM's param groups with **kwargs) or an optimizer
-    instance already built over the same parameters. `param_groups` are the base optimizer's, so LR
-    schedulers work on either object (build them on `opt.base_optimizer` to avoid PyTorch's warning that
-    `opt.step()` was never called).
-
-    Memory beyond the base optimizer: one copy of the perturbed weights (for the exact restore) plus, in the
-    SSAM classes, one bool mask per parameter. first_step turns p.grad into eps in place (no extra buffer).
-
-    A non-finite gradient norm in the first pass (inf/NaN anywhere) gives eps = 0: the weights are not
-    perturbed, the second pass sees w itself and the step is the base optimizer's (whose own NaN handling,
-    e.g. GradScaler's skipped step, then applies). Weights are restored bit for bit in second_step or
-    restore(); step(closure) restores them if the closure raises.
-    """
+    """SAM; `adaptive=True` is ASAM (eps scaled by w^2). base_optimizer: a torch.optim.Optimizer class (built
+    here with **kwargs) or one built over the same parameters; `param_groups` are shared with it."""
+    _COUNTERS = ("steps",)             # saved in state_dict()["counters"]; subclasses add theirs
 
     def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, **kwargs):
         if not rho >= 0:
             raise ValueError(f"rho must be >= 0, got {rho!r}")
         super().__init__(params, dict(rho=rho, adaptive=adaptive))
-        if isinstance(base_optimizer, torch.optim.Optimizer):
-            if kwargs:
-                raise ValueError(f"base_optimizer is already built; drop the extra arguments {sorted(kwargs)}")
-            ours = {id(p) for g in self.param_groups for p in g["params"]}
-            theirs = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
-            if ours != theirs:
-                raise ValueError("base_optimizer was built over other parameters than the ones given to SAM")
-            self.base_optimizer = base_optimizer
-        elif isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
-            self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
-        else:
-            raise ValueError(f"base_optimizer must be a torch.optim.Optimizer class or instance, got {base_optimizer!r}")
+        if isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
+            base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        elif not isinstance(base_optimizer, torch.optim.Optimizer) or kwargs or {id(p) for p in self._params()} != {
+                id(p) for g in base_optimizer.param_groups for p in g["params"]}:
+            raise ValueError(f"base_optimizer must be a torch.optim.Optimizer class, or one built over the same parameters (not other "
+                             f"parameters), with no extra arguments; got {base_optimizer!r} and {sorted(kwargs)}")
+        self.base_optimizer = base_optimizer
         self.param_groups = self.base_optimizer.param_groups          # one set of groups: schedulers just work
         for group in self.param_groups:
             group.setdefault("rho", rho)
@@ -74,19 +50,19 @@ class SAM(torch.optim.Optimizer):
         return [p for g in self.param_groups for p in g["params"]]
 
     def _mask_for_step(self, params, grads):
-        """Masks for this step's perturbation, or None for dense SAM. SSAM classes update masks here."""
-        return None
+        return None                    # dense SAM; the SSAM classes return (and update) their masks
 
     @torch.no_grad()
     def first_step(self, zero_grad=False):
-        """w <- w + eps with eps = rho * g / ||g||_2 (Eq. 2), times the mask m in SSAM (Alg. 1, line 9)."""
+        """w <- w + eps, eps = rho * g / ||g||_2 (Eq. 2) ⊙ m (Alg. 1, line 9); p.grad becomes eps in place."""
         if self._w is not None:
             raise ValueError("first_step called twice: the weights are already perturbed; call second_step() first")
         groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
         params = [p for _, ps in groups for p in ps]
         grads = [p.grad for p in params]
         if not params:
-            raise ValueError("first_step found no gradients: run loss.backward() before first_step()")
+            raise ValueError("no gradients: run loss.backward() before first_step() or step(closure) "
+                             "(step(closure, both_passes=True) runs that pass too)")
         masks = self._mask_for_step(params, grads)          # may raise (SSAMF without a mask): nothing changed yet
         if masks is not None and self.norm == "masked":
             torch._foreach_mul_(grads, masks)               # g ⊙ m, normalized by its own norm below
@@ -94,18 +70,16 @@ class SAM(torch.optim.Optimizer):
         if ada:                                             # ASAM: eps = rho * w^2 g / ||w g||
             torch._foreach_mul_([p.grad for p in ada], ada)
         device = params[0].device
-        norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in torch._foreach_norm(grads)]))
-        finite = torch.isfinite(norm)                       # ||g||_2 over all parameters (Eq. 2) or ||g ⊙ m||_2
-        for g, ps in groups:                                # rho may differ between groups
+        norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in torch._foreach_norm(grads)]))  # ||g||_2
+        for g, ps in groups:                                # Eq. 2: rho / ||g||; rho may differ between groups
             if ps:
-                scale = torch.where(finite, g["rho"] / (norm + 1e-12), 0.0)
-                torch._foreach_mul_([p.grad for p in ps], scale.to(ps[0].device))
+                torch._foreach_mul_([p.grad for p in ps], (g["rho"] / (norm + 1e-12)).to(ps[0].device))
         if ada:
             torch._foreach_mul_([p.grad for p in ada], ada)
         if masks is not None and self.norm == "full":
             torch._foreach_mul_(grads, masks)               # eps ⊙ m (Alg. 1, line 9)
-        for e in grads:                                     # non-finite g: eps = 0 instead of NaN weights
-            e.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        # non-finite ||g||: eps = 0. A float times 0 stays NaN, so multiply the bits (an integer view) by 0 or 1
+        torch._foreach_mul_([e.view(_INT[e.element_size()]) for e in grads], torch.isfinite(norm).long())
         self._w = (params, torch._foreach_clone(params))
         torch._foreach_add_(params, grads)                  # climb to w + eps
         if zero_grad:
@@ -113,10 +87,9 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def restore(self):
-        """Put the weights back to exactly w (no-op when they are not perturbed)."""
+        """Put the weights back to exactly w (a copy, not a subtraction; no-op when not perturbed)."""
         if self._w is not None:
-            params, w = self._w
-            torch._foreach_copy_(params, w)
+            torch._foreach_copy_(*self._w)
             self._w = None
 
     @torch.no_grad()
@@ -131,88 +104,88 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad()
 
     @torch.no_grad()
-    def step(self, closure=None):
-        """Both passes: `closure` runs forward + backward and returns the loss; called twice."""
+    def step(self, closure=None, both_passes=False):
+        """davda54's loop, `loss.backward(); opt.step(closure)`: first_step on p.grad, the closure (forward +
+        backward, returns the loss) once at w + eps, second_step; returns that loss. both_passes=True zeroes the
+        gradients and calls the closure at w first, returning that loss. w is restored if the closure raises."""
         if closure is None:
-            raise ValueError("SAM.step needs a closure that zeroes nothing, runs forward+backward and returns the loss")
+            raise ValueError("SAM.step needs a closure that runs forward + backward and returns the loss")
         closure = torch.enable_grad()(closure)
-        loss = closure()
+        if both_passes:
+            self.zero_grad()
+            loss = closure()
         self.first_step(zero_grad=True)
         try:
-            closure()
+            loss2 = closure()
         except BaseException:
             self.restore()
             self.zero_grad()
             raise
         self.second_step()
-        return loss
+        return loss if both_passes else loss2
 
     def state_dict(self):
         if self._w is not None:
             raise ValueError("state_dict() while the weights are perturbed: call second_step() or restore() first")
         sd = super().state_dict()                           # our per-parameter state (masks) and the groups
         sd["base"] = self.base_optimizer.state_dict()       # momentum etc.
-        sd["counters"] = {k: getattr(self, k) for k in ("steps", "last_mask_update") if hasattr(self, k)}
-        if hasattr(self, "generator"):                      # SSAMD's growth RNG
-            sd["counters"]["generator"] = self.generator.get_state()
+        sd["counters"] = {k: _get(getattr(self, k)) for k in self._COUNTERS}
         return sd
 
     def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        base, counters = state_dict.pop("base"), state_dict.pop("counters")
-        super().load_state_dict(state_dict)
-        self.base_optimizer.load_state_dict(base)
+        """Ours, or davda54/sam's (which holds no base-optimizer state: its groups load, with a warning)."""
+        if "base" not in state_dict:
+            if "param_groups" not in state_dict:
+                raise ValueError(f"not an optimizer state_dict: keys {sorted(state_dict)}, expected 'param_groups'")
+            warnings.warn("this state_dict has no 'base' entry (davda54/sam's?): lr, rho and the other group settings "
+                          "are loaded, but it holds no base-optimizer state: momentum etc. start from zero", stacklevel=2)
+            self.base_optimizer.load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        else:
+            state_dict = dict(state_dict)
+            base, counters = state_dict.pop("base"), state_dict.pop("counters")
+            super().load_state_dict(state_dict)
+            self.base_optimizer.load_state_dict(base)
+            for k in self._COUNTERS:
+                old = getattr(self, k)
+                old.set_state(counters[k]) if isinstance(old, torch.Generator) else setattr(self, k, counters[k])
         self.param_groups = self.base_optimizer.param_groups  # loading replaced the list: share it again
-        for k, v in counters.items():
-            self.generator.set_state(v) if k == "generator" else setattr(self, k, v)
+
+_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}   # first_step's bitwise eps = 0
+_get = lambda v: v.get_state() if isinstance(v, torch.Generator) else v  # noqa: E731  (counters: a Generator's state)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Mask helpers: global top-k (Eq. 6, Alg. 2) and N:M groups along the output axis
+# ---- Mask helpers: global top-k (Eq. 6, Alg. 2), N:M groups along the output axis, whole tensors ---
 
 def _parse_structure(structure, sparsity):
     """None/'unstructured' -> None; 'tensor' -> 'tensor'; 'N:M' -> (N, M) after checking that sparsity agrees."""
     if structure in (None, "unstructured", "tensor"):
         return None if structure == "unstructured" else structure
-    try:
-        n, m = (int(v) for v in str(structure).split(":"))
-    except ValueError:
-        raise ValueError(f"unknown structure {structure!r}: use None, 'unstructured', 'tensor' or 'N:M' such as '2:4'") from None
+    n, m = map(int, structure.split(":")) if re.fullmatch(r"\d+:\d+", str(structure)) else (0, 0)
     if not 0 < n <= m:
-        raise ValueError(f"structure {structure!r} needs 0 < N <= M")
+        raise ValueError(f"unknown structure {structure!r}: use None, 'unstructured', 'tensor' or 'N:M' with 0 < N <= M")
     if not math.isclose(sparsity, 1 - n / m):
         raise ValueError(f"structure {structure!r} fixes the density at {n}/{m}: pass sparsity={1 - n / m:g}, got {sparsity!r}")
     return n, m
 
-
 def _nm_eligible(p, nm):
     return isinstance(nm, tuple) and p.dim() >= 2 and p.shape[0] % nm[1] == 0
 
-
 def nm_mask(score, n, m):
-    """Keep the n highest-score entries of every m consecutive outputs, for each input position.
-
-    The weight [out, in, *k] is seen as W^T [in*k, out] (the operand of dX = dY W), grouped along out.
-    """
+    """Top n of every m consecutive outputs per input: W [out, in, *k] as W^T [in*k, out] of dX = dY W (§4.1)."""
     wt = score.reshape(score.shape[0], -1).t()                        # [in*k, out]
     groups = wt.reshape(wt.shape[0], -1, m)                           # [in*k, out/m, m]
-    keep = torch.zeros_like(groups, dtype=torch.bool)
-    keep.scatter_(-1, groups.topk(n, dim=-1).indices, True)
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(n, dim=-1).indices, True)
     return keep.reshape(wt.shape).t().reshape(score.shape)
-
 
 def topk_masks(scores, k, largest=True):
     """Bool masks of the k largest (or smallest) entries across all tensors in `scores` (ArgTopK, Eq. 6)."""
-    device = scores[0].device
-    flat = torch.cat([s.reshape(-1).to(device) for s in scores])
+    flat = torch.cat([s.reshape(-1).to(scores[0].device) for s in scores])
     keep = torch.zeros_like(flat, dtype=torch.bool)
     keep[flat.topk(k, largest=largest, sorted=False).indices] = True
     return [piece.reshape(s.shape).to(s.device) for piece, s in zip(keep.split([s.numel() for s in scores]), scores)]
 
-
 def tensor_masks(scores, density):
-    """structure='tensor': whole tensors, best mean score first, each taken if it still fits in density·|w|.
-    The perturbed count never exceeds the target and falls short of it by less than any skipped tensor."""
+    """Whole tensors, best mean score first, each taken if it still fits in density·|w|."""
     sizes = [s.numel() for s in scores]
     budget = round(density * sum(sizes))
     means = torch.stack([s.float().mean().to(scores[0].device) for s in scores]).tolist()   # one sync per update
@@ -222,12 +195,45 @@ def tensor_masks(scores, density):
             keep[i], budget = True, budget - sizes[i]
     return [torch.full_like(s, k, dtype=torch.bool) for s, k in zip(scores, keep)]
 
+def ascent_costs(model, *inputs):
+    """{parameter: (forward, input grads of all later layers, its weight grad)} in multiply-adds, for
+    cost_tensor_masks, from one hooked forward of `inputs` (only shapes matter)."""
+    order, macs, hooks = {}, {}, []
+    per_out = lambda m: (m.in_features if isinstance(m, nn.Linear) else m.in_channels // m.groups * math.prod(
+        m.kernel_size) if isinstance(m, nn.modules.conv._ConvNd) else 1)   # a Linear row, a conv window, elementwise
+    for m in (m for m in model.modules() if next(m.parameters(recurse=False), None) is not None):   # order: 1st call
+        hooks += [m.register_forward_pre_hook(lambda m, a: order.update({m: order.get(m, len(order))})),
+                  m.register_forward_hook(lambda m, a, o: macs.update({m: macs.get(m, 0) + o.numel() * per_out(m)}))]
+    try:
+        with torch.no_grad(), frozen_bn_stats(model):
+            model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {p: (sum(macs.values()), sum(f for k, f in macs.items() if order[k] > order[m]),
+                macs[m] * p.numel() / sum(q.numel() for q in m.parameters(recurse=False)))   # dW: its share
+            for m in order for p in m.parameters(recurse=False)}
 
-def select_masks(scores, density, nm=None):
-    """Masks at exact density: N:M per group where a tensor holds the pattern, else one global top-k;
-    nm='tensor' selects whole tensors (tensor_masks)."""
+def cost_tensor_masks(scores, density, costs):
+    """Whole tensors by cost: an ascent pass pays the forward, input grads down to the lowest perturbed layer and
+    their weight grads (costs: ascent_costs). For each lowest layer allowed, tensor_masks' rule fills density·|w|
+    from the tensors above it; the fill with the most score mass (Fisher, |g|) per unit of cost wins."""
+    sizes, (fwd, dx, dw) = [s.numel() for s in scores], zip(*costs)
+    mass = torch.stack([s.float().sum().to(scores[0].device) for s in scores]).tolist()
+    best = (-1.0, [])
+    for cut in sorted(set(dx)):
+        room, take = round(density * sum(sizes)), []
+        for i in sorted(range(len(scores)), key=lambda i: -mass[i] / sizes[i]):
+            if dx[i] <= cut and sizes[i] <= room:
+                take, room = take + [i], room - sizes[i]
+        cost = max(fwd) + max((dx[i] for i in take), default=0) + sum(dw[i] for i in take)
+        best = max(best, (sum(mass[i] for i in take) / cost, take))
+    return [torch.full_like(s, i in best[1], dtype=torch.bool) for i, s in enumerate(scores)]
+
+def select_masks(scores, density, nm=None, costs=None):
+    """Masks at exact density (Eq. 6): N:M where a tensor holds the pattern, else one global top-k; or tensors."""
     if nm == "tensor":
-        return tensor_masks(scores, density)
+        return cost_tensor_masks(scores, density, costs) if costs else tensor_masks(scores, density)
     masks = [nm_mask(s, *nm) if _nm_eligible(s, nm) else None for s in scores]
     pooled = [i for i, mk in enumerate(masks) if mk is None]
     if pooled:
@@ -236,31 +242,30 @@ def select_masks(scores, density, nm=None):
             masks[i] = mk
     return masks
 
-
 class _SparseSAM(SAM):
-    """What SSAM-F and SSAM-D share: the masks, the schedule, validation, counters.
+    """The masks, schedule and checks SSAM-F, SSAM-D and SAM-ON share. Masks (`opt.state[p]["mask"]`, bool)
+    cover `opt.masked`, the parameters that require grad when the optimizer is built: frozen ones get none.
+    costs=ascent_costs(model, x): structure='tensor' picks tensors by score per ascent cost (cost_tensor_masks)."""
+    _COUNTERS = ("steps", "last_mask_update")
 
-    structure: None (element-wise, the paper), 'N:M' such as '2:4' (N of every M outputs, see nm_mask;
-    sparsity must be 1 - N/M), or 'tensor' (whole parameter tensors: wrap the first pass in
-    `with opt.ascent_pass():` and unperturbed tensors cost no weight gradient there).
-    norm: 'full' (default for element-wise and N:M masks) normalizes eps by ||g|| over all parameters as
-    the paper writes it; 'masked' by ||g ⊙ m||, which structure='tensor' requires since it never computes
-    the full gradient in the first pass.
-    """
-
-    def __init__(self, params, base_optimizer, rho, sparsity, update_interval, structure, norm, **kwargs):
+    def __init__(self, params, base_optimizer, rho, sparsity, update_interval, structure, norm, costs=None, **kwargs):
         if not 0 <= sparsity <= 1:
             raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}")
         if not (isinstance(update_interval, int) and update_interval >= 1):
             raise ValueError(f"update_interval must be an integer >= 1 (steps), got {update_interval!r}")
         self.nm = _parse_structure(structure, sparsity)
-        if norm is None:
-            norm = "masked" if self.nm == "tensor" else "full"
+        norm = norm or ("masked" if self.nm == "tensor" else "full")
         if norm not in ("full", "masked") or (self.nm == "tensor" and norm != "masked"):
             raise ValueError(f"norm={norm!r} not allowed: use 'full' (||g||, the paper) or 'masked' (||g ⊙ m||); "
                              "structure='tensor' needs 'masked', since unperturbed tensors get no ascent gradient")
+        if costs is not None and self.nm != "tensor":
+            raise ValueError("costs= picks whole tensors by their ascent cost: it needs structure='tensor'")
         super().__init__(params, base_optimizer, rho=rho, **kwargs)
         self.sparsity, self.update_interval, self.structure, self.norm = sparsity, update_interval, structure, norm
+        self.masked = [p for p in self._params() if p.requires_grad]
+        if not self.masked:
+            raise ValueError("every parameter has requires_grad=False: there is nothing to train or perturb")
+        self.costs = costs and [costs.get(p, (0, 0, 0)) for p in self.masked]   # None: the paper's ranking
         self.last_mask_update = -1     # step of the last mask update; -1: never
         self._unperturbed = []         # structure='tensor': the tensors ascent_pass() freezes
 
@@ -270,36 +275,38 @@ class _SparseSAM(SAM):
         return self.last_mask_update < 0 or self.steps - self.last_mask_update >= self.update_interval
 
     def masks(self):
-        return [self.state[p]["mask"] for p in self._params()]
+        return [self.state[p]["mask"] for p in self.masked]
 
     def _mask_for_step(self, params, grads):
+        if self.last_mask_update < 0:
+            raise ValueError("no mask yet: call opt.update_mask(model, data) before the first step "
+                             "(opt.mask_update_due says when)")
+        if any("mask" not in self.state.get(p, ()) for p in params):
+            raise ValueError("a parameter with requires_grad=False when the optimizer was built has a gradient now: "
+                             "build the optimizer after unfreezing it")
         return [self.state[p]["mask"] for p in params]
 
     def load_state_dict(self, state_dict):
-        """Optimizer.load_state_dict casts the masks to the parameter dtype: back to bool, and the
-        structure='tensor' cache rebuilt."""
-        super().load_state_dict(state_dict)
+        super().load_state_dict(state_dict)                 # which casts masks to the parameter dtype: back to bool
         if self.last_mask_update >= 0:
             self._set_masks([m.bool() for m in self.masks()], count_update=False)
 
     def density(self):
-        """Fraction of entries perturbed (1 - s). Synchronizes with the device: for logging."""
+        """Fraction of the trainable entries perturbed (1 - s). Synchronizes with the device: for logging."""
         masks = self.masks()
         return sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
 
     def _set_masks(self, masks, count_update=True):
-        for p, mk in zip(self._params(), masks):
+        for p, mk in zip(self.masked, masks):
             self.state[p]["mask"] = mk
         if count_update:
             self.last_mask_update = self.steps
         if self.nm == "tensor":
-            self._unperturbed = [p for p, mk in zip(self._params(), masks) if not mk.any()]   # sync: per update
+            self._unperturbed = [p for p, mk in zip(self.masked, masks) if not mk.any()]   # sync: per update
 
     @contextmanager
     def ascent_pass(self):
-        """Around the FIRST forward/backward. With structure='tensor' the unperturbed tensors get no weight
-        gradient there (requires_grad off for this pass only, back on whatever happens), and backward stops
-        below the lowest perturbed layer. Other structures: nothing to skip, a no-op."""
+        """Around the FIRST forward/backward: structure='tensor' turns requires_grad off for this pass only."""
         frozen = [p for p in self._unperturbed if p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)
@@ -310,148 +317,53 @@ class _SparseSAM(SAM):
                 p.requires_grad_(True)
 
 
-# ----------------------------------------------------------------------------------------------------
-# SSAM-F: the mask from the empirical Fisher (Eq. 3-6, Alg. 2 Option I)
+# ---- SSAM-F: the mask from the empirical Fisher (Eq. 3-6, Alg. 2 Option I) -------------------------
 
-def empirical_fisher(model, data, num_samples, loss_fn=None, chunk_size=32):
-    """Sum over `num_samples` samples of the squared per-sample gradient (Eq. 5; the 1/N_F does not change
-    the ranking). Returns {parameter of `model`: tensor}.
-
-    Works on a copy of the model that shares its weights read-only, so the model's parameters, gradients
-    and BatchNorm buffers are never touched. Each BatchNorm layer behaves as in the authors' batch-1 loop:
-    in train mode (or without running statistics) each sample is normalized as its own batch of one; in
-    eval mode with the running statistics. Per-sample gradients come `chunk_size` samples at a time from
-    one batched forward/backward: for models built of Linear, Conv2d and normalization layers, each called
-    once per forward, a layer's per-sample gradient is rebuilt from its input and output gradient
-    (_tapped_sq_grads); any other model goes through torch.func (vmap of grad).
-    """
+def empirical_fisher(model, data, num_samples, loss_fn=None, chunk_size=None):
+    """Eq. 5: {parameter: sum over `num_samples` samples of the squared per-sample gradient} for every trainable
+    parameter of `model` (the 1/N_F does not change the ranking). Exact for any model: torch.func's gradient of
+    one sample's loss (tied weights summed as autograd sums them), vmapped over `chunk_size` samples (default 32
+    on a GPU, 1 on a CPU where that is faster), on a copy sharing the weights read-only: nothing in `model` is
+    touched. BatchNorm as in the authors' batch-1 loop (train mode: each sample alone, _bn_one_sample)."""
     loss_fn = loss_fn or F.cross_entropy
-    named = dict(model.named_parameters())
-    net = copy.deepcopy(model, memo={id(p): p.detach() for p in named.values()})   # buffers copied, weights shared
-    for mod in net.modules():
-        if hasattr(mod, "inplace"):
-            mod.inplace = False                          # taps need each layer's own output
-        mod.per_sample_stats = isinstance(mod, nn.modules.batchnorm._BatchNorm) and (
-            mod.training or mod.running_mean is None)    # batch statistics of a batch of one: instance norm
-        if mod.per_sample_stats:
-            mod.forward = (lambda a, m=mod: F.instance_norm(a, weight=m.weight, bias=m.bias, eps=m.eps))
-    tapped = all(_tappable(mod) for mod in net.modules())
-    fisher = {n: torch.zeros_like(p) for n, p in named.items()}
-    device, seen = next(iter(named.values())).device, 0
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    net = copy.deepcopy(model, memo={id(p): p.detach() for p in model.parameters()})   # buffers copied
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
+            m.forward = (lambda a, m=m: _bn_one_sample(m, a))
+
+    def sample_loss(w, xi, yi):
+        return loss_fn(torch.func.functional_call(net, w, (xi[None],)), yi[None])
+
+    weights = {n: p.detach() for n, p in named.items()}
+    device = next(iter(weights.values())).device
+    chunk_size = chunk_size or (32 if device.type == "cuda" else 1)
+    per_sample = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0), randomness="different")
+    fisher, seen = [torch.zeros_like(w) for w in weights.values()], 0
     for x, y in data:
         x, y = x[: num_samples - seen].to(device), y[: num_samples - seen].to(device)
         for xc, yc in zip(x.split(chunk_size), y.split(chunk_size)):
-            sq = _tapped_sq_grads(net, xc, yc, loss_fn) if tapped else None
-            if sq is None:                               # not tappable, or a layer ran twice: torch.func
-                tapped, sq = False, _func_sq_grads(net, xc, yc, loss_fn)
-            torch._foreach_add_(list(fisher.values()), [sq[n] for n in fisher])      # Eq. 5
+            g = per_sample(weights, xc, yc)
+            torch._foreach_add_(fisher, [g[n].square().sum(0) for n in weights])     # Eq. 5: sum_i g_i^2
         seen += len(x)
         if seen >= num_samples:
             break
     if seen < num_samples:
         raise ValueError(f"data gave {seen} samples but num_samples={num_samples}: pass more data or lower num_samples")
-    return {named[n]: f for n, f in fisher.items()}
+    return dict(zip(named.values(), fisher))
 
-
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
-
-
-def _tappable(mod):
-    if next(mod.parameters(recurse=False), None) is None:
-        return True
-    if isinstance(mod, nn.Conv2d):
-        return mod.groups == 1 and mod.padding_mode == "zeros" and not isinstance(mod.padding, str)
-    return isinstance(mod, (nn.Linear,) + _NORMS) and (not isinstance(mod, nn.LayerNorm) or mod.weight is not None)
-
-
-class _Tap(torch.autograd.Function):
-    """Identity on a layer's output that appends the output's gradient to `box` (later in-place ops are fine)."""
-
-    @staticmethod
-    def forward(ctx, x, box):
-        ctx.box = box
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        ctx.box.append(g)
-        return g, None
-
-
-def _tapped_sq_grads(net, x, y, loss_fn):
-    """{name: sum_i g_i^2} from one batched pass: per-sample grads of Linear (δ aᵀ), Conv2d (δ unfold(a)ᵀ) and
-    norm layers (Σ δ ⊙ x̂, Σ δ), from each layer's input a and output gradient δ. None if a layer ran twice."""
-    taps = []
-
-    def tap(mod, inputs, out):
-        taps.append([mod, inputs[0].detach()])
-        return _Tap.apply(out, taps[-1])
-
-    hooks = [m.register_forward_hook(tap) for m in net.modules() if next(m.parameters(recurse=False), None) is not None]
-    try:
-        x = x.detach().requires_grad_(True)
-        out = net(x)
-        torch.autograd.grad(sum(loss_fn(out[i:i + 1], y[i:i + 1]) for i in range(len(x))), x)
-    finally:
-        for h in hooks:
-            h.remove()
-    if len({id(mod) for mod, *_ in taps}) < len(taps):
-        return None
-    sq, name = {}, {id(p): n for n, p in net.named_parameters()}
-    for mod, a, g in taps:
-        b = len(a)
-        if isinstance(mod, nn.Linear) and a.dim() == 2:
-            sq[name[id(mod.weight)]] = (g * g).t() @ (a * a)                 # sum_i (δ_i a_iᵀ)^2, never materialized
-            gb = g
-        elif isinstance(mod, nn.Linear):
-            sq[name[id(mod.weight)]] = torch.einsum("b...o,b...i->boi", g, a).square_().sum(0)
-            gb = g.reshape(b, -1, g.shape[-1]).sum(1)
-        elif isinstance(mod, nn.Conv2d):
-            cols = F.unfold(a, mod.kernel_size, mod.dilation, mod.padding, mod.stride)       # [b, in*k*k, L]
-            sq[name[id(mod.weight)]] = torch.bmm(g.flatten(2), cols.transpose(1, 2)).square_().sum(0).view_as(mod.weight)
-            gb = g.flatten(2).sum(2)
-        else:                                                               # BatchNorm, GroupNorm, LayerNorm
-            if isinstance(mod, nn.LayerNorm):
-                xh = F.layer_norm(a, mod.normalized_shape, eps=mod.eps)
-                per = lambda t: t.reshape(b, -1, *mod.normalized_shape).sum(1)
-            else:
-                if isinstance(mod, nn.GroupNorm):
-                    xh = F.group_norm(a, mod.num_groups, eps=mod.eps)
-                elif mod.per_sample_stats:
-                    xh = F.instance_norm(a, eps=mod.eps)
-                else:
-                    shape = (1, -1) + (1,) * (a.dim() - 2)
-                    xh = (a - mod.running_mean.view(shape)) * torch.rsqrt(mod.running_var.view(shape) + mod.eps)
-                per = lambda t: t.reshape(b, a.shape[1], -1).sum(2)
-            sq[name[id(mod.weight)]] = per(g * xh).square().sum(0)
-            gb = per(g)
-        if mod.bias is not None:
-            sq[name[id(mod.bias)]] = gb.square().sum(0)
-    return sq
-
-
-def _func_sq_grads(net, x, y, loss_fn):
-    """{name: sum_i g_i^2} with torch.func: vmap over samples of the gradient of one sample's loss."""
-    weights, buffers = dict(net.named_parameters()), dict(net.named_buffers())
-
-    def sample_loss(w, xi, yi):
-        return loss_fn(torch.func.functional_call(net, (w, buffers), (xi[None],)), yi[None])
-
-    g = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0), randomness="different")(weights, x, y)
-    return {n: gn.square().sum(0) for n, gn in g.items()}
-
+def _bn_one_sample(m, a):
+    """Train-mode BatchNorm of one sample: its own statistics, or the running ones where it has one value per channel."""
+    if a[0, 0].numel() > 1:
+        return F.instance_norm(a, weight=m.weight, bias=m.bias, eps=m.eps)
+    if m.running_mean is None:
+        raise ValueError(f"{m} sees [B, C] inputs and keeps no running statistics: SSAM-F's Fisher cannot normalize "
+                         "a batch of one sample there; build it with track_running_stats=True")
+    return F.batch_norm(a, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
 
 class SSAMF(_SparseSAM):
-    """SSAM-F: perturb the (1-s)·|w| entries with the largest empirical Fisher (Eq. 6).
-
-    SSAM-F needs data, which step() does not see, so the training loop refreshes the mask:
-
-        if opt.mask_update_due:                  # before the first step, then every update_interval steps
-            opt.update_mask(model, batches)      # iterable of (inputs, targets); the first num_samples samples
-
-    Stepping before any mask exists raises ValueError. With structure='N:M' the mask keeps the N entries of
-    highest Fisher in each group (see nm_mask) and the density is N/M.
-    """
+    """SSAM-F: perturb the (1-s)·|w| entries with the largest empirical Fisher (Eq. 6). It needs data, which
+    step() does not see: `if opt.mask_update_due: opt.update_mask(model, batches)` before each step."""
 
     def __init__(self, params, base_optimizer, rho=0.05, sparsity=0.5, num_samples=128, update_interval=1000,
                  structure=None, norm=None, **kwargs):
@@ -461,33 +373,23 @@ class SSAMF(_SparseSAM):
         self.num_samples = num_samples
 
     @torch.no_grad()
-    def update_mask(self, model, data, loss_fn=None, chunk_size=32):
-        """Fisher over num_samples samples of `data` (Eq. 5), then the top-(1-s)·|w| mask (Eq. 6)."""
+    def update_mask(self, model, data, loss_fn=None, chunk_size=None):
+        """Fisher over the first num_samples samples of `data`, (inputs, targets) batches (Eq. 5), then the
+        top-(1-s)·|w| mask (Eq. 6)."""
         with torch.enable_grad():
             fisher = empirical_fisher(model, data, self.num_samples, loss_fn, chunk_size)
-        missing = [p for p in self._params() if p not in fisher]
-        if missing:
-            raise ValueError(f"{len(missing)} optimizer parameters are not parameters of `model` (pass the model "
-                             "they belong to; for DDP pass model.module)")
-        self._set_masks(select_masks([fisher[p] for p in self._params()], 1 - self.sparsity, self.nm))
-
-    def _mask_for_step(self, params, grads):
-        if self.last_mask_update < 0:
-            raise ValueError("SSAMF has no mask yet: call opt.update_mask(model, data) before the first step "
-                             "(opt.mask_update_due says when)")
-        return super()._mask_for_step(params, grads)
+        if any(p not in fisher for p in self.masked):
+            raise ValueError("some optimizer parameters are not trainable parameters of `model`: pass the model they "
+                             "belong to (for DDP, model.module)")
+        self._set_masks(select_masks([fisher[p] for p in self.masked], 1 - self.sparsity, self.nm, self.costs))
 
 
-# ----------------------------------------------------------------------------------------------------
-# SSAM-D: the mask from dynamic sparse training (Eq. 7-9, Alg. 2 Option II)
+# ---- SSAM-D: the mask from dynamic sparse training (Eq. 7-9, Alg. 2 Option II) ---------------------
 
 class SSAMD(_SparseSAM):
-    """SSAM-D: a random mask at exact density 1-s, refreshed every `update_interval` steps inside
-    first_step with that step's gradient: drop the N_drop perturbed entries with the smallest |g| (Eq. 7),
-    grow as many at random among the unperturbed (Eq. 8), N_drop = f_decay(t)·(1-s)·|w| with the cosine
-    f_decay of Eq. 9 over `total_steps`. Growth draws from the optimizer's own generator (`seed`; saved in
-    state_dict), so a resumed run grows the same entries as one run straight through.
-    """
+    """SSAM-D: a random mask at exact density 1-s, refreshed every `update_interval` steps inside first_step with
+    that step's gradient (update_mask). Growth draws from the optimizer's own generator (`seed`; in state_dict)."""
+    _COUNTERS = _SparseSAM._COUNTERS + ("generator",)
 
     def __init__(self, params, base_optimizer, rho=0.05, sparsity=0.5, drop_rate=0.5, update_interval=1000,
                  total_steps=None, structure=None, norm=None, seed=None, **kwargs):
@@ -497,105 +399,88 @@ class SSAMD(_SparseSAM):
             raise ValueError(f"total_steps must be the run's number of steps (an integer >= 1), got {total_steps!r}")
         super().__init__(params, base_optimizer, rho, sparsity, update_interval, structure, norm, **kwargs)
         self.drop_rate, self.total_steps = drop_rate, total_steps
-        params = self._params()
-        self.generator = torch.Generator(device=params[0].device)
+        self.generator = torch.Generator(device=self.masked[0].device)
         self.generator.manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
-        self._set_masks(select_masks([self._rand(p) for p in params], 1 - sparsity, self.nm))   # Alg. 1, line 1
+        self._set_masks(select_masks([self._rand(p) for p in self.masked], 1 - sparsity, self.nm, self.costs))   # Alg. 1 l. 1
 
     def _rand(self, p):
         shape = () if self.nm == "tensor" else p.shape      # structure='tensor': one draw per tensor
         return torch.rand(shape, generator=self.generator, device=self.generator.device).to(p.device).expand(p.shape)
 
     def drop_count(self, t):
-        """N_drop = f_decay(t; alpha)·(1-s)·|w| (Alg. 2 line 8, Eq. 9)."""
+        """N_drop = f_decay(t; alpha)·(1-s)·|w| (Alg. 2 line 8, Eq. 9), |w| counting trainable entries."""
         f_decay = self.drop_rate / 2 * (1 + math.cos(t * math.pi / self.total_steps))
-        return int(f_decay * (1 - self.sparsity) * sum(p.numel() for p in self._params()))
+        return int(f_decay * (1 - self.sparsity) * sum(p.numel() for p in self.masked))
 
     @torch.no_grad()
     def update_mask(self, grads):
-        """One drop-and-grow round with the gradients `grads` (one per parameter, None counts as zero)."""
-        params = self._params()
+        """One drop-and-grow round with `grads`, one per parameter of `opt.masked` (None counts as zero)."""
         masks = self.masks()
-        g = [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)]
+        g = [torch.zeros_like(p) if gr is None else gr for p, gr in zip(self.masked, grads)]
         n_drop = self.drop_count(self.steps)
         # Eq. 7: among the perturbed entries, drop the n_drop with the smallest |g|
         drop_scores = [torch.where(m, gr.abs(), math.inf) for m, gr in zip(masks, g)]
         if self.nm == "tensor":                             # whole tensors, smallest mean |g| first, >= n_drop
-            dropped = [torch.zeros_like(m) for m in masks]
             means = torch.stack([s.mean().to(drop_scores[0].device) for s in drop_scores]).tolist()
-            count = 0
-            for i in sorted(range(len(masks)), key=lambda i: means[i]):
-                if count >= n_drop or means[i] == math.inf:
-                    break
-                dropped[i].fill_(True)
-                count += masks[i].numel()
+            order = [i for i in sorted(range(len(masks)), key=means.__getitem__) if means[i] < math.inf]
+            before = itertools.accumulate((masks[i].numel() for i in order), initial=0)   # entries dropped before i
+            drop = {i for i, b in zip(order, before) if b < n_drop}
+            dropped = [torch.full_like(m, i in drop) for i, m in enumerate(masks)]
         else:
             dropped = topk_masks(drop_scores, n_drop, largest=False)
         kept = [m & ~d for m, d in zip(masks, dropped)]
         # Eq. 8: grow at random among the unperturbed: kept entries score 2, the rest uniform in [0, 1)
-        grow_scores = [torch.where(k, 2.0, self._rand(p)) for k, p in zip(kept, params)]
-        self._set_masks(select_masks(grow_scores, 1 - self.sparsity, self.nm))
+        grow_scores = [torch.where(k, 2.0, self._rand(p)) for k, p in zip(kept, self.masked)]
+        self._set_masks(select_masks(grow_scores, 1 - self.sparsity, self.nm, self.costs))
 
     def _mask_for_step(self, params, grads):
         if self.mask_update_due:
             by_param = {id(p): gr for p, gr in zip(params, grads)}
-            self.update_mask([by_param.get(id(p)) for p in self._params()])
+            self.update_mask([by_param.get(id(p)) for p in self.masked])
         return super()._mask_for_step(params, grads)
-
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
-
 class SAMON(_SparseSAM):
-    """SAM-ON (Mueller et al., 2023): perturb only the parameters of normalization layers, chosen by module
-    type (NORM_LAYERS), with the masked norm eps = rho·(g ⊙ m)/||g ⊙ m||, on the structure='tensor'
-    machinery: wrap the first pass in `with opt.ascent_pass():` and backward skips every other weight
-    gradient. The mask is fixed: it never needs an update."""
+    """SAM-ON (Mueller et al., 2023): perturb only the trainable parameters of normalization layers (NORM_LAYERS)
+    with eps = rho·(g ⊙ m)/||g ⊙ m||, on the structure='tensor' machinery (`with opt.ascent_pass():`)."""
 
     def __init__(self, model, base_optimizer, rho=0.05, **kwargs):
-        on = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+        on = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)
+              if p.requires_grad}
         if not on:
-            raise ValueError("the model has no normalization layer with parameters: SAM-ON would perturb nothing")
-        params = list(model.parameters())
-        density = sum(p.numel() for p in params if id(p) in on) / sum(p.numel() for p in params)
-        super().__init__(params, base_optimizer, rho, 1 - density, 1, "tensor", "masked", **kwargs)
-        self._set_masks([torch.full_like(p, id(p) in on, dtype=torch.bool) for p in self._params()])
-
-    @property
-    def mask_update_due(self):
-        return False
+            raise ValueError("the model has no normalization layer with trainable parameters: SAM-ON would perturb nothing")
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        density = sum(p.numel() for p in trainable if id(p) in on) / sum(p.numel() for p in trainable)
+        super().__init__(list(model.parameters()), base_optimizer, rho, 1 - density, 2**62, "tensor", "masked", **kwargs)
+        self._set_masks([torch.full_like(p, id(p) in on, dtype=torch.bool) for p in self.masked])   # never updated
 
 
-# ----------------------------------------------------------------------------------------------------
-# The 2:4 sparse backward ("implicit" SSAM): dX = dY·(W ⊙ M) in the ascent pass of nn.Linear layers
+# ---- The 2:4 sparse backward ("implicit" SSAM): dX = dY·(W ⊙ M) in the ascent pass of nn.Linear layers 
 
 class _MaskedInputGrad(torch.autograd.Function):
-    """y = x W^T + b forward; backward: dX = dY (W ⊙ M), dW = dY^T X and db = sum dY as usual."""
+    """y = x W^T + b; backward dX = dY (W ⊙ M), dW = dY^T X, db = sum dY. Under autocast in its dtype, as F.linear."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mask):
+        if torch.is_autocast_enabled(x.device.type):
+            dt = torch.get_autocast_dtype(x.device.type)
+            x, weight, bias = x.to(dt), weight.to(dt), None if bias is None else bias.to(dt)
         ctx.save_for_backward(x, weight, mask)
-        ctx.has_bias = bias is not None
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, gy):
         x, weight, mask = ctx.saved_tensors
-        gy2 = gy.reshape(-1, gy.shape[-1])
-        gx = gw = gb = None
+        gy2 = gy.reshape(-1, gy.shape[-1]).to(weight.dtype)
+        gx = None                                           # autograd casts each back to its input's dtype
         if ctx.needs_input_grad[0]:
             gx = sparse_input_grad(gy2, weight, mask).reshape(*gy.shape[:-1], weight.shape[1])
-        if ctx.needs_input_grad[1]:
-            gw = gy2.t() @ x.reshape(-1, x.shape[-1])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = gy2.sum(0)
-        return gx, gw, gb, None
-
+        return gx, gy2.t() @ x.reshape(-1, x.shape[-1]), gy2.sum(0) if ctx.needs_input_grad[2] else None, None
 
 def sparse_input_grad(gy, weight, mask):
-    """dX = dY (W ⊙ M) for 2-D dY [B, out]. On CUDA with fp16/bf16 and a 2:4 mask, (W ⊙ M)^T is compressed
-    with torch.sparse.to_sparse_semi_structured (again each call, since W changes) and multiplied on the
-    sparse tensor cores; everywhere else (CPU, fp32, shapes the kernel refuses) the same product runs dense."""
+    """dX = dY (W ⊙ M) for 2-D dY [B, out]: on CUDA in fp16/bf16 (W ⊙ M)^T is compressed to a 2:4 sparse tensor
+    (each call: W changes) for the sparse tensor cores; elsewhere, or where the kernel refuses, dense."""
     wm = weight * mask
     key = (wm.shape, gy.shape, wm.dtype, wm.device)
     if wm.is_cuda and wm.dtype in (torch.float16, torch.bfloat16) and key not in _REFUSED:
@@ -606,21 +491,14 @@ def sparse_input_grad(gy, weight, mask):
             _REFUSED.add(key)                               # kernel refused this shape/GPU: dense from now on
     return gy @ wm
 
-
 _REFUSED = set()
-
 
 @contextmanager
 def sparse_ascent(model, opt):
-    """Around the FIRST forward/backward: nn.Linear layers whose weight has an N:M mask in `opt` compute the
-    input gradient with the masked weight, dX = dY·(W ⊙ M), through sparse_input_grad.
-
-    This changes the ascent gradient (it is no longer the exact gradient at w: layers below a masked Linear
-    see dY through W ⊙ M), so it is an approximation of SSAM, the "implicit" form of the authors' TPAMI
-    follow-up. It touches one matmul of six per layer and pass pair (the ascent dX); convolutions cannot use
-    it; the forward and the second pass stay dense and exact. torch.compile'd modules are not patched.
-    """
-    if getattr(opt, "nm", None) is None:
+    """Around the FIRST forward/backward: nn.Linear layers whose weight has an N:M mask in `opt` compute the input
+    gradient as dX = dY·(W ⊙ M) (sparse_input_grad), autocast or not. An approximation (the TPAMI follow-up's
+    "implicit" SSAM): layers below see dY through W ⊙ M. Yields the patched layers (not torch.compile'd ones)."""
+    if not isinstance(getattr(opt, "nm", None), tuple):
         raise ValueError("sparse_ascent needs an SSAMF/SSAMD optimizer built with structure='N:M' (e.g. '2:4')")
     patched = []
     for mod in model.modules():
@@ -635,15 +513,13 @@ def sparse_ascent(model, opt):
             del mod.forward                             # back to nn.Linear.forward
 
 
-# ----------------------------------------------------------------------------------------------------
-# BatchNorm: running statistics follow the first pass only
+# ---- BatchNorm: running statistics follow the first pass only --------------------------------------
 
 @contextmanager
 def frozen_bn_stats(model):
-    """Around the SECOND forward/backward: BatchNorm layers in train mode still normalize with the batch's
-    statistics but leave running_mean, running_var and num_batches_tracked untouched."""
-    bns = [m for m in model.modules()
-           if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats]
+    """Around the SECOND forward/backward: BatchNorm layers in train mode normalize with the batch's statistics
+    but leave running_mean, running_var and num_batches_tracked untouched."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats]
     for m in bns:
         m.track_running_stats = False                   # BatchNorm then neither updates nor counts
     try:

@@ -75,12 +75,14 @@ RESUME_FREE = {"resume", "fresh", "out_dir", "name", "data_dir", "cache_dir", "w
 # Defaults of the flags that are not part of a preset. The flags themselves default to None, so that a flag the
 # user gave can be told from a default (a given flag that the run would ignore is an error, see resolve_config).
 DEFAULTS = dict(cutout=16, train_size=0, seed=0, optimizer="sgd", sparsity=0.5, structure="unstructured",
-                update_interval=0, num_samples=128, drop_rate=0.5, amp="none", workers=8)
+                update_interval=0, num_samples=128, drop_rate=0.5, amp="none", workers=8, mask_select="paper",
+                ascent_fraction=1.0)
 SAM_TYPES = ("sam", "ssamf", "ssamd", "samon")
 # Optimizer flags and the optimizers that read them; given with any other optimizer, the flag is an error.
 USED_BY = dict(rho=SAM_TYPES, adaptive=("sam",), sync_ascent=SAM_TYPES, sparsity=("ssamf", "ssamd"),
                structure=("ssamf", "ssamd"), update_interval=("ssamf", "ssamd"), num_samples=("ssamf",),
-               drop_rate=("ssamd",))
+               drop_rate=("ssamd",), mask_select=("ssamf", "ssamd"), sparse_ascent=("ssamf", "ssamd"),
+               ascent_fraction=SAM_TYPES)
 # What each numeric flag allows: (test, words for the error message).
 ALLOWED = dict(
     epochs=(lambda v: v >= 1, "an integer >= 1"),
@@ -128,6 +130,8 @@ def get_args(argv=None):
                    f"uses 0.5, 0.8, 0.9, 0.95, 0.98, 0.99 (default: {d['sparsity']})")
     g.add_argument("--structure", help="SSAM mask: unstructured | 2:4 (needs sparsity 0.5) | tensor (whole "
                    f"tensors; skips their ascent weight gradient) (default: {d['structure']})")
+    g.add_argument("--mask-select", help="--structure tensor: paper (the tensors of highest mean score) | cost (most "
+                   f"score per unit of ascent-pass cost, ssam.cost_tensor_masks) (default: {d['mask_select']})")
     g.add_argument("--update-interval", type=int, help="steps between SSAM mask updates; 0 = once an "
                    f"epoch, as in the authors' code (default: {d['update_interval']})")
     g.add_argument("--num-samples", type=int, help="SSAM-F: training images for the Fisher estimate "
@@ -135,6 +139,10 @@ def get_args(argv=None):
     g.add_argument("--drop-rate", type=float, help="SSAM-D: fraction of the mask dropped and regrown "
                    f"at each update (alpha, Eq. 9; cosine-decayed) (default: {d['drop_rate']})")
     g.add_argument("--adaptive", action="store_true", help="SAM: adaptive (ASAM) perturbation")
+    g.add_argument("--sparse-ascent", action="store_true", help="ssamf/ssamd with --structure 2:4: nn.Linear input "
+                   "gradients of the ascent pass through W ⊙ M (ssam.sparse_ascent; 2:4 tensor cores on CUDA with --amp)")
+    g.add_argument("--ascent-fraction", type=float, help="SAM-type: run the first (ascent) pass on "
+                   f"the first f of each batch, the second on all of it; 0 < f <= 1 (default: {d['ascent_fraction']})")
     g.add_argument("--sync-ascent", action="store_true", help="DDP: all-reduce the ascent (first) gradient too; "
                    "default off = each process perturbs with its own batch's gradient, as in the SAM paper")
     g = ap.add_argument_group("system")
@@ -173,10 +181,25 @@ def resolve_config(args):
         raise SystemExit(f"unknown --structure {cfg['structure']!r}: choose unstructured, 2:4 or tensor")
     if cfg["structure"] == "2:4" and cfg["sparsity"] != 0.5 and cfg["optimizer"] in ("ssamf", "ssamd"):
         raise SystemExit(f"--structure 2:4 perturbs 2 of every 4 weights: it needs --sparsity 0.5, not {cfg['sparsity']}")
+    if cfg["sparse_ascent"] and not (cfg["optimizer"] in ("ssamf", "ssamd") and cfg["structure"] == "2:4"):
+        raise SystemExit(f"--sparse-ascent needs --optimizer ssamf or ssamd with --structure 2:4, not --optimizer "
+                         f"{cfg['optimizer']} --structure {cfg['structure']}: it multiplies by the 2:4-masked weight")
+    if not cfg["sparse_ascent"]:
+        cfg.pop("sparse_ascent")                    # off: keep it out of the config (and old checkpoints' configs)
     if cfg["dataset"] not in ("cifar10-subset", "cifar10", "cifar100", "imagenet"):
         raise SystemExit(f"unknown --dataset {cfg['dataset']!r}: choose cifar10-subset, cifar10, cifar100 or imagenet")
     if cfg["amp"] not in ("none", "bf16", "fp16"):
         raise SystemExit(f"unknown --amp {cfg['amp']!r}: choose none, bf16 or fp16")
+    if not 0 < cfg["ascent_fraction"] <= 1:
+        raise SystemExit(f"--ascent-fraction {cfg['ascent_fraction']} is not in (0, 1]: the share of the batch the "
+                         "first pass sees")
+    if cfg["mask_select"] not in ("paper", "cost"):
+        raise SystemExit(f"unknown --mask-select {cfg['mask_select']!r}: choose paper or cost")
+    if cfg["mask_select"] == "cost" and (cfg["structure"] != "tensor" or cfg["optimizer"] not in ("ssamf", "ssamd")):
+        raise SystemExit("--mask-select cost picks whole tensors: it needs --optimizer ssamf or ssamd and --structure tensor")
+    for k, default in (("ascent_fraction", 1.0), ("mask_select", "paper")):
+        if cfg[k] == default:                  # defaults stay out of the config: older checkpoints still resume
+            cfg.pop(k)
     wd_sgd, wd_sam = cfg.pop("wd_sgd"), cfg.pop("wd_sam")
     wd = wd_sgd if cfg["optimizer"] == "sgd" else wd_sam
     cfg["weight_decay"] = args.weight_decay if args.weight_decay is not None else wd
@@ -208,10 +231,12 @@ def resolve_config(args):
         for k in ("sparsity", "structure", "update_interval", "num_samples", "drop_rate"):
             cfg.pop(k)
     if cfg["optimizer"] == "sgd":
-        cfg.pop("rho"), cfg.pop("adaptive"), cfg.pop("sync_ascent")
+        cfg.pop("rho"), cfg.pop("adaptive"), cfg.pop("sync_ascent"), cfg.pop("ascent_fraction", None)
     if not cfg.get("name"):
         sp = f"-s{cfg['sparsity']:g}" if "sparsity" in cfg else ""
         sp += f"-{cfg['structure'].replace(':', 'of')}" if cfg.get("structure", "unstructured") != "unstructured" else ""
+        sp += "-cost" if "mask_select" in cfg else ""
+        sp += f"-f{cfg['ascent_fraction']:g}" if "ascent_fraction" in cfg else ""
         cfg["name"] = f"{args.preset}-{cfg['optimizer']}{sp}-seed{cfg['seed']}"
     cfg["out_dir"] = cfg.get("out_dir") or str(ROOT / "runs" / cfg["name"])
     return cfg
@@ -522,20 +547,27 @@ def make_optimizer(cfg, model, steps_per_epoch):
         return ssam.SAMON(model, torch.optim.SGD, rho=cfg["rho"], **sgd)
     structure = None if cfg["structure"] == "unstructured" else cfg["structure"]
     interval = cfg["update_interval"] or steps_per_epoch
+    costs = None                               # --mask-select cost: each tensor's ascent cost, from one forward
+    if cfg.get("mask_select") == "cost":
+        side = 224 if cfg["dataset"] == "imagenet" else 32
+        costs = ssam.ascent_costs(model, torch.zeros(2, 3, side, side, device=next(model.parameters()).device))
     if o == "ssamf":
         return ssam.SSAMF(model.parameters(), torch.optim.SGD, rho=cfg["rho"], sparsity=cfg["sparsity"],
-                          num_samples=cfg["num_samples"], update_interval=interval, structure=structure, **sgd)
+                          num_samples=cfg["num_samples"], update_interval=interval, structure=structure,
+                          costs=costs, **sgd)
     return ssam.SSAMD(model.parameters(), torch.optim.SGD, rho=cfg["rho"], sparsity=cfg["sparsity"],
                       drop_rate=cfg["drop_rate"], update_interval=interval, structure=structure,
-                      total_steps=cfg["epochs"] * steps_per_epoch, seed=cfg["seed"], **sgd)
+                      total_steps=cfg["epochs"] * steps_per_epoch, seed=cfg["seed"], costs=costs, **sgd)
 
 
 # -----------------------------------------------------------------------------------------------------------
 # One training step. SAM-type: ascent pass, w + e, descent pass with BN statistics frozen, restore, SGD step.
 # -----------------------------------------------------------------------------------------------------------
-def train_step(model, opt, x, y, autocast, scaler=None, sync_ascent=False):
+def train_step(model, opt, x, y, autocast, scaler=None, sync_ascent=False, sparse_ascent=False, ascent_fraction=1.0):
     """Returns (loss, logits) of the unperturbed pass. `model` may be DDP-wrapped: the ascent pass then runs
     under no_sync() (no all-reduce) unless sync_ascent; the descent pass all-reduces as usual.
+    ascent_fraction < 1: the ascent pass (and the returned loss, logits) sees only the first f of x (of each
+    process's share under DDP); the descent pass sees all of x.
 
     fp16 (scaler given): the ascent gradient stays scaled, since eps = rho * g / ||g|| (and SSAM-D's ranking by
     |g|) do not depend on the scale; if it overflowed, ssam.py makes eps = 0. The descent gradient is unscaled
@@ -557,10 +589,12 @@ def train_step(model, opt, x, y, autocast, scaler=None, sync_ascent=False):
         return loss.detach(), out.detach()
     ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     ascent = opt.ascent_pass() if hasattr(opt, "ascent_pass") else contextlib.nullcontext()   # structure=tensor
-    with model.no_sync() if ddp and not sync_ascent else contextlib.nullcontext(), ascent:
+    k = max(1, round(ascent_fraction * len(y)))          # eps only needs a direction: a sub-batch gives one
+    sparse = ssam.sparse_ascent(model, opt) if sparse_ascent else contextlib.nullcontext()  # dX = dY (W ⊙ M)
+    with model.no_sync() if ddp and not sync_ascent else contextlib.nullcontext(), ascent, sparse:
         with autocast:
-            out = model(x)
-            loss = F.cross_entropy(out, y)
+            out = model(x[:k])
+            loss = F.cross_entropy(out, y[:k])
         (loss if scaler is None else scaler.scale(loss)).backward()
     opt.first_step(zero_grad=True)                     # w <- w + eps (SSAM-D may draw a new mask in here)
     try:
@@ -772,8 +806,15 @@ def _train(cfg, device, rank, world):
     if cfg["channels_last"]:
         raw_model = raw_model.to(memory_format=torch.channels_last)
     model = raw_model
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.get("sparse_ascent") and cfg["compile"]:
+        raise SystemExit("--sparse-ascent with --compile: torch.compile hides the nn.Linear layers it patches; drop one")
+    if cfg.get("sparse_ascent") and not any(isinstance(m, nn.Linear) and m.out_features % 4 == 0 for m in raw_model.modules()):
+        raise SystemExit(f"--sparse-ascent: --model {cfg['model']} has no nn.Linear with a multiple of 4 outputs, so no 2:4 "
+                         "mask fits a layer it could change; drop --sparse-ascent")
+    if world > 1:   # tensor masks / SAM-ON skip tensors in a synchronized ascent pass: DDP must be told
+        unused = cfg.get("sync_ascent", False) and (cfg["optimizer"] == "samon" or cfg.get("structure") == "tensor")
+        model = nn.parallel.DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                    find_unused_parameters=unused)
     if cfg["compile"]:
         model = torch.compile(model)
     opt = make_optimizer(cfg, raw_model, steps_per_epoch)
@@ -871,7 +912,8 @@ def _train(cfg, device, rank, world):
                     if world > 1:
                         broadcast_masks(opt)
                 mask_step = opt.last_mask_update if cfg["optimizer"] == "ssamd" else None
-                loss, out = train_step(model, opt, x, y, autocast, scaler, cfg.get("sync_ascent", False))
+                loss, out = train_step(model, opt, x, y, autocast, scaler, cfg.get("sync_ascent", False),
+                                       cfg.get("sparse_ascent", False), cfg.get("ascent_fraction", 1.0))
                 if cfg["optimizer"] == "ssamd" and opt.last_mask_update != mask_step:
                     masks_updated += 1  # SSAM-D drew a new mask in first_step, from this process's gradient
                     if world > 1:
@@ -879,10 +921,10 @@ def _train(cfg, device, rank, world):
                 sched.step()
                 finite = torch.isfinite(loss)                       # counted on the device: no sync per step
                 bad_steps += ~finite
-                loss_sum += torch.where(finite, loss * len(y), 0.0)
-                loss_seen += finite * len(y)
-                correct += (out.argmax(1) == y).sum()
-                seen += len(y)
+                loss_sum += torch.where(finite, loss * len(out), 0.0)   # out: the unperturbed pass (--ascent-fraction of y)
+                loss_seen += finite * len(out)
+                correct += (out.argmax(1) == y[:len(out)]).sum()
+                seen += len(out)
                 if step % 10 == 0 or step == steps_per_epoch - 1:   # .item() syncs: not every step
                     stop_if_diverged(epoch, step, bad_steps, end_of_epoch=False)
                     if master:

@@ -1,60 +1,162 @@
-"""What the benchmarks share: the two models, the optimizers by name, one training step, the batch-1 Fisher
-loop that ssam.empirical_fisher is measured against, and the optimizer-state byte count.
+"""What the benchmarks share: the methods (as train.py flags), the models, the timed step (train.py's own), the
+FLOP count each method could reach, the batch-1 Fisher loop that ssam.empirical_fisher is measured against, and
+the optimizer-state byte count.
 
-Imported by bench/test_throughput.py, bench/gpu_check.py and tests/test_bench.py (repo root on sys.path).
+The timed step is the trained step: models come from train.make_model (TinyViT, which train.py does not train,
+is defined here), optimizers from train.make_optimizer with the method's train.py flags, and every step is
+train.train_step. Imported by bench/test_throughput.py, bench/gpu_check.py and tests/test_bench.py.
 """
 import contextlib
 import math
 import os
 import platform
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
-import ssam
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo root: train, ssam
+import ssam  # noqa: E402
+import train  # noqa: E402
 
 # The paper's mask-update interval: once an epoch, 50,000 CIFAR images -> 391 steps at batch 128.
 CIFAR_TRAIN_IMAGES = 50_000
 # The paper's theoretical cost of one step relative to SGD (Tables 1-3, FLOPs column), by sparsity; SAM = 0.
 PAPER_FLOPS = {0.0: 2.0, 0.5: 1.65, 0.8: 1.44, 0.9: 1.36, 0.95: 1.33, 0.98: 1.31, 0.99: 1.30}
 
-# The methods timed, one benchmark each: (optimizer, sparsity, structure, sparse_ascent around the 1st pass).
-METHODS = [
-    ("sgd", 0.0, None, False),
-    ("sam", 0.0, None, False),
-    ("ssamf", 0.5, None, False),
-    ("ssamf", 0.9, None, False),
-    ("ssamd", 0.5, None, False),
-    ("ssamd", 0.9, None, False),
-    ("ssamf", 0.5, "2:4", False),
-    ("ssamd", 0.5, "2:4", False),
-    ("ssamf", 0.5, "2:4", True),     # 2:4 sparse backward: dX = dY (W ⊙ M) in the ascent pass of nn.Linear
-    ("ssamd", 0.5, "2:4", True),
-    ("ssamf", 0.5, "tensor", False),  # whole-tensor masks: no ascent weight gradient for unperturbed tensors
-    ("ssamf", 0.9, "tensor", False),
-    ("ssamf", 0.99, "tensor", False),
-    ("ssamd", 0.9, "tensor", False),
-    ("samon", 0.0, None, False),      # SAM-ON: only normalization layers perturbed
-]
+COST = "--sparsity 0.9 --structure tensor --mask-select cost"   # whole-tensor masks picked by score per ascent cost
+# The methods timed: name -> (train.py flags, weights). "fresh": the seed-0 init; "trained": after
+# --bench-train-steps SGD steps on the shipped CIFAR-10 subset (Fisher and |g| rankings change with training).
+METHODS = {
+    "sgd": ("--optimizer sgd", "fresh"),
+    "sam": ("--optimizer sam", "fresh"),
+    "sam-f0.5": ("--optimizer sam --ascent-fraction 0.5", "fresh"),
+    "sam-f0.25": ("--optimizer sam --ascent-fraction 0.25", "fresh"),
+    "ssamf-s0.5": ("--optimizer ssamf --sparsity 0.5", "fresh"),
+    "ssamd-s0.9": ("--optimizer ssamd --sparsity 0.9", "fresh"),
+    "ssamd-s0.5-2:4": ("--optimizer ssamd --sparsity 0.5 --structure 2:4", "fresh"),
+    "ssamd-s0.5-2:4-sparse_ascent": ("--optimizer ssamd --sparsity 0.5 --structure 2:4 --sparse-ascent", "fresh"),
+    "ssamf-s0.9-tensor": ("--optimizer ssamf --sparsity 0.9 --structure tensor", "fresh"),
+    "ssamf-s0.9-tensor@trained": ("--optimizer ssamf --sparsity 0.9 --structure tensor", "trained"),
+    "ssamf-s0.9-tensor-cost": (f"{COST} --optimizer ssamf", "fresh"),
+    "ssamf-s0.9-tensor-cost@trained": (f"{COST} --optimizer ssamf", "trained"),
+    "ssamd-s0.9-tensor-cost": (f"{COST} --optimizer ssamd", "fresh"),
+    "ssamf-s0.9-tensor-cost-f0.5": (f"{COST} --optimizer ssamf --ascent-fraction 0.5", "fresh"),
+    "ssamf-s0.9-tensor-cost-f0.25": (f"{COST} --optimizer ssamf --ascent-fraction 0.25", "fresh"),
+    "samon": ("--optimizer samon", "fresh"),
+}
 
 
-def method_name(opt, sparsity, structure, sparse_ascent):
-    name = opt if opt in ("sgd", "sam", "samon") else f"{opt}-s{sparsity:g}"
-    return name + (f"-{structure}" if structure else "") + ("-sparse_ascent" if sparse_ascent else "")
+def config(flags, num_samples=128):
+    """train.py's resolved config for these flags: the cifar10-resnet18 recipe (lr, wd, rho), masks never
+    updated by a timed step (update interval 10^9 steps; SSAM-F's first mask is made before timing)."""
+    argv = ["--preset", "cifar10-resnet18", *flags.split(), "--update-interval", str(10**9),
+            "--num-samples", str(num_samples)]
+    return train.resolve_config(train.get_args(argv))
+
+
+def make_optimizer(model, flags, num_samples=128):
+    """train.make_optimizer for these train.py flags. Returns (optimizer, config)."""
+    cfg = config(flags, num_samples)
+    return train.make_optimizer(cfg, model, steps_per_epoch=steps_per_epoch(cfg["batch_size"])), cfg
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+NO_AMP = torch.autocast("cpu", enabled=False)
+
+
+def train_step(model, opt, cfg, x, y):
+    """One step of train.py (train.train_step, fp32), then a device sync so the timer sees the work."""
+    train.train_step(model, opt, x, y, NO_AMP, None, sync_ascent=cfg.get("sync_ascent", False),
+                     sparse_ascent=cfg.get("sparse_ascent", False), ascent_fraction=cfg.get("ascent_fraction", 1.0))
+    sync(x.device)
+
+
+def ssamd_grads(model, x, y):
+    """The gradients SSAM-D's update_mask ranks (one ascent-pass gradient), without touching p.grad."""
+    params = list(model.parameters())
+    with ssam.frozen_bn_stats(model):
+        return list(torch.autograd.grad(F.cross_entropy(model(x), y), params))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: the shipped CIFAR-10 subset (data/cifar10_subset.npz), real images for the masks' rankings
+
+def batch(n, device, start=0):
+    """n normalized training images of the subset and their labels, on `device`."""
+    x, y = train.load_subset()[:2]
+    return train.normalize(x[start:start + n]).to(device), y[start:start + n].to(device)
+
+
+def trained_model(name, width, device, steps, batch_size):
+    """The seed-0 init after `steps` SGD steps of train.py (augmented subset batches): a 'trained' state."""
+    torch.manual_seed(0)
+    model = make_model(name, width).to(device)
+    opt, cfg = make_optimizer(model, "--optimizer sgd")
+    x_all, y_all = train.load_subset()[:2]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(len(y_all), (batch_size,), generator=g)
+        train_step(model, opt, cfg, train.augment(x_all[idx].to(device), g), y_all[idx].to(device))
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What a step could cost: multiply-adds counted per layer with hooks (the FLOP column of the report)
+
+def layer_macs(mod, out):
+    """Forward multiply-adds of one call of a layer with parameters (the unit of pass_macs)."""
+    if isinstance(mod, nn.Linear):
+        return out.numel() * mod.in_features
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        return out.numel() * mod.in_channels // mod.groups * math.prod(mod.kernel_size)
+    return out.numel()                                  # normalization layers and the like: one per output
+
+
+def pass_macs(model, x):
+    """Multiply-adds of one forward/backward of `model` on x with its requires_grad flags as they stand,
+    summed over layers with parameters: forward F, input gradient F where the layer's input needs a gradient,
+    weight gradient F times the share of the layer's parameters that need one. Parameter-free ops
+    (activations, pooling, TinyViT's two attention matmuls, about 4% of its forward) are not counted."""
+    total = 0
+
+    def hook(mod, inputs, out):
+        nonlocal total
+        params = list(mod.parameters(recurse=False))
+        share = sum(p.numel() for p in params if p.requires_grad) / sum(p.numel() for p in params)
+        needs_dx = bool(inputs) and torch.is_tensor(inputs[0]) and inputs[0].requires_grad
+        total += layer_macs(mod, out) * (1 + needs_dx + share)
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
+    try:
+        with torch.enable_grad(), ssam.frozen_bn_stats(model):
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
+def flops_x_sgd(model, opt, cfg, x):
+    """The method's step in multiply-adds as a multiple of SGD's, the bound its kernels could reach: SGD is one
+    full pass; a SAM-type step adds the ascent pass on the first ascent_fraction of x, with the tensors
+    opt.ascent_pass() freezes getting no weight gradient and no input gradient below the lowest perturbed layer."""
+    full = pass_macs(model, x)
+    if not isinstance(opt, ssam.SAM):
+        return 1.0
+    k = max(1, round(cfg.get("ascent_fraction", 1.0) * len(x)))       # as train.train_step
+    with opt.ascent_pass() if hasattr(opt, "ascent_pass") else contextlib.nullcontext():
+        ascent = pass_macs(model, x[:k])
+    return (ascent + full) / full
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Models
-
-def resnet18_cifar(num_classes=10):
-    """torchvision ResNet-18 with the CIFAR stem (§5.1): 3x3 stride-1 first conv, no max-pool."""
-    model = torchvision.models.resnet18(num_classes=num_classes)
-    model.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-    model.maxpool = nn.Identity()
-    return model
-
 
 class Block(nn.Module):
     """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x)). Every weight matrix is an nn.Linear."""
@@ -94,65 +196,12 @@ class TinyViT(nn.Module):
 
 
 def make_model(name, width=256):
+    """'resnet18': train.py's (CIFAR stem, §5.1); 'vit': TinyViT, almost all of its weights in nn.Linear."""
     if name == "resnet18":
-        return resnet18_cifar()
+        return train.make_model("resnet18", 10, small_images=True)
     if name == "vit":
         return TinyViT(width=width)
     raise ValueError(f"unknown model {name!r}: resnet18 or vit")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Optimizers and one training step
-
-def make_optimizer(model, opt, sparsity=0.0, structure=None, update_interval=10**9, total_steps=10**9, rho=0.1,
-                   num_samples=128):
-    """SGD (momentum 0.9, wd 5e-4, as §5.1) or SAM / SSAM-F / SSAM-D around it. The default update_interval is
-    so large that no timed step updates the mask (SSAM-D draws its first mask here; SSAM-F needs update_mask)."""
-    sgd = dict(lr=0.05, momentum=0.9, weight_decay=5e-4)
-    if opt == "sgd":
-        return torch.optim.SGD(model.parameters(), **sgd)
-    if opt == "sam":
-        return ssam.SAM(model.parameters(), torch.optim.SGD, rho=rho, **sgd)
-    if opt == "samon":
-        return ssam.SAMON(model, torch.optim.SGD, rho=rho, **sgd)
-    if opt == "ssamf":
-        return ssam.SSAMF(model.parameters(), torch.optim.SGD, rho=rho, sparsity=sparsity, structure=structure,
-                          update_interval=update_interval, num_samples=num_samples, **sgd)
-    if opt == "ssamd":
-        return ssam.SSAMD(model.parameters(), torch.optim.SGD, rho=rho, sparsity=sparsity, structure=structure,
-                          update_interval=update_interval, total_steps=total_steps, seed=0, **sgd)
-    raise ValueError(f"unknown optimizer {opt!r}")
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def train_step(model, opt, x, y, sparse_ascent=False):
-    """One full step, as train.py does it: SGD = 1 forward/backward; SAM-type = ascent pass, w + eps, descent
-    pass with BatchNorm statistics frozen, back to w, SGD step."""
-    if not isinstance(opt, ssam.SAM):
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(x.device)
-        return
-    with ssam.sparse_ascent(model, opt) if sparse_ascent else contextlib.nullcontext(), opt.ascent_pass() \
-            if hasattr(opt, "ascent_pass") else contextlib.nullcontext():   # structure='tensor': fewer gradients
-        F.cross_entropy(model(x), y).backward()
-    opt.first_step(zero_grad=True)
-    with ssam.frozen_bn_stats(model):
-        F.cross_entropy(model(x), y).backward()
-    opt.second_step(zero_grad=True)
-    sync(x.device)
-
-
-def ssamd_grads(model, x, y):
-    """The gradients SSAM-D's update_mask ranks (one ascent-pass gradient), without touching p.grad."""
-    params = list(model.parameters())
-    with ssam.frozen_bn_stats(model):
-        return list(torch.autograd.grad(F.cross_entropy(model(x), y), params))
 
 
 # ----------------------------------------------------------------------------------------------------------

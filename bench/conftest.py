@@ -25,16 +25,17 @@ import common  # noqa: E402  (needs the path above)
 
 
 def pytest_addoption(parser):
-    g = parser.getgroup("bench", "ssam benchmark sizes (defaults: the whole suite in minutes on 2 CPU cores)")
+    g = parser.getgroup("bench", "ssam benchmark sizes (defaults: CIFAR sizes on a CPU)")
     g.addoption("--bench-device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda")
     g.addoption("--bench-batch", type=int, default=32, help="training batch (the paper: 128)")
     g.addoption("--bench-width", type=int, default=256, help="TinyViT width (multiple of 4*heads=16)")
     g.addoption("--bench-models", default="resnet18,vit", help="comma-separated: resnet18, vit")
-    g.addoption("--bench-passes", type=int, default=3, help="passes over all benchmarks; each method is timed "
-                "once per pass, so methods alternate in time and share the machine's ups and downs (default 3)")
-    g.addoption("--bench-rounds", type=int, default=1, help="timed training steps per method and pass (default 1)")
-    g.addoption("--bench-first-step-rounds", type=int, default=20, help="timed first_step calls per method and pass")
+    g.addoption("--bench-rounds", type=int, default=10, help="rounds; each times every method once, so methods "
+                "alternate in time and share the machine's ups and downs (default 10)")
+    g.addoption("--bench-first-step-calls", type=int, default=20, help="timed first_step calls per method and round")
+    g.addoption("--bench-update-rounds", type=int, default=3, help="rounds of the mask-update group (default 3)")
     g.addoption("--bench-fisher-samples", type=int, default=128, help="SSAM-F's N_F (the paper: 128)")
+    g.addoption("--bench-train-steps", type=int, default=30, help="SGD steps that make the 'trained' weights")
     g.addoption("--bench-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
 
 
@@ -46,14 +47,14 @@ def cfg(request):
     if o("--bench-device").startswith("cuda") and not torch.cuda.is_available():
         pytest.skip("--bench-device cuda but no CUDA device")
     return dict(device=o("--bench-device"), batch=o("--bench-batch"), width=o("--bench-width"),
-                rounds=o("--bench-rounds"), first_step_rounds=o("--bench-first-step-rounds"),
-                fisher_samples=o("--bench-fisher-samples"))
+                first_step_calls=o("--bench-first-step-calls"), fisher_samples=o("--bench-fisher-samples"),
+                train_steps=o("--bench-train-steps"))
 
 
 def pytest_generate_tests(metafunc):
-    if "bench_pass" in metafunc.fixturenames:                 # first: the outermost loop
-        metafunc.parametrize("bench_pass", range(metafunc.config.getoption("--bench-passes")),
-                             ids=lambda i: f"pass{i}")
+    for name, option in (("bench_round", "--bench-rounds"), ("update_round", "--bench-update-rounds")):
+        if name in metafunc.fixturenames:                     # first: the outermost loop
+            metafunc.parametrize(name, range(metafunc.config.getoption(option)), ids=lambda i: f"round{i}")
     if "model_name" in metafunc.fixturenames:
         metafunc.parametrize("model_name", metafunc.config.getoption("--bench-models").split(","))
 

@@ -342,7 +342,7 @@ def test_empirical_fisher_matches_batch1_loop_and_touches_nothing(mode):
     assert set(map(id, fisher)) == set(map(id, model.parameters()))
     for p, e in zip(model.parameters(), expected):
         assert fisher[p].shape == p.shape
-        torch.testing.assert_close(fisher[p], e, rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(fisher[p], e, rtol=1e-9, atol=1e-15)
     assert all(float(e.abs().max()) > 0 for e in expected)
     assert_bitwise(snapshot(model), state)
     assert_bitwise([p.grad for p in model.parameters()], grads)
@@ -354,7 +354,7 @@ def test_empirical_fisher_default_chunking_and_single_batch():
     x, y = vec_batch(0, 40, torch.float64)
     fisher = ssam.empirical_fisher(model, [(x, y)], 37)                         # default chunk size
     for p, e in zip(model.parameters(), loop_fisher(model, [(x, y)], 37)):
-        torch.testing.assert_close(fisher[p], e, rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(fisher[p], e, rtol=1e-9, atol=1e-15)
 
 
 @pytest.mark.parametrize("frozen", ["bn_eval_in_train_model", "bn_train_in_eval_model"])
@@ -372,7 +372,7 @@ def test_empirical_fisher_respects_each_batchnorm_modes(frozen):
     state = snapshot(model)
     fisher = ssam.empirical_fisher(model, data, 6)
     for p, e in zip(model.parameters(), loop_fisher(model, data, 6)):
-        torch.testing.assert_close(fisher[p], e, rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(fisher[p], e, rtol=1e-9, atol=1e-15)
     assert_bitwise(snapshot(model), state)
 
 
@@ -416,7 +416,7 @@ def test_empirical_fisher_matches_batch1_loop_on_more_architectures(name, mode):
     fisher = ssam.empirical_fisher(model, data, 9, chunk_size=4)
     expected = loop_fisher(model, data, 9)
     for p, e in zip(model.parameters(), expected):
-        torch.testing.assert_close(fisher[p], e, rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(fisher[p], e, rtol=1e-9, atol=1e-15)
     assert_bitwise(snapshot(model), state)
 
 
@@ -630,10 +630,15 @@ def test_ssamd_24_masks_initially_and_after_updates():
 
 
 def test_sparse_input_grad_is_masked_matmul():
+    """dX[b, i] = sum over the kept outputs o of dY[b, o] W[o, i], written as loops over the mask's True entries."""
     g = torch.Generator().manual_seed(0)
-    gy, w = torch.randn(5, 8, generator=g), torch.randn(8, 12, generator=g)
+    gy, w = torch.randn(5, 8, generator=g, dtype=torch.float64), torch.randn(8, 12, generator=g, dtype=torch.float64)
     mask = ssam.nm_mask(torch.rand(8, 12, generator=g), 2, 4)
-    torch.testing.assert_close(ssam.sparse_input_grad(gy, w, mask), gy @ (w * mask), rtol=1e-6, atol=1e-6)
+    expected = torch.zeros(5, 12, dtype=torch.float64)
+    for o, i in mask.nonzero().tolist():
+        for b in range(5):
+            expected[b, i] += gy[b, o] * w[o, i]
+    torch.testing.assert_close(ssam.sparse_input_grad(gy, w, mask), expected, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(ssam.sparse_input_grad(gy, w, mask), gy @ w)
 
 
@@ -930,12 +935,12 @@ def test_step_closure_raising_restores_weights():
         return loss
 
     with pytest.raises(RuntimeError, match="second pass blew up"):
-        opt.step(closure)
+        opt.step(closure, both_passes=True)
     assert_bitwise([p.detach() for p in model.parameters()], w)
     assert opt.steps == 0
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
     calls.append(1)                                           # third call onward: normal
-    loss = opt.step(closure)                                  # usable again
+    loss = opt.step(closure, both_passes=True)               # usable again
     assert torch.is_tensor(loss) and opt.steps == 1
 
 
@@ -951,7 +956,7 @@ def test_step_closure_equals_manual_passes():
             loss.backward()
             return loss
 
-        loss = oa.step(closure)
+        loss = oa.step(closure, both_passes=True)
         oa.zero_grad()
         lb = loss_of(b, x, y)
         lb.backward()
@@ -1095,3 +1100,226 @@ def test_masks_are_bool_and_density_is_exact(s):
         sam_step(model, od, *img_batch(t))
         assert int(flat(od.masks()).sum()) == k and od.density() == k / d
         assert all(m.dtype == torch.bool for m in od.masks())
+
+
+# ----------------------------------------------------------------------------------------------------
+# 13. models a vendoring user brings (issue 8): tied weights, BatchNorm1d, frozen parameters, davda54's loop
+#     and checkpoints, autocast
+
+class _TiedDecoder(nn.Module):
+    """An encoder Linear whose weight the decoder reuses transposed, F.linear(h, enc.weight.t()), and one
+    Parameter shared by two Linear modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.a, self.b, self.head = nn.Linear(6, 5), nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        h = torch.tanh(self.enc(x))
+        h = torch.tanh(F.linear(h, self.enc.weight.t()))                   # 5 -> 6 through the tied matrix
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(h)))))
+
+
+def test_empirical_fisher_is_exact_with_tied_weights():
+    torch.manual_seed(0)
+    model = _TiedDecoder().double()
+    data = [vec_batch(s, 5, torch.float64) for s in (1, 2)]
+    fisher = ssam.empirical_fisher(model, data, 9, chunk_size=4)
+    params = list(model.parameters())                                        # the shared weight once
+    assert len(params) == 7 and set(map(id, fisher)) == set(map(id, params))
+    for p, e in zip(params, loop_fisher(model, data, 9)):
+        torch.testing.assert_close(fisher[p], e, rtol=1e-9, atol=1e-15)
+    assert float(fisher[model.enc.weight].abs().min()) > 0
+
+
+def test_batchnorm1d_on_vectors_uses_running_stats_for_one_sample():
+    """[B, C] input has no per-sample statistics: the Fisher's batch of one uses the running statistics there
+    (the layer as in eval mode), and BatchNorm2d beside it still normalizes each sample alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(), nn.Linear(36, 6),
+                          nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 4)).double()
+    with torch.no_grad():
+        model(img_batch(3, 8, torch.float64)[0])                            # running stats away from 0 / 1
+    model.train()
+    data = [img_batch(4, 7, torch.float64)]
+    state = snapshot(model)
+    opt = ssam.SSAMF(model.parameters(), torch.optim.SGD, sparsity=0.5, num_samples=7, lr=0.1)
+    opt.update_mask(model, data)                                             # crashed inside torch before
+    assert opt.density() == 0.5 and model.training
+    assert_bitwise(snapshot(model), state)
+    reference = copy.deepcopy(model)
+    reference[5].eval()                                                      # what the batch of one uses
+    fisher = ssam.empirical_fisher(model, data, 7)
+    for p, e in zip(model.parameters(), loop_fisher(reference, data, 7)):
+        torch.testing.assert_close(fisher[p], e, rtol=1e-9, atol=1e-15)
+    model[5] = nn.BatchNorm1d(6, track_running_stats=False).double()
+    with pytest.raises(ValueError, match="track_running_stats=True"):
+        ssam.empirical_fisher(model, data, 7)
+
+
+@pytest.mark.parametrize("kind", ["ssamf", "ssamd", "ssamf-tensor", "samon"])
+def test_frozen_parameters_get_no_mask_and_stay_unperturbed(kind):
+    model = convbn(0, torch.float64)
+    frozen = [model[0].weight, model[1].weight, model[1].bias]             # a conv and a BatchNorm, fine-tuning style
+    for p in frozen:
+        p.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    kw = dict(rho=0.5, lr=0.1)
+    if kind == "samon":
+        opt = ssam.SAMON(model, torch.optim.SGD, **kw)
+    elif kind == "ssamd":
+        opt = ssam.SSAMD(model.parameters(), torch.optim.SGD, sparsity=0.5, total_steps=10, seed=0, **kw)
+    else:
+        opt = ssam.SSAMF(model.parameters(), torch.optim.SGD, sparsity=0.5, num_samples=6,
+                         structure="tensor" if kind == "ssamf-tensor" else None, **kw)
+        fisher = ssam.empirical_fisher(model, [img_batch(5, 6, torch.float64)], 6)
+        assert set(map(id, fisher)) == set(map(id, trainable))
+        opt.update_mask(model, [img_batch(5, 6, torch.float64)])
+    assert [id(p) for p in opt.masked] == [id(p) for p in trainable]
+    assert all("mask" not in opt.state.get(p, {}) for p in frozen)
+    if kind in ("ssamf", "ssamd"):
+        assert opt.density() == 0.5                                          # exactly 1 - s over trainable entries
+        assert sum(int(m.sum()) for m in opt.masks()) == sum(p.numel() for p in trainable) // 2
+    if kind == "samon":
+        assert all(not opt.state[p]["mask"].any() for p in trainable if p.dim() > 1)
+        assert any(opt.state[p]["mask"].all() for p in trainable)          # the trainable BatchNorm
+    w = [p.detach().clone() for p in frozen]
+    x, y = img_batch(6, 6, torch.float64)
+    with opt.ascent_pass():
+        loss_of(model, x, y).backward()
+    opt.first_step(zero_grad=True)
+    assert_bitwise([p.detach() for p in frozen], w)                          # never perturbed
+    loss_of(model, x, y).backward()
+    opt.second_step(zero_grad=True)
+    assert_bitwise([p.detach() for p in frozen], w)
+    model[0].weight.requires_grad_(True)                                     # unfrozen after the optimizer was built
+    loss_of(model, x, y).backward()
+    with pytest.raises(ValueError, match="unfreezing"):
+        opt.first_step()
+
+
+def _davda_closure(model, x, y, calls):
+    def closure():                                                           # davda54's README closure
+        calls.append(1)
+        loss = loss_of(model, x, y)
+        loss.backward()
+        return loss
+    return closure
+
+
+@pytest.mark.parametrize("kind", ["sam", "ssamd"])
+def test_davda54_loop_runs_unchanged_two_passes_a_step(kind):
+    """davda54's documented loop: loss.backward(); optimizer.step(closure); optimizer.zero_grad(). One closure call
+    (2 forward/backward passes a step, BatchNorm statistics updated twice, as in davda54's SAM) and the weights
+    of first_step / closure / second_step."""
+    a, b = convbn(0, torch.float64), convbn(0, torch.float64)
+    oa, ob = make_opt(kind, a.parameters()), make_opt(kind, b.parameters())
+    forwards = []
+    a.register_forward_hook(lambda *args: forwards.append(1))
+    for t in range(3):
+        x, y = img_batch(t, dtype=torch.float64)
+        calls = []
+        loss = loss_of(a, x, y)
+        loss.backward()
+        loss2 = oa.step(_davda_closure(a, x, y, calls))
+        oa.zero_grad()
+        assert len(calls) == 1 and len(forwards) == 2 * (t + 1)
+        loss_of(b, x, y).backward()
+        ob.first_step(zero_grad=True)
+        expected = loss_of(b, x, y)                                          # BN stats not frozen, as davda54
+        expected.backward()
+        ob.second_step(zero_grad=True)
+        assert torch.equal(loss2.detach(), expected.detach())
+    assert_bitwise(snapshot(a), snapshot(b))                                 # weights and BatchNorm buffers
+
+
+def test_davda54_loop_equals_the_reference_sam_step():
+    model, ref = mlp(0, torch.float64), mlp(0, torch.float64)
+    opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9, weight_decay=5e-3)
+    sgd = RefSGD(list(ref.parameters()), lr=0.1, momentum=0.9, weight_decay=5e-3)
+    for t in range(4):
+        x, y = vec_batch(t, dtype=torch.float64)
+        loss_of(model, x, y).backward()
+        opt.step(_davda_closure(model, x, y, []))
+        opt.zero_grad()
+        ref_sam_step(ref, sgd, x, y, rho=0.2)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_step_without_a_first_backward_says_what_to_do():
+    model = mlp(0)
+    opt = ssam.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    x, y = vec_batch(0)
+    calls = []
+    with pytest.raises(ValueError, match="both_passes=True"):
+        opt.step(_davda_closure(model, x, y, calls))
+    assert calls == [] and opt.steps == 0
+    opt.step(_davda_closure(model, x, y, calls), both_passes=True)           # the one-closure form: two calls
+    assert len(calls) == 2 and opt.steps == 1
+
+
+def _davda54_state_dict(model, lr):
+    """What davda54's SAM.state_dict() holds: torch.optim.Optimizer's state_dict of the SGD groups plus rho and
+    adaptive, and {'old_p': w} per parameter; no momentum (that lives in its base optimizer)."""
+    sgd = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    sd = sgd.state_dict()
+    for g in sd["param_groups"]:
+        g.update(rho=0.3, adaptive=False)
+    sd["state"] = {i: {"old_p": p.detach().clone()} for i, p in enumerate(model.parameters())}
+    return sd
+
+
+@pytest.mark.parametrize("kind", ["sam", "ssamd"])
+def test_davda54_checkpoint_loads_with_a_warning(kind):
+    model = convbn(0)
+    opt = make_opt(kind, model.parameters())
+    masks = [m.clone() for m in opt.masks()] if kind != "sam" else []
+    with pytest.warns(UserWarning, match="no base-optimizer state"):
+        opt.load_state_dict(_davda54_state_dict(model, lr=0.03))
+    assert opt.param_groups is opt.base_optimizer.param_groups
+    assert opt.param_groups[0]["lr"] == 0.03 and opt.param_groups[0]["rho"] == 0.3
+    assert not opt.base_optimizer.state and all("old_p" not in s for s in opt.state.values())
+    assert all(torch.equal(m, n) for m, n in zip(masks, opt.masks() if masks else []))
+    sam_step(model, opt, *img_batch(0))                                      # trains on
+    assert opt.steps == 1
+    with pytest.raises(ValueError, match="param_groups"):
+        opt.load_state_dict({"model": {}})
+
+
+def test_sparse_ascent_under_autocast_bf16():
+    """Forward under torch.autocast (bf16 on the CPU), backward outside it, as the AMP recipe does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+    opt = ssam.SSAMD(model.parameters(), torch.optim.SGD, sparsity=0.5, structure="2:4", total_steps=10, seed=0, lr=0.1)
+    m1, m2 = opt.state[model[0].weight]["mask"], opt.state[model[2].weight]["mask"]
+    x = torch.randn(5, 6).requires_grad_(True)
+    with ssam.sparse_ascent(model, opt) as patched:
+        assert len(patched) == 2
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        assert out.dtype == torch.bfloat16
+        out.float().sum().backward()
+    bf = lambda t: t.to(torch.bfloat16).double()
+    with torch.no_grad():                                                    # the same in float64 from bf16 operands
+        a1 = torch.tanh(bf(x) @ bf(model[0].weight).T + bf(model[0].bias))
+        dh = (torch.ones(5, 4, dtype=torch.float64) @ (bf(model[2].weight) * m2)) * (1 - a1 ** 2)
+        dx = dh @ (bf(model[0].weight) * m1)
+    assert x.grad.dtype == torch.float32 and model[0].weight.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad.double(), dx, rtol=0.05, atol=0.02)
+    torch.testing.assert_close(model[0].weight.grad.double(), dh.T @ bf(x), rtol=0.05, atol=0.02)
+    torch.testing.assert_close(model[2].weight.grad.double(), torch.ones(4, 5, dtype=torch.float64) @ a1, rtol=0.05, atol=0.02)
+
+
+def test_nonfinite_guard_is_multi_tensor_in_every_float_dtype():
+    for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
+        model = mlp(0, dtype)
+        opt = ssam.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+        loss_of(model, *[t.to(dtype) if t.is_floating_point() else t for t in vec_batch(0)]).backward()
+        w = [p.detach().clone() for p in model.parameters()]
+        list(model.parameters())[0].grad[0, 0] = math.nan
+        opt.first_step()
+        assert_bitwise([p.detach() for p in model.parameters()], w)
+        assert all(not p.grad.any() for p in model.parameters())            # eps = +0 everywhere, no NaN left
+        opt.restore()

@@ -645,3 +645,49 @@ def test_tensor_masks_and_samon_skip_ascent_gradients_in_train_step():
         assert not ascent_ids & {id(p) for p in frozen}
         assert all(p.requires_grad for p in model.parameters())
         assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), w0))
+
+
+# -------------------------------------------------------------------------------------------- issue 8: --sparse-ascent, --sync-ascent
+def test_sparse_ascent_flag_is_refused_where_it_cannot_apply():
+    for argv, says in ((["--optimizer", "sam"], "--optimizer sam --structure"),
+                       (["--optimizer", "ssamd", "--structure", "tensor"], "--structure tensor"),
+                       (["--optimizer", "ssamf"], "--structure unstructured")):
+        with pytest.raises(SystemExit, match="--sparse-ascent needs .*" + says):
+            cfg_for(argv + ["--sparse-ascent"] + TINY)
+    assert "sparse_ascent" not in cfg_for(["--optimizer", "ssamd"] + TINY)    # off: not in the config
+    cfg = cfg_for(["--optimizer", "ssamd", "--structure", "2:4", "--sparse-ascent", "--epochs", "1", "--device", "cpu",
+                   "--out-dir", "/nonexistent/never-written"] + TINY)
+    with pytest.raises(SystemExit, match="wrn10-1 has no nn.Linear with a multiple of 4 outputs"):
+        train.train(cfg, show_config=False)                                  # CIFAR-10's 10-way head: no 2:4 fits
+
+
+def test_train_step_sparse_ascent_under_bf16_autocast(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.Tanh(), nn.Linear(16, 12))
+    cfg = cfg_for(["--optimizer", "ssamd", "--structure", "2:4", "--sparse-ascent"] + TINY)
+    opt = train.make_optimizer(cfg, model, steps_per_epoch=4)
+    calls = []
+    real = ssam.sparse_input_grad
+    monkeypatch.setattr(ssam, "sparse_input_grad", lambda *a: calls.append(a[1].dtype) or real(*a))
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 10, (6,))
+    w0 = [p.detach().clone() for p in model.parameters()]
+    train.train_step(model, opt, x, y, torch.autocast("cpu", dtype=torch.bfloat16), sparse_ascent=True)
+    assert calls == [torch.bfloat16]                  # the upper Linear's dX, in the ascent pass only (not the input's)
+    assert opt.steps == 1 and all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), w0))
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("optimizer", [["--optimizer", "samon"], ["--optimizer", "ssamd", "--structure", "tensor",
+                                                                  "--sparsity", "0.9"]])
+def test_torchrun_sync_ascent_with_tensor_masks_and_samon(tmp_path, optimizer):
+    """The ascent pass skips tensors (requires_grad off); a synchronized backward over them used to crash DDP."""
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(ROOT / "train.py"), "--model", "wrn10-1", "--batch-size", "32", "--train-size", "128",
+                        "--epochs", "1", *optimizer, "--sync-ascent", "--device", "cpu", "--out-dir", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = json.loads((out / "final.json").read_text())
+    line = json.loads((out / "metrics.jsonl").read_text())
+    assert final["processes"] == 2 and line["ranks_in_sync"] is True and final["config"]["sync_ascent"] is True
