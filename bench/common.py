@@ -51,8 +51,10 @@ METHODS = {
 def config(flags, num_samples=128):
     """train.py's resolved config for these flags: the cifar10-resnet18 recipe (lr, wd, rho), masks never
     updated by a timed step (update interval 10^9 steps; SSAM-F's first mask is made before timing)."""
-    argv = ["--preset", "cifar10-resnet18", *flags.split(), "--update-interval", str(10**9),
-            "--num-samples", str(num_samples)]
+    argv = ["--preset", "cifar10-resnet18", *flags.split()]
+    opt = argv[argv.index("--optimizer") + 1] if "--optimizer" in argv else "sgd"
+    argv += ["--update-interval", str(10**9)] if opt in ("ssamf", "ssamd") else []   # train.py refuses flags
+    argv += ["--num-samples", str(num_samples)] if opt == "ssamf" else []            # an optimizer ignores
     return train.resolve_config(train.get_args(argv))
 
 
