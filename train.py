@@ -611,9 +611,9 @@ def save_checkpoint(path, **state):
 
 
 def config_diff(saved, cfg):
-    """The keys that change what is trained and differ between a saved config and cfg, as 'k=old (now new)'."""
-    keys = sorted(k for k in set(saved) | set(cfg) if k not in RESUME_FREE and saved.get(k) != cfg.get(k))
-    return ", ".join(f"{k}={saved.get(k)!r} (now {cfg.get(k)!r})" for k in keys)
+    """Keys (other than where and how a run is stored or resumed) whose values differ, as 'k=saved (now x)'."""
+    return [f"{k}={saved.get(k)!r} (now {cfg.get(k)!r})" for k in sorted(set(saved) | set(cfg))
+            if k not in RESUME_FREE and saved.get(k) != cfg.get(k)]
 
 
 def load_checkpoint(path, cfg):
@@ -627,8 +627,8 @@ def load_checkpoint(path, cfg):
                          f"Delete it (or the run folder) to start over, or pass --fresh") from None
     diff = config_diff(saved, cfg)
     if diff:
-        raise SystemExit(f"--resume: {path} was made with a different config: {diff}. Use the same flags, another "
-                         f"--out-dir, or --fresh to start over")
+        raise SystemExit(f"--resume: {path} was made with a different config: {', '.join(diff)}. Use the same "
+                         f"flags, another --out-dir, or --fresh to start over")
     return ck
 
 
@@ -739,8 +739,8 @@ def train(cfg, show_config=True):
             done = json.loads(final_path.read_text())
             diff = config_diff(done["config"], cfg)
             if diff:
-                raise SystemExit(f"--resume: {final_path} was made with a different config: {diff}. Use the same "
-                                 f"flags, another --out-dir, or --fresh to start over")
+                raise SystemExit(f"--resume: {final_path} was made with a different config: {', '.join(diff)}. "
+                                 f"Use the same flags, another --out-dir, or --fresh to start over")
             if master:
                 console.print(f"{out_dir} is finished ({done['epochs']} epochs, test accuracy {done['test_acc']:.4f} "
                               f"in {final_path}): nothing to do. Pass --fresh instead of --resume to train it again")
