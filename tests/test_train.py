@@ -3,6 +3,7 @@ fp16 step skipping, and DDP over gloo (weights and SSAM masks identical on both 
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -620,6 +621,19 @@ def test_torchrun_two_cpu_processes_end_to_end(tmp_path):
     line = json.loads((out / "metrics.jsonl").read_text())
     assert final["processes"] == 2 and line["ranks_in_sync"] is True and line["masks_updated"] >= 3
     assert 0 <= final["test_acc"] <= 1
+
+
+def test_torchrun_diverged_run_stops_every_process(tmp_path):
+    """The NaN check is all-reduced: both processes stop at the same step (no process left waiting in a
+    collective), torchrun exits non-zero, nothing is written."""
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(ROOT / "train.py"), *TINY, "--epochs", "2", "--lr", "1e6", "--device", "cpu",
+                        "--out-dir", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    stops = re.findall(r"training diverged in epoch (\d+) \(by step (\d+) of 12\)", said(r))
+    assert r.returncode != 0 and len(stops) == 2 and stops[0] == stops[1], r.stderr[-3000:]    # the same step
+    assert not (out / "ckpt.pt").exists() and not (out / "final.json").exists() and not (out / "lock").exists()
 
 
 # -------------------------------------------------------------------------------------------- structured masks
