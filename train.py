@@ -410,6 +410,16 @@ class CifarOnDevice:
             yield normalize(self.test_x[i:i + 1000]), self.test_y[i:i + 1000]
 
 
+def open_image(path):
+    """ImageFolder's loader, but an unreadable file is an error that names it (raised in a DataLoader worker,
+    so a RuntimeError that the main process re-raises; a SystemExit would only end the worker)."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise RuntimeError(f"{path}: not a readable image ({type(e).__name__}: {e}); delete or replace it") from None
+
+
 class ImageNetLoader:
     """ImageNet from an ImageFolder tree with DataLoader workers (too big to sit on the device)."""
 
@@ -423,19 +433,20 @@ class ImageNetLoader:
         norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
         self.train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm])
         test_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])
-        self.train_ds = torchvision.datasets.ImageFolder(str(root / "train"), self.train_tf)
-        test_ds = torchvision.datasets.ImageFolder(str(root / "val"), test_tf)
+        self.train_ds = torchvision.datasets.ImageFolder(str(root / "train"), self.train_tf, loader=open_image)
+        test_ds = torchvision.datasets.ImageFolder(str(root / "val"), test_tf, loader=open_image)
         if test_ds.classes != self.train_ds.classes:
             raise SystemExit(f"ImageNet: {root}/val has different class folders than {root}/train")
         self.num_classes = len(self.train_ds.classes)
         self.local_batch, self.device, self.workers = cfg["batch_size"] // world, device, cfg["workers"]
         # DistributedSampler with world=1 too: the order depends only on (seed, epoch), so resume gets it right.
         self.sampler = torch.utils.data.DistributedSampler(self.train_ds, world, rank, seed=cfg["seed"], drop_last=True)
+        pin = device.type == "cuda"
         self.loader = torch.utils.data.DataLoader(self.train_ds, self.local_batch, sampler=self.sampler,
-                                                  num_workers=self.workers, pin_memory=True, drop_last=True,
+                                                  num_workers=self.workers, pin_memory=pin, drop_last=True,
                                                   persistent_workers=self.workers > 0)
         self.test_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(test_ds, range(rank, len(test_ds), world)),
-                                                       250, num_workers=self.workers, pin_memory=True)
+                                                       250, num_workers=self.workers, pin_memory=pin)
         self.num_train = len(self.train_ds)
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:

@@ -154,6 +154,15 @@ def test_image_folder_errors_name_the_problem(tmp_path, capsys):
     assert "could not write the decoded cache" in capsys.readouterr().err
     r = run_train("--dataset", "cifar10", "--data-dir", str(tmp_path / "t3"), "--cache-dir", str(tmp_path / "cache"))
     assert r.returncode != 0 and "has 3 class folders" in r.stderr and "Traceback" not in r.stderr
+    # ImageNet reads its files in DataLoader workers: the error names the file there too
+    (tree / "val").mkdir()
+    for d in (tree / "test").iterdir():
+        d.rename(tree / "val" / d.name)
+    (tree / "train" / "c002" / "broken.JPEG").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    cfg = cfg_for(["--preset", "imagenet-resnet50", "--data-dir", str(tree), "--batch-size", "20", "--workers", "0"])
+    loader = train.ImageNetLoader(cfg, torch.device("cpu"), 0, 1)
+    with pytest.raises(RuntimeError, match=f"{tree / 'train' / 'c002' / 'broken.JPEG'}: not a readable image"):
+        next(loader.batches(None))
 
 
 def test_clear_errors_for_bad_data_models_and_optimizers(tmp_path):
