@@ -1,5 +1,8 @@
 """Tests of train.py: augmentation, models, presets, data errors, checkpoints (kill -9 + resume is bit-exact),
-fp16 step skipping, and DDP over gloo (weights and SSAM masks identical on both processes). CPU only."""
+fp16 step skipping, and DDP over gloo (weights and SSAM masks identical on both processes). CPU only.
+Issue 9 (no wrong result with exit 0): divergence, bad numbers, ignored flags, ImageFolder classes, cache key
+and location, unreadable files, the out-dir lock, cut log lines, finished runs. The CUDA paths on the CPU:
+fp16 GradScaler steps, --compile, --channels-last."""
 import json
 import math
 import os
