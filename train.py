@@ -435,6 +435,16 @@ class CifarOnDevice:
             yield normalize(self.test_x[i:i + 1000]), self.test_y[i:i + 1000]
 
 
+def open_image(path):
+    """ImageFolder's loader, but an unreadable file is an error that names it (raised in a DataLoader worker,
+    so a RuntimeError that the main process re-raises; a SystemExit would only end the worker)."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise RuntimeError(f"{path}: not a readable image ({type(e).__name__}: {e}); delete or replace it") from None
+
+
 class ImageNetLoader:
     """ImageNet from an ImageFolder tree with DataLoader workers (too big to sit on the device)."""
 
@@ -448,19 +458,20 @@ class ImageNetLoader:
         norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
         self.train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm])
         test_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm])
-        self.train_ds = torchvision.datasets.ImageFolder(str(root / "train"), self.train_tf)
-        test_ds = torchvision.datasets.ImageFolder(str(root / "val"), test_tf)
+        self.train_ds = torchvision.datasets.ImageFolder(str(root / "train"), self.train_tf, loader=open_image)
+        test_ds = torchvision.datasets.ImageFolder(str(root / "val"), test_tf, loader=open_image)
         if test_ds.classes != self.train_ds.classes:
             raise SystemExit(f"ImageNet: {root}/val has different class folders than {root}/train")
         self.num_classes = len(self.train_ds.classes)
         self.local_batch, self.device, self.workers = cfg["batch_size"] // world, device, cfg["workers"]
         # DistributedSampler with world=1 too: the order depends only on (seed, epoch), so resume gets it right.
         self.sampler = torch.utils.data.DistributedSampler(self.train_ds, world, rank, seed=cfg["seed"], drop_last=True)
+        pin = device.type == "cuda"
         self.loader = torch.utils.data.DataLoader(self.train_ds, self.local_batch, sampler=self.sampler,
-                                                  num_workers=self.workers, pin_memory=True, drop_last=True,
+                                                  num_workers=self.workers, pin_memory=pin, drop_last=True,
                                                   persistent_workers=self.workers > 0)
         self.test_loader = torch.utils.data.DataLoader(torch.utils.data.Subset(test_ds, range(rank, len(test_ds), world)),
-                                                       250, num_workers=self.workers, pin_memory=True)
+                                                       250, num_workers=self.workers, pin_memory=pin)
         self.num_train = len(self.train_ds)
         self.steps_per_epoch = len(self.loader)
         if self.steps_per_epoch == 0:
@@ -645,9 +656,9 @@ def save_checkpoint(path, **state):
 
 
 def config_diff(saved, cfg):
-    """The keys that change what is trained and differ between a saved config and cfg, as 'k=old (now new)'."""
-    keys = sorted(k for k in set(saved) | set(cfg) if k not in RESUME_FREE and saved.get(k) != cfg.get(k))
-    return ", ".join(f"{k}={saved.get(k)!r} (now {cfg.get(k)!r})" for k in keys)
+    """Keys (other than where and how a run is stored or resumed) whose values differ, as 'k=saved (now x)'."""
+    return [f"{k}={saved.get(k)!r} (now {cfg.get(k)!r})" for k in sorted(set(saved) | set(cfg))
+            if k not in RESUME_FREE and saved.get(k) != cfg.get(k)]
 
 
 def load_checkpoint(path, cfg):
@@ -661,8 +672,8 @@ def load_checkpoint(path, cfg):
                          f"Delete it (or the run folder) to start over, or pass --fresh") from None
     diff = config_diff(saved, cfg)
     if diff:
-        raise SystemExit(f"--resume: {path} was made with a different config: {diff}. Use the same flags, another "
-                         f"--out-dir, or --fresh to start over")
+        raise SystemExit(f"--resume: {path} was made with a different config: {', '.join(diff)}. Use the same "
+                         f"flags, another --out-dir, or --fresh to start over")
     return ck
 
 
@@ -773,8 +784,8 @@ def train(cfg, show_config=True):
             done = json.loads(final_path.read_text())
             diff = config_diff(done["config"], cfg)
             if diff:
-                raise SystemExit(f"--resume: {final_path} was made with a different config: {diff}. Use the same "
-                                 f"flags, another --out-dir, or --fresh to start over")
+                raise SystemExit(f"--resume: {final_path} was made with a different config: {', '.join(diff)}. "
+                                 f"Use the same flags, another --out-dir, or --fresh to start over")
             if master:
                 console.print(f"{out_dir} is finished ({done['epochs']} epochs, test accuracy {done['test_acc']:.4f} "
                               f"in {final_path}): nothing to do. Pass --fresh instead of --resume to train it again")

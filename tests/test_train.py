@@ -1,8 +1,12 @@
 """Tests of train.py: augmentation, models, presets, data errors, checkpoints (kill -9 + resume is bit-exact),
-fp16 step skipping, and DDP over gloo (weights and SSAM masks identical on both processes). CPU only."""
+fp16 step skipping, and DDP over gloo (weights and SSAM masks identical on both processes). CPU only.
+Issue 9 (no wrong result with exit 0): divergence, bad numbers, ignored flags, ImageFolder classes, cache key
+and location, unreadable files, the out-dir lock, cut log lines, finished runs. The CUDA paths on the CPU:
+fp16 GradScaler steps, --compile, --channels-last."""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -153,6 +157,15 @@ def test_image_folder_errors_name_the_problem(tmp_path, capsys):
     assert "could not write the decoded cache" in capsys.readouterr().err
     r = run_train("--dataset", "cifar10", "--data-dir", str(tmp_path / "t3"), "--cache-dir", str(tmp_path / "cache"))
     assert r.returncode != 0 and "has 3 class folders" in r.stderr and "Traceback" not in r.stderr
+    # ImageNet reads its files in DataLoader workers: the error names the file there too
+    (tree / "val").mkdir()
+    for d in (tree / "test").iterdir():
+        d.rename(tree / "val" / d.name)
+    (tree / "train" / "c002" / "broken.JPEG").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    cfg = cfg_for(["--preset", "imagenet-resnet50", "--data-dir", str(tree), "--batch-size", "20", "--workers", "0"])
+    loader = train.ImageNetLoader(cfg, torch.device("cpu"), 0, 1)
+    with pytest.raises(RuntimeError, match=f"{tree / 'train' / 'c002' / 'broken.JPEG'}: not a readable image"):
+        next(loader.batches(None))
 
 
 def test_clear_errors_for_bad_data_models_and_optimizers(tmp_path):
@@ -455,18 +468,24 @@ def test_bad_checkpoints_are_errors_not_restarts(tmp_path):
 
 
 def test_diverging_runs_stop_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
-    argv = [*TINY, "--train-size", "64", "--epochs", "3"]          # 2 steps an epoch: finite after 1, NaN after 2
+    argv = [*TINY, "--train-size", "64", "--epochs", "3"]          # 2 steps an epoch (here: NaN in epoch 2)
     r = run_train(*argv, "--lr", "1e6", "--out-dir", str(tmp_path / "sgd"))
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert "training diverged in epoch 2" in said(r) and "NaN or inf" in said(r) and "Lower --lr" in said(r)
+    assert "NaN or inf" in said(r) and "Lower --lr" in said(r)
     for o in ("sgd", "sam", "ssamf", "ssamd"):
+        message = said(r)
         if o != "sgd":
-            with pytest.raises(train.Diverged, match="training diverged in epoch 2"):
+            with pytest.raises(train.Diverged) as e:
                 train.train(cfg_for([*argv, "--lr", "1e6", "--optimizer", o, "--out-dir", str(tmp_path / o)] +
                                     (["--num-samples", "32"] if o == "ssamf" else [])), show_config=False)
-        ck = torch.load(tmp_path / o / "ckpt.pt", weights_only=False)       # epoch 1's, not overwritten
-        assert ck["epoch"] == 1 and all(torch.isfinite(t).all() for t in ck["model"].values() if t.is_floating_point())
-        assert len((tmp_path / o / "metrics.jsonl").read_text().splitlines()) == 1
+            message = str(e.value)
+        good = int(re.search(r"training diverged in epoch (\d+)", message)[1]) - 1   # epochs before it: kept
+        assert (tmp_path / o / "ckpt.pt").exists() == (good > 0)
+        if good:
+            ck = torch.load(tmp_path / o / "ckpt.pt", weights_only=False)
+            assert ck["epoch"] == good and all(torch.isfinite(t).all() for t in ck["model"].values() if t.is_floating_point())
+            assert f"(epoch {good}) is kept as the last good checkpoint" in message
+        assert len((tmp_path / o / "metrics.jsonl").read_text().splitlines()) == good
         assert not (tmp_path / o / "final.json").exists() and not (tmp_path / o / "lock").exists()
     # only a BN statistic turns NaN in epoch 2: the loss stays finite (train mode normalizes with the batch's
     # statistics), but the run stops all the same, and its last good checkpoint resumes cleanly
@@ -513,7 +532,7 @@ def test_fp16_steps_with_a_non_finite_loss_are_skipped_not_fatal(tmp_path, monke
 
 def test_one_run_per_out_dir(tmp_path):
     out = tmp_path / "run"
-    argv = [*TINY, "--epochs", "3", "--out-dir", str(out)]
+    argv = [*TINY, "--epochs", "30", "--out-dir", str(out)]                # killed long before it ends
     p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
@@ -620,6 +639,19 @@ def test_torchrun_two_cpu_processes_end_to_end(tmp_path):
     line = json.loads((out / "metrics.jsonl").read_text())
     assert final["processes"] == 2 and line["ranks_in_sync"] is True and line["masks_updated"] >= 3
     assert 0 <= final["test_acc"] <= 1
+
+
+def test_torchrun_diverged_run_stops_every_process(tmp_path):
+    """The NaN check is all-reduced: both processes stop at the same step (no process left waiting in a
+    collective), torchrun exits non-zero, nothing is written."""
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(ROOT / "train.py"), *TINY, "--epochs", "2", "--lr", "1e6", "--device", "cpu",
+                        "--out-dir", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    stops = re.findall(r"training diverged in epoch (\d+) \(by step (\d+) of 12\)", said(r))
+    assert r.returncode != 0 and len(stops) == 2 and stops[0] == stops[1], r.stderr[-3000:]    # the same step
+    assert not (out / "ckpt.pt").exists() and not (out / "final.json").exists() and not (out / "lock").exists()
 
 
 # -------------------------------------------------------------------------------------------- structured masks
