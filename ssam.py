@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 
 # ---- SAM (Foret et al. 2021), the frame SSAM's masks plug into -------------------------------------
-
 class SAM(torch.optim.Optimizer):
     """SAM; `adaptive=True` is ASAM (eps scaled by w^2). base_optimizer: a torch.optim.Optimizer class (built
     here with **kwargs) or one built over the same parameters; `param_groups` are shared with it."""
@@ -34,8 +33,8 @@ class SAM(torch.optim.Optimizer):
             base_optimizer = base_optimizer(self.param_groups, **kwargs)
         elif not isinstance(base_optimizer, torch.optim.Optimizer) or kwargs or {id(p) for p in self._params()} != {
                 id(p) for g in base_optimizer.param_groups for p in g["params"]}:
-            raise ValueError(f"base_optimizer must be a torch.optim.Optimizer class, or one built over the same parameters (not other "
-                             f"parameters), with no extra arguments; got {base_optimizer!r} and {sorted(kwargs)}")
+            raise ValueError(f"base_optimizer must be a torch.optim.Optimizer class, or one built over the same "
+                             f"parameters (not other parameters) and no extra arguments; got {base_optimizer!r} and {sorted(kwargs)}")
         self.base_optimizer = base_optimizer
         self.param_groups = self.base_optimizer.param_groups          # one set of groups: schedulers just work
         for group in self.param_groups:
@@ -69,8 +68,7 @@ class SAM(torch.optim.Optimizer):
         ada = [p for g, ps in groups if g["adaptive"] for p in ps]
         if ada:                                             # ASAM: eps = rho * w^2 g / ||w g||
             torch._foreach_mul_([p.grad for p in ada], ada)
-        device = params[0].device
-        norm = torch.linalg.vector_norm(torch.stack([n.to(device) for n in torch._foreach_norm(grads)]))  # ||g||_2
+        norm = torch.linalg.vector_norm(torch.stack([n.to(params[0].device) for n in torch._foreach_norm(grads)]))  # ||g||
         for g, ps in groups:                                # Eq. 2: rho / ||g||; rho may differ between groups
             if ps:
                 torch._foreach_mul_([p.grad for p in ps], (g["rho"] / (norm + 1e-12)).to(ps[0].device))
@@ -150,12 +148,12 @@ class SAM(torch.optim.Optimizer):
                 old.set_state(counters[k]) if isinstance(old, torch.Generator) else setattr(self, k, counters[k])
         self.param_groups = self.base_optimizer.param_groups  # loading replaced the list: share it again
 
+
 _INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}   # first_step's bitwise eps = 0
 _get = lambda v: v.get_state() if isinstance(v, torch.Generator) else v  # noqa: E731  (counters: a Generator's state)
 
 
 # ---- Mask helpers: global top-k (Eq. 6, Alg. 2), N:M groups along the output axis, whole tensors ---
-
 def _parse_structure(structure, sparsity):
     """None/'unstructured' -> None; 'tensor' -> 'tensor'; 'N:M' -> (N, M) after checking that sparsity agrees."""
     if structure in (None, "unstructured", "tensor"):
@@ -167,8 +165,10 @@ def _parse_structure(structure, sparsity):
         raise ValueError(f"structure {structure!r} fixes the density at {n}/{m}: pass sparsity={1 - n / m:g}, got {sparsity!r}")
     return n, m
 
+
 def _nm_eligible(p, nm):
     return isinstance(nm, tuple) and p.dim() >= 2 and p.shape[0] % nm[1] == 0
+
 
 def nm_mask(score, n, m):
     """Top n of every m consecutive outputs per input: W [out, in, *k] as W^T [in*k, out] of dX = dY W (§4.1)."""
@@ -177,12 +177,14 @@ def nm_mask(score, n, m):
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(n, dim=-1).indices, True)
     return keep.reshape(wt.shape).t().reshape(score.shape)
 
+
 def topk_masks(scores, k, largest=True):
     """Bool masks of the k largest (or smallest) entries across all tensors in `scores` (ArgTopK, Eq. 6)."""
     flat = torch.cat([s.reshape(-1).to(scores[0].device) for s in scores])
     keep = torch.zeros_like(flat, dtype=torch.bool)
     keep[flat.topk(k, largest=largest, sorted=False).indices] = True
     return [piece.reshape(s.shape).to(s.device) for piece, s in zip(keep.split([s.numel() for s in scores]), scores)]
+
 
 def tensor_masks(scores, density):
     """Whole tensors, best mean score first, each taken if it still fits in density·|w|."""
@@ -194,6 +196,7 @@ def tensor_masks(scores, density):
         if sizes[i] <= budget:
             keep[i], budget = True, budget - sizes[i]
     return [torch.full_like(s, k, dtype=torch.bool) for s, k in zip(scores, keep)]
+
 
 def ascent_costs(model, *inputs):
     """{parameter: (forward, input grads of all later layers, its weight grad)} in multiply-adds, for
@@ -214,6 +217,7 @@ def ascent_costs(model, *inputs):
                 macs[m] * p.numel() / sum(q.numel() for q in m.parameters(recurse=False)))   # dW: its share
             for m in order for p in m.parameters(recurse=False)}
 
+
 def cost_tensor_masks(scores, density, costs):
     """Whole tensors by cost: an ascent pass pays the forward, input grads down to the lowest perturbed layer and
     their weight grads (costs: ascent_costs). For each lowest layer allowed, tensor_masks' rule fills density·|w|
@@ -230,6 +234,7 @@ def cost_tensor_masks(scores, density, costs):
         best = max(best, (sum(mass[i] for i in take) / cost, take))
     return [torch.full_like(s, i in best[1], dtype=torch.bool) for i, s in enumerate(scores)]
 
+
 def select_masks(scores, density, nm=None, costs=None):
     """Masks at exact density (Eq. 6): N:M where a tensor holds the pattern, else one global top-k; or tensors."""
     if nm == "tensor":
@@ -241,6 +246,7 @@ def select_masks(scores, density, nm=None, costs=None):
         for i, mk in zip(pooled, topk_masks([scores[i] for i in pooled], k)):
             masks[i] = mk
     return masks
+
 
 class _SparseSAM(SAM):
     """The masks, schedule and checks SSAM-F, SSAM-D and SAM-ON share. Masks (`opt.state[p]["mask"]`, bool)
@@ -318,13 +324,12 @@ class _SparseSAM(SAM):
 
 
 # ---- SSAM-F: the mask from the empirical Fisher (Eq. 3-6, Alg. 2 Option I) -------------------------
-
 def empirical_fisher(model, data, num_samples, loss_fn=None, chunk_size=None):
     """Eq. 5: {parameter: sum over `num_samples` samples of the squared per-sample gradient} for every trainable
     parameter of `model` (the 1/N_F does not change the ranking). Exact for any model: torch.func's gradient of
     one sample's loss (tied weights summed as autograd sums them), vmapped over `chunk_size` samples (default 32
-    on a GPU, 1 on a CPU where that is faster), on a copy sharing the weights read-only: nothing in `model` is
-    touched. BatchNorm as in the authors' batch-1 loop (train mode: each sample alone, _bn_one_sample)."""
+    on a GPU; 1 on a CPU, where vmapped convolutions are slow), on a copy sharing the weights read-only: nothing
+    in `model` is touched. BatchNorm as in the authors' batch-1 loop (train mode: each sample alone)."""
     loss_fn = loss_fn or F.cross_entropy
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     net = copy.deepcopy(model, memo={id(p): p.detach() for p in model.parameters()})   # buffers copied
@@ -352,6 +357,7 @@ def empirical_fisher(model, data, num_samples, loss_fn=None, chunk_size=None):
         raise ValueError(f"data gave {seen} samples but num_samples={num_samples}: pass more data or lower num_samples")
     return dict(zip(named.values(), fisher))
 
+
 def _bn_one_sample(m, a):
     """Train-mode BatchNorm of one sample: its own statistics, or the running ones where it has one value per channel."""
     if a[0, 0].numel() > 1:
@@ -360,6 +366,7 @@ def _bn_one_sample(m, a):
         raise ValueError(f"{m} sees [B, C] inputs and keeps no running statistics: SSAM-F's Fisher cannot normalize "
                          "a batch of one sample there; build it with track_running_stats=True")
     return F.batch_norm(a, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+
 
 class SSAMF(_SparseSAM):
     """SSAM-F: perturb the (1-s)·|w| entries with the largest empirical Fisher (Eq. 6). It needs data, which
@@ -385,7 +392,6 @@ class SSAMF(_SparseSAM):
 
 
 # ---- SSAM-D: the mask from dynamic sparse training (Eq. 7-9, Alg. 2 Option II) ---------------------
-
 class SSAMD(_SparseSAM):
     """SSAM-D: a random mask at exact density 1-s, refreshed every `update_interval` steps inside first_step with
     that step's gradient (update_mask). Growth draws from the optimizer's own generator (`seed`; in state_dict)."""
@@ -439,7 +445,9 @@ class SSAMD(_SparseSAM):
             self.update_mask([by_param.get(id(p)) for p in self.masked])
         return super()._mask_for_step(params, grads)
 
+
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
 
 class SAMON(_SparseSAM):
     """SAM-ON (Mueller et al., 2023): perturb only the trainable parameters of normalization layers (NORM_LAYERS)
@@ -457,7 +465,6 @@ class SAMON(_SparseSAM):
 
 
 # ---- The 2:4 sparse backward ("implicit" SSAM): dX = dY·(W ⊙ M) in the ascent pass of nn.Linear layers 
-
 class _MaskedInputGrad(torch.autograd.Function):
     """y = x W^T + b; backward dX = dY (W ⊙ M), dW = dY^T X, db = sum dY. Under autocast in its dtype, as F.linear."""
 
@@ -478,6 +485,7 @@ class _MaskedInputGrad(torch.autograd.Function):
             gx = sparse_input_grad(gy2, weight, mask).reshape(*gy.shape[:-1], weight.shape[1])
         return gx, gy2.t() @ x.reshape(-1, x.shape[-1]), gy2.sum(0) if ctx.needs_input_grad[2] else None, None
 
+
 def sparse_input_grad(gy, weight, mask):
     """dX = dY (W ⊙ M) for 2-D dY [B, out]: on CUDA in fp16/bf16 (W ⊙ M)^T is compressed to a 2:4 sparse tensor
     (each call: W changes) for the sparse tensor cores; elsewhere, or where the kernel refuses, dense."""
@@ -491,7 +499,9 @@ def sparse_input_grad(gy, weight, mask):
             _REFUSED.add(key)                               # kernel refused this shape/GPU: dense from now on
     return gy @ wm
 
+
 _REFUSED = set()
+
 
 @contextmanager
 def sparse_ascent(model, opt):
@@ -514,7 +524,6 @@ def sparse_ascent(model, opt):
 
 
 # ---- BatchNorm: running statistics follow the first pass only --------------------------------------
-
 @contextmanager
 def frozen_bn_stats(model):
     """Around the SECOND forward/backward: BatchNorm layers in train mode normalize with the batch's statistics
