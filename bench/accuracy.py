@@ -31,14 +31,15 @@ import common  # noqa: E402
 import sharpness  # noqa: E402
 import train  # noqa: E402
 
-# The setting (chosen on seeds 0-2, README "Accuracy: protocol"): WRN-10-1 fits 512 training images, 40% of them
-# with a wrong label, without Cutout, in 50 epochs: SGD memorizes the wrong labels, and what it learns from them
-# costs test accuracy, so the ranking is about generalization, not speed of optimization.
-SETTING = ["--preset", "cifar10-subset", "--model", "wrn10-1", "--train-size", "512", "--label-noise", "0.4",
-           "--cutout", "0", "--epochs", "50", "--batch-size", "64", "--eval-every", "10"]
+# The setting (README "Accuracy: protocol", fixed before any of its runs): WRN-10-1 on 256 training images, 40% of
+# them with a wrong label, no Cutout, 80 epochs at batch 32 (640 steps). A one-seed probe (512 images, 100 epochs)
+# had SGD fit 81% of its labels, memorize 75% of the wrong ones, and lose 4.3 points to SAM; at 50 epochs neither
+# fit (SGD 47%) and they tied; this setting halves the images and keeps most of the steps (640 of 800).
+SETTING = ["--preset", "cifar10-subset", "--model", "wrn10-1", "--train-size", "256", "--label-noise", "0.4",
+           "--cutout", "0", "--epochs", "80", "--batch-size", "32", "--eval-every", "20"]
 METHODS = [("sgd", None), ("sam", None), ("ssamf", 0.5), ("ssamd", 0.5), ("ssamd", 0.9)]
 MORE = [("ssamf", 0.9), ("ssamf", 0.99), ("ssamf-tensor", 0.9), ("ssamd-tensor", 0.9), ("samon", None)]
-SEED_SETS = {"selection (seeds 0-2, chose the setting)": [0, 1, 2], "confirmation (seeds 3-5, fresh)": [3, 4, 5]}
+SEED_SETS = {"seeds 0-2": [0, 1, 2], "seeds 3-5 (the confirmation set)": [3, 4, 5]}
 LANCZOS = dict(batch=128, iters=20)   # lambda_5 within 2% of 40 steps (bench/sharpness.py); lambda_1 converges first
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         11: 2.201, 12: 2.179}     # Student t, two-sided 95%, by degrees of freedom
@@ -174,8 +175,8 @@ def main():
     args = ap.parse_args()
     setting = SETTING + args.train_args
     machine = common.machine()
-    grid = [setting + method_flags(mth, sp) + ["--seed", str(seed)]
-            for mth, sp in METHODS + (MORE if args.more else []) for seed in args.seeds]
+    grid = [setting + method_flags(mth, sp) + ["--seed", str(seed)]         # seed by seed: a cut-short grid is balanced
+            for seed in args.seeds for mth, sp in METHODS + (MORE if args.more else [])]
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
     t0 = time.perf_counter()
     todo = sum(train.run_state(train.grid_run(f, args.runs_dir)[0]) != "done" for f in grid) if not args.fresh else len(grid)
@@ -197,7 +198,7 @@ def main():
     elif not seed_sets:
         seed_sets = {f"seeds {', '.join(map(str, args.seeds))}": list(args.seeds)}
     result = dict(settings=dict(setting=setting, seeds=args.seeds, jobs=args.jobs, lanczos=LANCZOS,
-                                title="wrn10-1, 512 CIFAR-10 images, 40% wrong labels, 50 epochs"
+                                title="wrn10-1, 256 CIFAR-10 images, 40% wrong labels, 80 epochs"
                                 if not args.train_args else " ".join(setting[2:])),
                   machine=machine, wall_s=time.perf_counter() - t0, trained=todo, seed_sets=seed_sets,
                   summary={t: summarize(runs, ss) for t, ss in seed_sets.items()}, runs=runs)

@@ -265,3 +265,20 @@ def test_reproduce_toy_grid_table(tmp_path):
     r = subprocess.run(cmd + ["--dry-run"], env=dict(env, EXTRA=toy.replace("--epochs 1", "--epochs 2")),
                        capture_output=True, text=True)
     assert r.returncode == 0 and r.stderr.count("todo") == 2 and "done" not in r.stderr
+
+
+def test_reproduce_cifar_short_runs_on_cpu(tmp_path):
+    """make reproduce-cifar-short's grid with a tiny override (1 epoch, 128 images, wrn10-1, bf16 autocast)."""
+    import subprocess
+    root = os.path.dirname(BENCH)
+    env = dict(os.environ, OPTIMIZERS="sgd,ssamf", SHORT_EPOCHS="1", SHORT_FLAGS="--amp bf16", OMP_NUM_THREADS="1",
+               EXTRA="--dataset cifar10-subset --model wrn10-1 --train-size 128 --batch-size 64")
+    r = subprocess.run([sys.executable, os.path.join(root, "scripts", "reproduce.py"), "cifar-short", "--runs-dir",
+                        str(tmp_path / "rep")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = (tmp_path / "reproduce_short.md").read_text()
+    assert "1 epochs (the paper trains 200: not its recipe), amp bf16" in table
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row[0] for row in rows] == ["| sgd", "| ssamf 0.5", "| ssamf 0.9 tensor"]
+    assert rows[0][3] == "1.00" and all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)
+    assert all("(1 seed)" in row[1] for row in rows) and table in r.stdout
