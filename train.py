@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -71,12 +72,13 @@ MOMENTUM = 0.9
 CIFAR_MEAN, CIFAR_STD = (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)     # per channel, 0..255 pixel units
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Keys that may change between a run and its --resume without changing what is trained.
-RESUME_FREE = {"resume", "fresh", "out_dir", "name", "data_dir", "cache_dir", "workers", "device", "compile"}
+RESUME_FREE = {"resume", "fresh", "out_dir", "name", "data_dir", "cache_dir", "workers", "device", "compile",
+               "eval_every"}
 # Defaults of the flags that are not part of a preset. The flags themselves default to None, so that a flag the
 # user gave can be told from a default (a given flag that the run would ignore is an error, see resolve_config).
 DEFAULTS = dict(cutout=16, train_size=0, seed=0, optimizer="sgd", sparsity=0.5, structure="unstructured",
                 update_interval=0, num_samples=128, drop_rate=0.5, amp="none", workers=8, mask_select="paper",
-                ascent_fraction=1.0)
+                ascent_fraction=1.0, label_noise=0.0, eval_every=1)
 SAM_TYPES = ("sam", "ssamf", "ssamd", "samon")
 # Optimizer flags and the optimizers that read them; given with any other optimizer, the flag is an error.
 USED_BY = dict(rho=SAM_TYPES, adaptive=("sam",), sync_ascent=SAM_TYPES, sparsity=("ssamf", "ssamd"),
@@ -98,6 +100,8 @@ ALLOWED = dict(
     num_samples=(lambda v: v >= 1, "an integer >= 1"),
     drop_rate=(lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
     workers=(lambda v: v >= 0, "an integer >= 0"),
+    label_noise=(lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    eval_every=(lambda v: v >= 1, "an integer >= 1"),
 )
 
 
@@ -123,6 +127,10 @@ def get_args(argv=None):
                    f"(default: {d['cutout']})")
     g.add_argument("--train-size", type=int, help="CIFAR: train on a fixed random N-image part (0 = all; tests)")
     g.add_argument("--seed", type=int, help="model init, data order, augmentation, SSAM-D growth (default: 0)")
+    g.add_argument("--label-noise", type=float, help="CIFAR: give this fraction of the training images a wrong "
+                   f"label, drawn once with a fixed seed (the same for every --seed) (default: {d['label_noise']})")
+    g.add_argument("--eval-every", type=int, help="test accuracy every N epochs and after the last (default: 1; "
+                   "--demo: only after the last)")
     g = ap.add_argument_group("optimizer")
     g.add_argument("--optimizer", help="sgd | sam | ssamf | ssamd | samon (SAM on normalization layers only) "
                    f"(default: {d['optimizer']})")
@@ -197,14 +205,14 @@ def resolve_config(args):
         raise SystemExit(f"unknown --mask-select {cfg['mask_select']!r}: choose paper or cost")
     if cfg["mask_select"] == "cost" and (cfg["structure"] != "tensor" or cfg["optimizer"] not in ("ssamf", "ssamd")):
         raise SystemExit("--mask-select cost picks whole tensors: it needs --optimizer ssamf or ssamd and --structure tensor")
-    for k, default in (("ascent_fraction", 1.0), ("mask_select", "paper")):
+    for k, default in (("ascent_fraction", 1.0), ("mask_select", "paper"), ("label_noise", 0.0)):
         if cfg[k] == default:                  # defaults stay out of the config: older checkpoints still resume
             cfg.pop(k)
     wd_sgd, wd_sam = cfg.pop("wd_sgd"), cfg.pop("wd_sam")
     wd = wd_sgd if cfg["optimizer"] == "sgd" else wd_sam
     cfg["weight_decay"] = args.weight_decay if args.weight_decay is not None else wd
     for k, (ok, allowed) in ALLOWED.items():
-        if not ok(cfg[k]):
+        if k in cfg and not ok(cfg[k]):           # (flags at their default may have left cfg above)
             raise SystemExit(f"{flag(k)} {cfg[k]!r}: must be {allowed}")
     if cfg["resume"] and cfg["fresh"]:
         raise SystemExit("--resume and --fresh contradict each other: pass one of them")
@@ -220,7 +228,7 @@ def resolve_config(args):
                     for k in ("data_dir", "cache_dir") if k in given]
     if dataset == "imagenet":
         ignored += [(k, "ImageNet uses RandomResizedCrop + flip and the whole train/ folder")
-                    for k in ("cutout", "train_size") if k in given]
+                    for k in ("cutout", "train_size", "label_noise") if k in given]
         ignored += [("cache_dir", "ImageNet is read by DataLoader workers, never cached")] if "cache_dir" in given else []
     elif "workers" in given:
         ignored += [("workers", "CIFAR sits on the device as one tensor; there are no DataLoader workers")]
@@ -396,6 +404,18 @@ def normalize(x):
     return (x.float() - mean) / std
 
 
+def noisy_labels(y, p, num_classes):
+    """A fixed fraction p of the labels replaced by a different class, uniformly; drawn from seed 0 (not --seed),
+    so every run of a comparison sees the same noisy training set."""
+    if not 0 <= p < 1:
+        raise SystemExit(f"--label-noise {p} must be in [0, 1)")
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(y), generator=g)[:round(p * len(y))]
+    y = y.clone()
+    y[idx] = (y[idx] + torch.randint(1, num_classes, (len(idx),), generator=g)) % num_classes
+    return y
+
+
 class CifarOnDevice:
     """Train/test tensors on the device; batches(g) yields this process's share of each global batch."""
 
@@ -408,6 +428,8 @@ class CifarOnDevice:
             keep = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0))[:cfg["train_size"]]
             train_x, train_y = train_x[keep.sort().values], train_y[keep.sort().values]
         self.num_classes = 100 if cfg["dataset"] == "cifar100" else 10
+        if cfg.get("label_noise"):  # symmetric noise: exactly round(p*N) images get one of the other labels
+            train_y = noisy_labels(train_y, cfg["label_noise"], self.num_classes)
         self.train_x, self.train_y = train_x.to(device), train_y.to(device)
         self.test_x, self.test_y = test_x[rank::world].to(device), test_y[rank::world].to(device)
         self.batch, self.cutout, self.rank, self.world = cfg["batch_size"], cfg["cutout"], rank, world
@@ -948,7 +970,8 @@ def _train(cfg, device, rank, world):
             if world > 1:
                 for t in (loss_sum, loss_seen, bad_steps, correct, seen):
                     dist.all_reduce(t)
-            test_acc = evaluate()
+            last = epoch + 1 == cfg["epochs"]
+            test_acc = evaluate() if last or (epoch + 1) % cfg.get("eval_every", 1) == 0 else None
             elapsed += time.perf_counter() - t0
             epoch_log = dict(epoch=epoch + 1, loss=(loss_sum / loss_seen).item(), acc=(correct / seen).item(),
                              test_acc=test_acc, lr=sched.get_last_lr()[0], time=train_time,
@@ -962,8 +985,8 @@ def _train(cfg, device, rank, world):
                 epoch_log["ranks_in_sync"] = all(torch.equal(fps[0], f) for f in fps)
                 if not epoch_log["ranks_in_sync"]:
                     raise RuntimeError(f"processes diverged at epoch {epoch + 1}: weights or masks differ")
-            progress.update(task, metrics=f"loss {epoch_log['loss']:.3f} acc {epoch_log['acc']:.3f} "
-                            f"test {test_acc:.3f}" + (f" density {epoch_log['density']:.3f}" if sparse else ""))
+            progress.update(task, metrics=f"loss {epoch_log['loss']:.3f} acc {epoch_log['acc']:.3f} " +
+                            (f"test {test_acc:.3f}" if test_acc is not None else "") + (f" density {epoch_log['density']:.3f}" if sparse else ""))
             if master:
                 with open(out_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(epoch_log) + "\n")
@@ -989,30 +1012,149 @@ def _train(cfg, device, rank, world):
 
 
 # -----------------------------------------------------------------------------------------------------------
+# Grids of runs: ONE naming rule and ONE "done" rule for the demo, bench/accuracy.py and scripts/reproduce.py
+# -----------------------------------------------------------------------------------------------------------
+def grid_run(flags, root):
+    """train.py flags (a list) -> the run's config, in <root>/<name>. The name comes from the config:
+    <preset>-<optimizer>[-s<sparsity>]-seed<seed>, then every setting that differs from the preset's recipe,
+    e.g. cifar10-resnet18-sgd-seed0-epochs1-train-size256; cfg["recipe"] is True when nothing differs."""
+    args = get_args(flags)
+    if args.name or args.out_dir or args.demo:
+        raise ValueError(f"grid_run names the run itself: drop --name/--out-dir/--demo from {flags}")
+    cfg = resolve_config(args)
+    base = ["--preset", args.preset, "--optimizer", cfg["optimizer"], "--seed", str(cfg["seed"])]
+    recipe = resolve_config(get_args(base + (["--sparsity", str(cfg["sparsity"])] if "sparsity" in cfg else [])))
+    differ = [k for k in cfg if k not in RESUME_FREE and cfg[k] != recipe.get(k)]
+    cfg["name"] = recipe["name"] + "".join(f"-{k.replace('_', '-')}{str(cfg[k]).replace(':', 'of')}" for k in differ)
+    cfg["out_dir"] = str(Path(root) / cfg["name"])
+    return cfg, not differ
+
+
+def run_state(cfg):
+    """'done' (final.json records this config), 'resume' (ckpt.pt of this config), 'todo' (neither), or
+    'other: <diff>' when the folder holds a run of another config."""
+    d = Path(cfg["out_dir"])
+    if (d / "final.json").exists():
+        diff = config_diff(json.loads((d / "final.json").read_text())["config"], cfg)
+        return "done" if not diff else "other: " + ", ".join(diff)
+    if (d / "ckpt.pt").exists():
+        saved = torch.load(d / "ckpt.pt", map_location="cpu", weights_only=False, mmap=True)["config"]
+        diff = config_diff(saved, cfg)
+        return "resume" if not diff else "other: " + ", ".join(diff)
+    return "todo"
+
+
+def run_grid(grid, root, fresh=False, launch=None, jobs=1, env=None, dry_run=False):
+    """Train every run of `grid` (a list of train.py flag lists) that is not done; returns [(cfg, final)]
+    in grid order (final = final.json, None on a dry run). A done run is reused, an interrupted one resumed;
+    a folder holding another config is refused unless fresh (then it is trained again from scratch).
+    launch=None trains in this process, one run after another (the demo); otherwise each run is the command
+    launch + [train.py, flags...] (e.g. [sys.executable] or torchrun ...), `jobs` at a time, its output in
+    <out_dir>/train.log when jobs > 1."""
+    import shlex
+    import subprocess
+    plan = []
+    for flags in grid:
+        cfg, recipe = grid_run(flags, root)
+        st = run_state(cfg)
+        if st.startswith("other") and not fresh:
+            raise SystemExit(f"{cfg['out_dir']} holds a run of another config ({st[7:]}): move it away, or pass "
+                             f"--fresh to train it again with the config asked for")
+        st = "todo" if fresh else st
+        console.print(f"[{len(plan) + 1}/{len(grid)}] {st:6} {cfg['name']}" + ("" if recipe else "  (not the recipe)"),
+                      soft_wrap=True)
+        plan.append((flags, cfg, st))
+    running = []
+
+    def wait(until):                                     # reap finished subprocesses until len(running) <= until
+        while len(running) > until:
+            time.sleep(0.2)
+            for item in [r for r in running if r[0].poll() is not None]:
+                running.remove(item)
+                proc, log, c = item
+                if log:
+                    log.close()
+                if proc.returncode != 0:
+                    for other, _, _ in running:
+                        other.kill()
+                    tail = (Path(c["out_dir"]) / "train.log").read_text()[-3000:] if log else ""
+                    raise SystemExit(f"{tail}\ntrain.py failed (exit {proc.returncode}) for {c['name']}: fix it "
+                                     f"and rerun (finished runs are kept)")
+                console.print(f"finished {c['name']}", soft_wrap=True)
+
+    for i, (flags, cfg, st) in enumerate(plan):
+        if dry_run or st == "done":
+            continue
+        cfg["resume"], cfg["fresh"] = st == "resume", st != "resume"
+        if launch is None:
+            console.rule(f"[bold]{cfg['name']}")
+            train(cfg, show_config=i == 0)
+            continue
+        cmd = list(launch) + [str(ROOT / "train.py"), *flags, "--name", cfg["name"], "--out-dir", cfg["out_dir"],
+                              "--resume" if cfg["resume"] else "--fresh"]
+        console.print("   " + shlex.join(cmd), soft_wrap=True, markup=False)
+        Path(cfg["out_dir"]).mkdir(parents=True, exist_ok=True)
+        log = open(Path(cfg["out_dir"]) / "train.log", "w") if jobs > 1 else None
+        running.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log), log, cfg))
+        wait(jobs - 1)
+    wait(0)
+    out = []
+    for flags, cfg, st in plan:
+        f = Path(cfg["out_dir"]) / "final.json"
+        out.append((cfg, json.loads(f.read_text()) if f.exists() and not dry_run else None))
+    return out
+
+
+# -----------------------------------------------------------------------------------------------------------
 # Demo: the four optimizers on the shipped subset, one table (make demo)
 # -----------------------------------------------------------------------------------------------------------
-def demo(args):
-    t0, rows = time.perf_counter(), []
-    for o in ("sgd", "sam", "ssamf", "ssamd"):
-        a = argparse.Namespace(**{**vars(args), "optimizer": o, "name": None, "out_dir": None, "fresh": True})
-        cfg = resolve_config(a)
-        cfg["out_dir"] = args.out_dir and str(Path(args.out_dir) / o) or str(ROOT / "runs" / "demo" / o)
-        console.rule(f"[bold]{o}")
-        rows.append((o, train(cfg, show_config=o == "sgd")))
-    sgd_ms = rows[0][1]["step_ms"]
-    table = Table("optimizer", "sparsity", "test acc", "ms/step", "x SGD", "mask density",
-                  title=f"{args.preset}: {rows[0][1]['config']['model']}, {rows[0][1]['epochs']} epochs, "
+def demo(argv):
+    """SGD, SAM, SSAM-F, SSAM-D with the other flags given, runs in runs/demo/ (or --out-dir); finished runs of
+    the same config are reused (--fresh trains again). Prints accuracy, cost and the Hessian's lambda_1."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import sharpness                                     # bench/sharpness.py: Lanczos on Hessian-vector products
+    args, t0 = get_args(argv), time.perf_counter()
+    keep, skip = [], 0
+    for a in argv:                                       # the runner names the runs: drop the flags it sets
+        if skip:
+            skip -= 1
+        elif a in ("--out-dir", "--name", "--optimizer"):
+            skip = 1
+        elif a not in ("--demo", "--fresh", "--resume") and not a.startswith(("--out-dir=", "--name=", "--optimizer=")):
+            keep.append(a)
+    if args.eval_every is None:                          # 10,000 test images: measure once, at the end
+        keep += ["--eval-every", str(args.epochs or PRESETS[args.preset][2])]
+    root = args.out_dir or ROOT / "runs" / "demo"
+    runs = run_grid([keep + ["--optimizer", o] for o in ("sgd", "sam", "ssamf", "ssamd")], root, fresh=args.fresh)
+    rows = []
+    for cfg, r in runs:
+        t1 = time.perf_counter()
+        model, _ = sharpness.load_run(Path(cfg["out_dir"]) / "ckpt.pt", "cpu")
+        x, y = sharpness.train_batch(cfg, 128, "cpu")
+        lam = sharpness.top_eigenvalues(model, x, y, k=1, iters=DEMO_HVPS)[0]
+        rows.append((cfg, r, lam, time.perf_counter() - t1))
+    sgd_ms, c0 = rows[0][1]["step_ms"], rows[0][0]
+    n_test = len(load_cifar(c0)[3]) if c0["dataset"] != "imagenet" else "?"
+    table = Table("optimizer", "sparsity", "test acc", "ms/step", "x SGD", "mask density", "Hessian lambda_1",
+                  title=f"{c0['preset']}: {c0['model']}, {c0['epochs']} epochs, {n_test} test images, "
                         f"{rows[0][1]['device']}, total {time.perf_counter() - t0:.0f} s")
-    for o, r in rows:
-        table.add_row(o, f"{r['config'].get('sparsity', '-')}", f"{100 * r['test_acc']:.1f}%", f"{r['step_ms']:.0f}",
-                      f"{r['step_ms'] / sgd_ms:.2f}", f"{r['density']:.3f}")
+    for cfg, r, lam, _ in rows:
+        table.add_row(cfg["optimizer"], f"{cfg.get('sparsity', '-')}", f"{100 * r['test_acc']:.1f}%",
+                      f"{r['step_ms']:.0f}", f"{r['step_ms'] / sgd_ms:.2f}", f"{r['density']:.3f}", f"{lam:.0f}")
     Console().print(table)
+    Console().print(f"lambda_1: top eigenvalue of the training-loss Hessian on 128 training images ({DEMO_HVPS} "
+                    f"Lanczos steps, {sum(r[3] for r in rows):.0f} s for all four): lower = flatter minimum, what "
+                    "SAM is for. One seed after a few epochs; the converged comparison (seeds, confidence intervals) "
+                    "is `make bench-accuracy` -> bench/results/accuracy.md.")
+
+
+DEMO_HVPS = 10   # lambda_1 agreed with 20 and 40 steps to 3 digits on a wrn10-1 checkpoint (bench/sharpness.py)
 
 
 if __name__ == "__main__":
     args = get_args()
     if args.demo:
-        demo(args)
+        demo(sys.argv[1:])
     else:
         train(resolve_config(args))
     if dist.is_initialized():

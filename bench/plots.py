@@ -6,13 +6,15 @@ and training_curves.png (Fig. 2: train loss and test accuracy per epoch, one lin
     python bench/plots.py runs/                             # every runs/*/ holding metrics.jsonl + final.json
     python bench/plots.py runs/ --out-dir /tmp/figs
 
-Runs with the same optimizer and sparsity are seeds of one method: lines are their mean, bars and bands their
-standard deviation.
+Runs with the same optimizer and sparsity are seeds of one method: lines are their mean, bars and bands the 95%
+confidence interval of that mean (t-distribution over seeds). Test accuracy is drawn at the epochs where every
+seed of the method was evaluated (train.py --eval-every).
 """
 import argparse
 import glob
 import json
 import os
+import math
 import statistics
 
 import matplotlib
@@ -22,9 +24,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COLORS = dict(sgd="tab:gray", sam="tab:blue", ssamf="tab:orange", ssamd="tab:green", samon="tab:purple",
-              **{"ssamd-tensor": "tab:red"})
+              **{"ssamd-tensor": "tab:red", "ssamf-tensor": "tab:brown"})
 LABELS = dict(sgd="SGD", sam="SAM", ssamf="SSAM-F", ssamd="SSAM-D", samon="SAM-ON (norm layers)",
-              **{"ssamd-tensor": "SSAM-D, tensor masks"})
+              **{"ssamd-tensor": "SSAM-D, tensor masks", "ssamf-tensor": "SSAM-F, tensor masks"})
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def load(source):
@@ -32,8 +35,9 @@ def load(source):
     if os.path.isfile(source):
         with open(source) as f:
             result = json.load(f)
-        s = result["settings"]
-        return result["runs"], f"{s['model']}, cifar10-subset, {s['epochs']} epochs"
+        for r in result["runs"]:
+            r.setdefault("optimizer", r.get("method"))
+        return result["runs"], result["settings"]["title"]
     runs = []
     for final_path in sorted(glob.glob(os.path.join(source, "**", "final.json"), recursive=True)):
         run_dir = os.path.dirname(final_path)
@@ -46,7 +50,8 @@ def load(source):
         cfg = final["config"]
         runs.append(dict(optimizer=cfg["optimizer"] + ("-tensor" if cfg.get("structure") == "tensor" else ""), sparsity=cfg.get("sparsity"), seed=cfg.get("seed"),
                          test_acc=final["test_acc"], metrics=metrics, out_dir=run_dir,
-                         setting=f"{cfg.get('model')}, {cfg.get('dataset')}, {cfg.get('epochs')} epochs"))
+                         setting=f"{cfg.get('model')}, {cfg.get('dataset')}, {cfg.get('train_size') or 'all'} images, "
+                                 f"label noise {cfg.get('label_noise', 0)}, {cfg.get('epochs')} epochs"))
     if not runs:
         raise SystemExit(f"no runs found under {source} (expected <run>/final.json and <run>/metrics.jsonl)")
     # Runs of another model, dataset or length are not seeds of the same method: plot the largest setting only.
@@ -57,7 +62,9 @@ def load(source):
 
 
 def mean_std(values):
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    """-> mean and the half-width of its 95% confidence interval (0 for a single value)."""
+    n = len(values)
+    return statistics.mean(values), T975[n - 1] * statistics.stdev(values) / math.sqrt(n) if n > 1 else 0.0
 
 
 def by_method(runs):
@@ -81,7 +88,7 @@ def plot_accuracy_vs_sparsity(runs, title, path):
             ax.axhline(m, color=COLORS[opt], ls="--", label=f"{LABELS[opt]} ({m:.1f})")
             ax.axhspan(m - s, m + s, color=COLORS[opt], alpha=0.12)
     sparsities = sorted({s for _, s in groups if s is not None})
-    for opt in ("ssamf", "ssamd", "ssamd-tensor"):
+    for opt in ("ssamf", "ssamd", "ssamf-tensor", "ssamd-tensor"):
         xs = [s for s in sparsities if (opt, s) in groups]
         if xs:
             stats = [mean_std([100 * r["test_acc"] for r in groups[(opt, s)]]) for s in xs]
@@ -89,7 +96,7 @@ def plot_accuracy_vs_sparsity(runs, title, path):
                         capsize=3, color=COLORS[opt], label=LABELS[opt])
     ax.set_xlabel("sparsity of the perturbation (%)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Accuracy vs sparsity ({title}; mean ± std, {seeds_note(groups)})", fontsize=9)
+    ax.set_title(f"Accuracy vs sparsity ({title}; mean ± 95% CI, {seeds_note(groups)})", fontsize=9)
     if sparsities:
         ax.set_xticks([100 * s for s in sparsities])
     ax.legend(fontsize=8)
@@ -111,16 +118,15 @@ def plot_training_curves(runs, title, path):
         label = LABELS[opt] + ("" if sparsity is None else f" s={sparsity:g}")
         # one colour per optimizer; the SSAM sparsities by line style: solid, dashed, dotted, ...
         style = "-" if sparsity is None else ["-", "--", ":", "-."][sparse_levels.index(sparsity) % 4]
-        for ax, key in ((ax_loss, "train_loss"), (ax_acc, "test_acc")):
-            curves = [[m.get(key, m.get("loss")) if key == "train_loss" else m[key] for m in r["metrics"][:n]]
-                      for r in rs]
+        for ax, key in ((ax_loss, "loss"), (ax_acc, "test_acc")):
             scale = 100 if key == "test_acc" else 1
-            mean = [scale * statistics.mean(c[i] for c in curves) for i in range(n)]
-            std = [scale * (statistics.stdev(c[i] for c in curves) if len(curves) > 1 else 0.0) for i in range(n)]
-            ax.plot(epochs, mean, color=COLORS[opt], ls=style, marker=".", label=label)
-            ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+            at = [i for i in range(n) if all(r["metrics"][i].get(key) is not None for r in rs)]
+            stats = [mean_std([scale * r["metrics"][i][key] for r in rs]) for i in at]
+            xs, mean, ci = [epochs[i] for i in at], [m for m, _ in stats], [h for _, h in stats]
+            ax.plot(xs, mean, color=COLORS[opt], ls=style, marker="." if key == "loss" else "o", ms=3, label=label)
+            ax.fill_between(xs, [m - h for m, h in zip(mean, ci)], [m + h for m, h in zip(mean, ci)],
                             color=COLORS[opt], alpha=0.08)
-    ax_loss.set_ylabel("train loss")
+    ax_loss.set_ylabel("train loss (augmented batches, labels trained on)")
     ax_loss.xaxis.get_major_locator().set_params(integer=True)
     ax_acc.xaxis.get_major_locator().set_params(integer=True)
     ax_acc.set_ylabel("test accuracy (%)")
@@ -128,7 +134,7 @@ def plot_training_curves(runs, title, path):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     ax_acc.legend(fontsize=7, ncol=2)
-    fig.suptitle(f"Training curves ({title}; mean ± std, {seeds_note(groups)})", fontsize=10)
+    fig.suptitle(f"Training curves ({title}; mean ± 95% CI, {seeds_note(groups)})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

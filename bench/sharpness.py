@@ -5,7 +5,7 @@ lambda_1 and lambda_1 / lambda_5, by Lanczos with Hessian-vector products (doubl
     python bench/sharpness.py runs/*/ckpt.pt --batch 256 --iters 30                  # several runs, one table
 
 The model is in eval mode (BatchNorm uses its running statistics), so the loss is one fixed function of the
-weights; the batch is the first --batch training images, normalized, not augmented. The Hessian is over all
+weights; the batch is --batch training images (a fixed random draw), normalized, not augmented. The Hessian is over all
 parameters. Lanczos with full reorthogonalization: --iters Hessian-vector products give Ritz values whose
 largest converge to the top eigenvalues first. Measured on a wrn10-1 checkpoint: with 20 products lambda_1..3
 agree with 40 products to 4 digits and lambda_5 to 2%; raise --iters when lambda_5 matters.
@@ -80,12 +80,17 @@ def load_run(path, device):
 
 
 def train_batch(cfg, n, device):
-    """The first n training images of the run's dataset, normalized (no augmentation), and their labels."""
+    """n images of the run's training set (its --train-size part, its --label-noise labels), the same fixed
+    random draw for every run of that set (the files are sorted by class: the first n would be one class),
+    normalized, not augmented, and their labels: the loss the run minimized, without augmentation."""
     import train
     if cfg["dataset"] == "imagenet":
         raise SystemExit("sharpness.py: ImageNet checkpoints are not supported (CIFAR data lives in memory here)")
-    train_x, train_y, _, _ = train.load_cifar(cfg)
-    return train.normalize(train_x[:n].to(device)), train_y[:n].to(device)
+    data = train.CifarOnDevice(dict(cfg, batch_size=1), torch.device("cpu"), 0, 1)
+    if n > len(data.train_y):
+        raise SystemExit(f"sharpness.py: --batch {n} is larger than the run's {len(data.train_y)} training images")
+    idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(0))[:n]
+    return train.normalize(data.train_x[idx].to(device)), data.train_y[idx].to(device)
 
 
 def main():

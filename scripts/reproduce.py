@@ -4,29 +4,47 @@
     DATA=/data/imagenet python scripts/reproduce.py imagenet                 # Table 3: resnet50 on ImageNet-1K
     MODELS=resnet18 DATASETS=cifar10 OPTIMIZERS=sgd,ssamf SPARSITIES=0.5,0.9 SEEDS=0,1 python scripts/reproduce.py cifar
     LAUNCH="torchrun --standalone --nproc_per_node 8" DATA=/data/imagenet python scripts/reproduce.py imagenet
+    DATA=/data/cifar10 python scripts/reproduce.py cifar-short      # ResNet-18, CIFAR-10, SHORT_EPOCHS, one GPU
     python scripts/reproduce.py cifar --dry-run            # list the runs and their state, train nothing
     python scripts/reproduce.py cifar --report             # only (re)write the tables from what has finished
 
-Each run lives in runs/reproduce/<name>/. A run whose final.json exists is skipped; one with a checkpoint is
-resumed (train.py --resume); the rest start fresh. After every run the Markdown tables are rewritten:
-runs/reproduce_table1.md, _table2.md (CIFAR) and _table3.md (ImageNet): paper, ours (mean ± std over seeds,
-n runs) and the difference. Filters come from flags or the environment (flags win): MODELS, DATASETS,
-OPTIMIZERS (sgd, sam, ssamf, ssamd), SPARSITIES, SEEDS, DATA (ImageNet root, or the CIFAR root holding
-<dataset>/ folders; default data/<dataset>, downloaded by torchvision when missing), LAUNCH (prefix such as
-torchrun ...), EXTRA (more train.py flags, e.g. "--amp bf16").
+Runs go through train.py's run_grid, the one runner the demo and bench/accuracy.py use too: the run's name
+comes from its config (<dataset>-<model>... plus every setting that differs from the paper's recipe, e.g.
+-epochs1-train-size256), a run counts as done only if its final.json records exactly the config asked for,
+an interrupted run is resumed, and a folder holding another config is refused (--fresh trains it again).
+After every run the tables are rewritten: runs/reproduce_table{1,2,3}.md (and reproduce_short.md): the paper,
+ours over the runs with the paper's full recipe (mean ± std, how many seeds) and the difference; runs that
+differ from the recipe (EXTRA="--epochs 1 ...") are listed apart with what differs, never in the paper's
+column; every cell names its runs. Filters come from flags or the environment (flags win): MODELS, DATASETS,
+OPTIMIZERS (sgd, sam, ssamf, ssamd), SPARSITIES, SEEDS, DATA (ImageNet root; for CIFAR an ImageFolder tree
+<DATA>/<dataset>/{train,test}/<class>/ or torchvision's folder; default data/<dataset>, downloaded when
+missing), LAUNCH (prefix such as torchrun ...), EXTRA (more train.py flags, e.g. "--amp bf16").
+
+cifar-short (make reproduce-cifar-short): ResNet-18 on CIFAR-10 for SGD, SAM, SSAM-F 0.5, SSAM-D 0.5 and
+SSAM-F 0.9 with whole-tensor masks, SHORT_EPOCHS epochs (default 15) with bf16 autocast, channels-last and
+torch.compile (SHORT_FLAGS); prints accuracy, ms/step and x SGD. 15 epochs is an estimate of what fits in
+about 8 minutes of one H100, not a measurement: one SGD epoch is 3 x 0.56 GFLOP x 50,000 images = 84 TFLOP
+(forward + backward), SAM-type steps twice that, tensor masks ~1.6x: 8.6 SGD-epochs = 0.72 PFLOP per epoch
+of the grid; at an assumed 10% of the H100's 989 bf16 TFLOP/s (small 32x32 convolutions at batch 128) that
+is 7 s per grid epoch, 1.9 min for 15, plus evaluation and about a minute of compilation per run.
 """
 import argparse
 import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RUNS = ROOT / "runs" / "reproduce"
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
+SHORT_EPOCHS = 15
+SHORT_FLAGS = "--amp bf16 --channels-last --compile"
+SHORT = [("sgd", None, None), ("sam", None, None), ("ssamf", 0.5, None), ("ssamd", 0.5, None),
+         ("ssamf", 0.9, "tensor")]
 
 # Paper's test accuracy (%), by (model, dataset, optimizer, sparsity); sparsity None for SGD and SAM.
 PAPER = {}
@@ -59,101 +77,174 @@ def option(flag_value, env, default, cast=str):
 
 
 def grid(args):
-    """The runs asked for: the paper's rows, filtered."""
+    """The runs asked for, as train.py flag lists: the paper's rows filtered, or the short grid."""
+    seeds = option(args.seeds, "SEEDS", [0], int)
+    data = os.environ.get("DATA")
+    extra = shlex.split(os.environ.get("EXTRA", ""))
+    if args.grid == "cifar-short":
+        short = ["--epochs", os.environ.get("SHORT_EPOCHS") or str(SHORT_EPOCHS)]
+        short += shlex.split(os.environ.get("SHORT_FLAGS", SHORT_FLAGS))
+        short += ["--data-dir", data] if data else []
+        optimizers = option(args.optimizers, "OPTIMIZERS", ["sgd", "sam", "ssamf", "ssamd"])
+        return [["--preset", "cifar10-resnet18", "--optimizer", o, "--seed", str(seed)]
+                + ([] if sp is None else ["--sparsity", str(sp)]) + ([] if st is None else ["--structure", st])
+                + short + extra for o, sp, st in SHORT if o in optimizers for seed in seeds]
     imagenet = args.grid == "imagenet"
     models = option(args.models, "MODELS", ["resnet50"] if imagenet else ["resnet18", "wrn28-10"])
     datasets = option(args.datasets, "DATASETS", ["imagenet"] if imagenet else ["cifar10", "cifar100"])
     optimizers = option(args.optimizers, "OPTIMIZERS", ["sgd", "sam", "ssamf", "ssamd"])
     sparsities = option(args.sparsities, "SPARSITIES", list(SPARSITIES), float)
-    seeds = option(args.seeds, "SEEDS", [0], int)
     runs = []
     for (model, dataset, opt, sp) in PAPER:
         if model in models and dataset in datasets and opt in optimizers and (sp is None or sp in sparsities):
-            runs += [(model, dataset, opt, sp, seed) for seed in seeds]
+            for seed in seeds:
+                flags = ["--preset", f"{dataset}-{model}", "--optimizer", opt, "--seed", str(seed)]
+                flags += [] if sp is None else ["--sparsity", str(sp)]
+                if data:
+                    flags += ["--data-dir", data if dataset == "imagenet" else str(Path(data) / dataset)]
+                runs.append(flags + extra)
     return runs
 
 
-def run_dir(model, dataset, opt, sp, seed):
-    return RUNS / (f"{dataset}-{model}-{opt}" + (f"-s{sp:g}" if sp is not None else "") + f"-seed{seed}")
-
-
-def state(d):
-    return "done" if (d / "final.json").exists() else "resume" if (d / "ckpt.pt").exists() else "todo"
-
-
-def train_command(model, dataset, opt, sp, seed):
-    d = run_dir(model, dataset, opt, sp, seed)
-    cmd = shlex.split(os.environ.get("LAUNCH", "")) or [sys.executable]
-    cmd += [str(ROOT / "train.py"), "--preset", f"{dataset}-{model}", "--optimizer", opt, "--seed", str(seed),
-            "--out-dir", str(d)]
-    if sp is not None:
-        cmd += ["--sparsity", str(sp)]
-    data = os.environ.get("DATA")
-    if data:
-        cmd += ["--data-dir", data if dataset == "imagenet" else str(Path(data) / dataset)]
-    cmd += shlex.split(os.environ.get("EXTRA", ""))
-    return cmd + (["--resume"] if state(d) == "resume" else [])
-
-
-def write_tables():
-    """One Markdown file per table, from every finished run under runs/reproduce/."""
-    done = {}
-    for f in RUNS.glob("*/final.json"):
+def finished_runs(runs_dir):
+    """Every finished run under runs_dir: (its final.json, the paper's cell it belongs to, what differs from
+    the paper's recipe: [] for a recipe run). The cell comes from the run's preset, optimizer and sparsity."""
+    out = []
+    for f in sorted(Path(runs_dir).glob("*/final.json")):
         r = json.loads(f.read_text())
         c = r["config"]
-        key = (c["model"], c["dataset"], c["optimizer"], c.get("sparsity"))
-        done.setdefault(key, []).append(100 * r["test_acc"])
-    written = []
+        model, dataset = train.PRESETS[c["preset"]][1], train.PRESETS[c["preset"]][0]
+        base = ["--preset", c["preset"], "--optimizer", c["optimizer"], "--seed", str(c["seed"])]
+        recipe, _ = train.grid_run(base + ([] if c.get("sparsity") is None else ["--sparsity", str(c["sparsity"])]),
+                                   runs_dir)
+        differ = [f"{k.replace('_', '-')} {c.get(k)}" for k in sorted(set(c) | set(recipe))
+                  if k not in train.RESUME_FREE and c.get(k) != recipe.get(k)]
+        out.append(dict(final=r, dir=f.parent, cell=(model, dataset, c["optimizer"], c.get("sparsity")),
+                        seed=c["seed"], differ=differ))
+    return out
+
+
+def ours(runs):
+    """'mean ± std (n seeds)' of the test accuracies of runs (%); the seeds are counted, not the runs."""
+    accs = [100 * r["final"]["test_acc"] for r in runs]
+    seeds = sorted({r["seed"] for r in runs})
+    mean = statistics.mean(accs)
+    sd = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
+    return mean, f"{mean:.2f}{sd} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})"
+
+
+def cell_name(model, dataset, opt, sp):
+    return f"{dataset} {model} {opt}" + ("" if sp is None else f" {sp:.0%}")
+
+
+def write_tables(runs_dir):
+    """One Markdown file per paper table, from every finished run under runs_dir, next to runs_dir."""
+    runs = finished_runs(runs_dir)
+    out_dir, written = Path(runs_dir).parent, []
     for table, (model, datasets) in TABLES.items():
-        if not any(k[0] == model and k[1] in datasets for k in done):
+        mine = [r for r in runs if r["cell"][0] == model and r["cell"][1] in datasets]
+        if not mine:
             continue
+        recipe = [r for r in mine if not r["differ"]]
         head = "| optimizer | sparsity | " + " | ".join(f"{d} paper | {d} ours | {d} diff" for d in datasets) + " |"
-        lines = [f"# {table}: {model} (test accuracy %, ours = mean ± std over seeds, n = runs)", "",
+        lines = [f"# {table}: {model}, test accuracy %", "",
+                 "ours = mean ± std over the runs with the paper's full recipe (the preset, nothing changed), and "
+                 "how many seeds; runs with anything changed are listed below the table, never in it.", "",
                  head, "|" + "---|" * (2 + 3 * len(datasets))]
         for (m, d0, opt, sp) in PAPER:
             if m != model or d0 != datasets[0]:
                 continue
             cells = []
             for d in datasets:
-                paper, ours = PAPER[model, d, opt, sp], done.get((model, d, opt, sp), [])
-                if ours:
-                    mean = statistics.mean(ours)
-                    sd = f" ± {statistics.stdev(ours):.2f}" if len(ours) > 1 else ""
-                    cells += [f"{paper:.2f}", f"{mean:.2f}{sd} (n={len(ours)})", f"{mean - paper:+.2f}"]
+                paper = PAPER[model, d, opt, sp]
+                rs = [r for r in recipe if r["cell"] == (model, d, opt, sp)]
+                if rs:
+                    mean, text = ours(rs)
+                    cells += [f"{paper:.2f}", text, f"{mean - paper:+.2f}"]
                 else:
                     cells += [f"{paper:.2f}", "—", "—"]
             lines.append(f"| {opt} | {'—' if sp is None else f'{sp:.0%}'} | " + " | ".join(cells) + " |")
-        path = ROOT / "runs" / f"reproduce_{table}.md"
+        lines += ["", "Runs behind each cell (folders in " + str(runs_dir) + "):", ""]
+        for cell in sorted({r["cell"] for r in recipe}, key=str):
+            lines.append(f"- {cell_name(*cell)}: " + ", ".join(r["dir"].name for r in recipe if r["cell"] == cell))
+        if not recipe:
+            lines.append("- none: no run with the paper's full recipe has finished yet")
+        other = [r for r in mine if r["differ"]]
+        if other:
+            lines += ["", "## Not the paper's recipe (not in the table above)", "",
+                      "| paper's cell | what differs from the recipe | ours | paper | runs |", "|---|---|---|---|---|"]
+            groups = {}
+            for r in other:
+                groups.setdefault((r["cell"], tuple(r["differ"])), []).append(r)
+            for (cell, differ), rs in sorted(groups.items(), key=str):
+                lines.append(f"| {cell_name(*cell)} | {', '.join(differ)} | {ours(rs)[1]} | {PAPER[cell]:.2f} | "
+                             + ", ".join(r["dir"].name for r in rs) + " |")
+        path = out_dir / f"reproduce_{table}.md"
         path.write_text("\n".join(lines) + "\n")
         written.append(path)
     return written
 
 
+def short_table(done):
+    """The cifar-short grid: accuracy, ms/step and x SGD per method (mean over seeds), as Markdown."""
+    rows, sgd_ms = {}, None
+    for cfg, final in done:
+        if final is None:
+            continue
+        key = (cfg["optimizer"], cfg.get("sparsity"), cfg.get("structure", "unstructured"))
+        rows.setdefault(key, []).append(final)
+    if not rows:
+        return None
+    sgd = rows.get(("sgd", None, "unstructured"))
+    sgd_ms = statistics.mean(f["step_ms"] for f in sgd) if sgd else None
+    c = next(cfg for cfg, f in done if f is not None)
+    lines = [f"# cifar-short: {c['model']} on {c['dataset']}, {c['epochs']} epochs (the paper trains 200: not its "
+             f"recipe), amp {c['amp']}, channels-last {c.get('channels_last')}, compile {c.get('compile')}", "",
+             "| method | test acc % | ms/step | x SGD | seeds | device |", "|---|---|---|---|---|---|"]
+    for (o, sp, st), fs in rows.items():
+        ms = statistics.mean(f["step_ms"] for f in fs)
+        name = o + ("" if sp is None else f" {sp:g}") + ("" if st == "unstructured" else f" {st}")
+        lines.append(f"| {name} | {ours([dict(final=f, seed=f['config']['seed']) for f in fs])[1]} | {ms:.1f} | "
+                     f"{'–' if not sgd_ms else f'{ms / sgd_ms:.2f}'} | {len(fs)} | {fs[0]['device']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("grid", choices=["cifar", "imagenet"])
+    ap.add_argument("grid", choices=["cifar", "imagenet", "cifar-short"])
     ap.add_argument("--models"), ap.add_argument("--datasets"), ap.add_argument("--optimizers")
     ap.add_argument("--sparsities"), ap.add_argument("--seeds")
+    ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "reproduce"), help="default runs/reproduce; the "
+                    "tables are written next to it")
     ap.add_argument("--dry-run", action="store_true", help="list the runs and their state; train nothing")
     ap.add_argument("--report", action="store_true", help="only write the tables")
+    ap.add_argument("--fresh", action="store_true", help="train every run of the grid again from scratch")
     args = ap.parse_args()
     if args.grid == "imagenet" and not os.environ.get("DATA") and not args.report:
         raise SystemExit("ImageNet needs DATA=/path/to/imagenet (holding train/ and val/ class folders)")
+    runs_dir = Path(args.runs_dir) / ("short" if args.grid == "cifar-short" else "")
     runs = grid(args)
     if not runs:
         raise SystemExit("the filters select no run of the paper's tables; check MODELS/DATASETS/OPTIMIZERS/SPARSITIES")
-    for i, run in enumerate(runs if not args.report else []):
-        d, st = run_dir(*run), state(run_dir(*run))
-        print(f"[{i + 1}/{len(runs)}] {st:6} {d.name}", flush=True)
-        if args.dry_run or st == "done":
-            continue
-        cmd = train_command(*run)
-        print("   ", shlex.join(cmd), flush=True)
-        if subprocess.run(cmd, cwd=ROOT).returncode != 0:
-            raise SystemExit(f"{d.name} failed; fix it and rerun this command (finished runs are skipped)")
-        write_tables()
-    for path in write_tables():
-        print(f"wrote {path}")
+    launch = shlex.split(os.environ.get("LAUNCH", "")) or [sys.executable]
+    if args.report:
+        done = [(cfg, json.loads((Path(cfg["out_dir"]) / "final.json").read_text())
+                 if train.run_state(cfg) == "done" else None) for cfg, _ in (train.grid_run(f, runs_dir) for f in runs)]
+    else:
+        done = []
+        for flags in runs:   # one at a time, so the tables are rewritten after every run
+            done += train.run_grid([flags], runs_dir, fresh=args.fresh, launch=launch, dry_run=args.dry_run)
+            if args.grid != "cifar-short" and not args.dry_run:
+                write_tables(runs_dir)
+    if args.grid == "cifar-short":
+        text = short_table(done)
+        if text:
+            path = Path(args.runs_dir).parent / "reproduce_short.md"
+            path.write_text(text)
+            print(text + f"\nwrote {path}")
+        return
+    for path in write_tables(runs_dir):
+        print(path.read_text() + f"\nwrote {path}")
 
 
 if __name__ == "__main__":

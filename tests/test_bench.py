@@ -175,3 +175,112 @@ def test_the_timed_step_is_train_py_step(monkeypatch):
     assert mem["weight_copy"] == pb and mem["momentum"] == pb and mem["masks"] == pb // 4
     assert opt.last_mask_update == 0                            # the huge update_interval: no timed update
     assert common.make_model("resnet18").conv1.kernel_size == (3, 3)   # train.py's CIFAR stem
+
+
+# ----------------------------------------------------------------------------------------------------------
+# accuracy.py: confidence intervals and PAIRED differences (same seed)
+
+def test_accuracy_summary_pairs_by_seed():
+    import accuracy
+    runs = [dict(method=m, sparsity=sp, seed=s, test_acc=a / 100) for m, sp, accs in (
+        ("sgd", None, (40.0, 50.0, 60.0)), ("sam", None, (42.0, 51.0, 63.0)), ("ssamd", 0.5, (41.0, 52.0, 62.0)))
+        for s, a in enumerate(accs)] + [dict(method="sgd", sparsity=None, seed=7, test_acc=0.99)]   # not in seeds
+    rows = {(r["method"], r["sparsity"]): r for r in accuracy.summarize(runs, [0, 1, 2])}
+    sgd, sam, ssamd = rows["sgd", None], rows["sam", None], rows["ssamd", 0.5]
+    assert sgd["n"] == 3 and sgd["mean"] == pytest.approx(50.0)
+    assert sgd["ci"] == pytest.approx(4.303 * 10.0 / 3 ** 0.5)            # t(2 dof) * sd / sqrt(n)
+    # unpaired, SAM's +2 would drown in a ±25 interval; paired, the differences are 2, 1, 3: 2 ± 4.303 * 1 / sqrt(3)
+    assert sam["vs_sgd"][0] == pytest.approx(2.0) and sam["vs_sgd"][1] == pytest.approx(4.303 / 3 ** 0.5)
+    assert sam["vs_sgd"][2] == 3 and sam["vs_sam"] is None and sgd["vs_sgd"] is None
+    assert ssamd["vs_sam"][0] == pytest.approx(-1 / 3) and ssamd["per_seed"] == [41.0, 52.0, 62.0]
+    text = accuracy.render(dict(settings=dict(setting=["--x"], jobs=2), machine=dict(cpu="c", cores=2, torch="t"),
+                                wall_s=60, trained=0, seed_sets={"s": [0, 1, 2]}, runs=runs,
+                                summary={"s": accuracy.summarize(runs, [0, 1, 2])}))
+    assert "| SAM | 52.00 ± " in text and "| 2.00 ± 2.48 |" in text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The one runner (train.py run_grid): names from the config, "done" = final.json with the same config
+
+def test_runner_names_and_done_rule(tmp_path):
+    import json
+    import train
+    toy = ["--model", "wrn10-1", "--epochs", "1", "--train-size", "128"]
+    cfg, recipe = train.grid_run(["--preset", "cifar10-resnet18", "--optimizer", "ssamf", "--sparsity", "0.5"], tmp_path)
+    assert recipe and cfg["name"] == "cifar10-resnet18-ssamf-s0.5-seed0" and cfg["out_dir"] == str(tmp_path / cfg["name"])
+    cfg, recipe = train.grid_run(["--optimizer", "sam", "--seed", "3"] + toy, tmp_path)
+    assert not recipe and cfg["name"] == "cifar10-subset-sam-seed3-epochs1-train-size128"
+    assert train.run_state(cfg) == "todo"
+    d = tmp_path / cfg["name"]
+    d.mkdir()
+    (d / "final.json").write_text(json.dumps(dict(config=dict(cfg, out_dir="elsewhere", fresh=True), test_acc=0.5)))
+    assert train.run_state(cfg) == "done"                               # where it was stored does not matter
+    done = train.run_grid([["--optimizer", "sam", "--seed", "3"] + toy], tmp_path)     # reused, nothing trained
+    assert done[0][1]["test_acc"] == 0.5
+    (d / "final.json").write_text(json.dumps(dict(config=dict(cfg, lr=0.1), test_acc=0.5)))
+    assert train.run_state(cfg).startswith("other: lr=0.1 (now 0.05)")
+    with pytest.raises(SystemExit, match="holds a run of another config .lr=0.1 .now 0.05..: move it away, or pass --fresh"):
+        train.run_grid([["--optimizer", "sam", "--seed", "3"] + toy], tmp_path)
+    with pytest.raises(ValueError, match="drop --name/--out-dir"):
+        train.grid_run(["--out-dir", "x"], tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# scripts/reproduce.py end to end on a toy grid: cells traceable to runs, seeds counted, non-recipe runs apart
+
+def test_reproduce_toy_grid_table(tmp_path):
+    import json
+    import subprocess
+    import train
+    root = os.path.dirname(BENCH)
+    toy = "--dataset cifar10-subset --model wrn10-1 --epochs 1 --train-size 192 --batch-size 64"
+    env = dict(os.environ, MODELS="resnet18", DATASETS="cifar10", OPTIMIZERS="sgd", SEEDS="0,1", EXTRA=toy,
+               OMP_NUM_THREADS="1")
+    cmd = [sys.executable, os.path.join(root, "scripts", "reproduce.py"), "cifar", "--runs-dir", str(tmp_path / "rep")]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    names = sorted(p.name for p in (tmp_path / "rep").iterdir())
+    assert names == [f"cifar10-resnet18-sgd-seed{s}-datasetcifar10-subset-modelwrn10-1-epochs1-batch-size64-train-size192"
+                     for s in (0, 1)]
+    table = (tmp_path / "reproduce_table1.md").read_text()
+    sgd_row = next(line for line in table.splitlines() if line.startswith("| sgd |"))
+    assert sgd_row.split(" | ")[3] == "—"                                    # not in the paper's column...
+    (other,) = [line for line in table.splitlines() if line.startswith("| cifar10 resnet18 sgd |")]
+    assert "epochs 1" in other and "train-size 192" in other and "model wrn10-1" in other    # ...but apart, marked
+    accs = [100 * json.loads((tmp_path / "rep" / n / "final.json").read_text())["test_acc"] for n in names]
+    assert f"{sum(accs) / 2:.2f} ± " in other and "(2 seeds)" in other and all(n in other for n in names)
+
+    # a finished run with the paper's recipe goes into the table, with its seed count and its folder
+    recipe, _ = train.grid_run(["--preset", "cifar10-resnet18", "--optimizer", "sgd", "--seed", "0"], tmp_path / "rep")
+    os.makedirs(recipe["out_dir"])
+    with open(os.path.join(recipe["out_dir"], "final.json"), "w") as f:
+        json.dump(dict(config=recipe, test_acc=0.9612), f)
+    r = subprocess.run(cmd + ["--report"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = (tmp_path / "reproduce_table1.md").read_text()
+    assert "| sgd | — | 96.07 | 96.12 (1 seed) | +0.05 |" in table
+    assert "- cifar10 resnet18 sgd: cifar10-resnet18-sgd-seed0\n" in table
+
+    # the same command again trains nothing; a changed EXTRA is a new run, never the old one reused
+    r = subprocess.run(cmd + ["--dry-run"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr.count("done") == 2 and "todo" not in r.stderr
+    r = subprocess.run(cmd + ["--dry-run"], env=dict(env, EXTRA=toy.replace("--epochs 1", "--epochs 2")),
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr.count("todo") == 2 and "done" not in r.stderr
+
+
+def test_reproduce_cifar_short_runs_on_cpu(tmp_path):
+    """make reproduce-cifar-short's grid with a tiny override (1 epoch, 128 images, wrn10-1, bf16 autocast)."""
+    import subprocess
+    root = os.path.dirname(BENCH)
+    env = dict(os.environ, OPTIMIZERS="sgd,ssamf", SHORT_EPOCHS="1", SHORT_FLAGS="--amp bf16", OMP_NUM_THREADS="1",
+               EXTRA="--dataset cifar10-subset --model wrn10-1 --train-size 128 --batch-size 64")
+    r = subprocess.run([sys.executable, os.path.join(root, "scripts", "reproduce.py"), "cifar-short", "--runs-dir",
+                        str(tmp_path / "rep")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = (tmp_path / "reproduce_short.md").read_text()
+    assert "1 epochs (the paper trains 200: not its recipe), amp bf16" in table
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row[0] for row in rows] == ["| sgd", "| ssamf 0.5", "| ssamf 0.9 tensor"]
+    assert rows[0][3] == "1.00" and all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)
+    assert all("(1 seed)" in row[1] for row in rows) and table in r.stdout
