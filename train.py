@@ -1114,6 +1114,10 @@ def demo(argv):
     sys.path.insert(0, str(ROOT / "bench"))
     import sharpness                                     # bench/sharpness.py: Lanczos on Hessian-vector products
     args, t0 = get_args(argv), time.perf_counter()
+    for k in ("optimizer", "name", "resume"):             # a flag the demo would ignore is an error, as in train()
+        if getattr(args, k) not in (None, False):
+            raise SystemExit(f"--demo trains sgd, sam, ssamf and ssamd in runs of its own, and reuses finished ones: "
+                             f"drop --{k}")
     keep, skip = [], 0
     for a in argv:                                       # the runner names the runs: drop the flags it sets
         if skip:

@@ -237,6 +237,9 @@ def test_flags_that_would_be_ignored_are_errors():
             cfg_for(argv)
     # what stays allowed: the demo passes one set of flags to every optimizer; torchvision's folder gets no cache
     assert cfg_for(["--demo", "--sparsity", "0.9"])["optimizer"] == "sgd"
+    for flag in (["--optimizer", "sam"], ["--name", "x"], ["--resume"]):     # ...but not a flag it would ignore
+        with pytest.raises(SystemExit, match=f"--demo trains sgd, sam, ssamf and ssamd .*: drop {flag[0]}"):
+            train.demo(["--demo", *flag])
     assert cfg_for(["--optimizer", "sam", "--sync-ascent"])["sync_ascent"] is True
     with pytest.raises(SystemExit, match="--cache-dir would be ignored: .* not an ImageFolder tree"):
         train.load_cifar({"dataset": "cifar10", "data_dir": str(ROOT / "nowhere"), "cache_dir": "/tmp/c"})
