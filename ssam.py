@@ -1,11 +1,8 @@
-"""Sparse Sharpness-Aware Minimization (SSAM) in one file; needs torch only. README.md: usage, guarantees, decisions.
+"""Sparse SAM (Mi et al., NeurIPS 2022) in one file; needs torch only. README.md: usage, guarantees, decisions.
 
-Mi et al., "Make Sharpness-Aware Minimization Stronger: A Sparsified Perturbation Approach", NeurIPS 2022. SAM
-climbs to w + eps, eps = rho * g / ||g|| (Eq. 2), and descends with the gradient found there; SSAM perturbs only
-the entries a binary mask m selects, eps ⊙ m, m from the empirical Fisher (SSAM-F, Eq. 5-6) or grown and dropped
-during training (SSAM-D, Eq. 7-9). In the paper's order: SAM | mask helpers | SSAMF | SSAMD | SAMON | the 2:4
-sparse backward | the BatchNorm helper. A step: loss.backward(); opt.first_step(zero_grad=True); a second
-forward/backward (under frozen_bn_stats(model)); opt.second_step(zero_grad=True). Or davda54's opt.step(closure).
+SAM climbs to w + eps, eps = rho * g / ||g|| (Eq. 2), and descends with the gradient found there; SSAM perturbs
+only the entries a bool mask m selects, eps ⊙ m, m from the empirical Fisher (SSAM-F, Eq. 5-6) or dropped and
+grown during training (SSAM-D, Eq. 7-9). Sections: SAM | mask helpers | SSAM-F | SSAM-D | SAM-ON | 2:4 | BatchNorm.
 """
 import copy
 import itertools
@@ -18,23 +15,29 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}   # first_step's bitwise eps = 0
+_REFUSED = set()                   # (shapes, dtype, device) the 2:4 kernel refused: dense from then on
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())                      # what SAM-ON perturbs
+
 
 # ---- SAM (Foret et al. 2021), the frame SSAM's masks plug into -------------------------------------
 class SAM(torch.optim.Optimizer):
-    """SAM; `adaptive=True` is ASAM (eps scaled by w^2). base_optimizer: a torch.optim.Optimizer class (built
-    here with **kwargs) or one built over the same parameters; `param_groups` are shared with it."""
+    """SAM; adaptive=True is ASAM (eps scaled by w^2). base_optimizer: a torch.optim.Optimizer class (built here
+    with **kwargs) or one built over the same parameters; param_groups are shared with it."""
     _COUNTERS = ("steps",)             # saved in state_dict()["counters"]; subclasses add theirs
 
     def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, **kwargs):
         if not rho >= 0:
             raise ValueError(f"rho must be >= 0, got {rho!r}")
         super().__init__(params, dict(rho=rho, adaptive=adaptive))
+        ours = {id(p) for g in self.param_groups for p in g["params"]}
         if isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
             base_optimizer = base_optimizer(self.param_groups, **kwargs)
-        elif not isinstance(base_optimizer, torch.optim.Optimizer) or kwargs or {id(p) for p in self._params()} != {
+        elif not isinstance(base_optimizer, torch.optim.Optimizer) or kwargs or ours != {
                 id(p) for g in base_optimizer.param_groups for p in g["params"]}:
-            raise ValueError(f"base_optimizer must be a torch.optim.Optimizer class, or one built over the same "
-                             f"parameters (not other parameters) and no extra arguments; got {base_optimizer!r} and {sorted(kwargs)}")
+            raise ValueError(f"base_optimizer must be an Optimizer class, or one over the same parameters (not other "
+                             f"parameters) without extra arguments; got {base_optimizer!r}, {sorted(kwargs)}")
         self.base_optimizer = base_optimizer
         self.param_groups = self.base_optimizer.param_groups          # one set of groups: schedulers just work
         for group in self.param_groups:
@@ -44,9 +47,6 @@ class SAM(torch.optim.Optimizer):
         self.steps = 0                 # completed steps (second_step calls)
         self.norm = "full"             # eps normalized by ||g|| over all parameters, as Eq. 2
         self._w = None                 # the weights w while the model sits at w + eps
-
-    def _params(self):
-        return [p for g in self.param_groups for p in g["params"]]
 
     def _mask_for_step(self, params, grads):
         return None                    # dense SAM; the SSAM classes return (and update) their masks
@@ -60,15 +60,15 @@ class SAM(torch.optim.Optimizer):
         params = [p for _, ps in groups for p in ps]
         grads = [p.grad for p in params]
         if not params:
-            raise ValueError("no gradients: run loss.backward() before first_step() or step(closure) "
-                             "(step(closure, both_passes=True) runs that pass too)")
+            raise ValueError("no gradients: run loss.backward() first, or use step(closure, both_passes=True)")
         masks = self._mask_for_step(params, grads)          # may raise (SSAMF without a mask): nothing changed yet
         if masks is not None and self.norm == "masked":
             torch._foreach_mul_(grads, masks)               # g ⊙ m, normalized by its own norm below
         ada = [p for g, ps in groups if g["adaptive"] for p in ps]
         if ada:                                             # ASAM: eps = rho * w^2 g / ||w g||
             torch._foreach_mul_([p.grad for p in ada], ada)
-        norm = torch.linalg.vector_norm(torch.stack([n.to(params[0].device) for n in torch._foreach_norm(grads)]))  # ||g||
+        norms = [n.to(params[0].device) for n in torch._foreach_norm(grads)]
+        norm = torch.linalg.vector_norm(torch.stack(norms))  # ||g||
         for g, ps in groups:                                # Eq. 2: rho / ||g||; rho may differ between groups
             if ps:
                 torch._foreach_mul_([p.grad for p in ps], (g["rho"] / (norm + 1e-12)).to(ps[0].device))
@@ -84,15 +84,13 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad()
 
     @torch.no_grad()
-    def restore(self):
-        """Put the weights back to exactly w (a copy, not a subtraction; no-op when not perturbed)."""
+    def restore(self):                 # back to exactly w: a copy, not a subtraction; no-op when not perturbed
         if self._w is not None:
             torch._foreach_copy_(*self._w)
             self._w = None
 
     @torch.no_grad()
     def second_step(self, zero_grad=False):
-        """Back to exactly w, then the base optimizer steps with the gradient taken at w + eps."""
         if self._w is None:
             raise ValueError("second_step called without first_step: the weights are not perturbed")
         self.restore()
@@ -103,9 +101,8 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None, both_passes=False):
-        """davda54's loop, `loss.backward(); opt.step(closure)`: first_step on p.grad, the closure (forward +
-        backward, returns the loss) once at w + eps, second_step; returns that loss. both_passes=True zeroes the
-        gradients and calls the closure at w first, returning that loss. w is restored if the closure raises."""
+        """davda54's: first_step, closure() (forward + backward; returns the loss) at w + eps, second_step.
+        both_passes=True first runs the closure at w too and returns that loss."""
         if closure is None:
             raise ValueError("SAM.step needs a closure that runs forward + backward and returns the loss")
         closure = torch.enable_grad()(closure)
@@ -127,16 +124,16 @@ class SAM(torch.optim.Optimizer):
             raise ValueError("state_dict() while the weights are perturbed: call second_step() or restore() first")
         sd = super().state_dict()                           # our per-parameter state (masks) and the groups
         sd["base"] = self.base_optimizer.state_dict()       # momentum etc.
-        sd["counters"] = {k: _get(getattr(self, k)) for k in self._COUNTERS}
+        counters = {k: getattr(self, k) for k in self._COUNTERS}       # SSAMD's generator: its state
+        sd["counters"] = {k: v.get_state() if isinstance(v, torch.Generator) else v for k, v in counters.items()}
         return sd
 
-    def load_state_dict(self, state_dict):
-        """Ours, or davda54/sam's (which holds no base-optimizer state: its groups load, with a warning)."""
+    def load_state_dict(self, state_dict):              # ours, or davda54/sam's (with a warning)
         if "base" not in state_dict:
             if "param_groups" not in state_dict:
                 raise ValueError(f"not an optimizer state_dict: keys {sorted(state_dict)}, expected 'param_groups'")
-            warnings.warn("this state_dict has no 'base' entry (davda54/sam's?): lr, rho and the other group settings "
-                          "are loaded, but it holds no base-optimizer state: momentum etc. start from zero", stacklevel=2)
+            warnings.warn("this state_dict has no 'base' entry (davda54/sam's?): the group settings load, but it "
+                          "holds no base-optimizer state: momentum etc. start from zero", stacklevel=2)
             self.base_optimizer.load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         else:
             state_dict = dict(state_dict)
@@ -144,32 +141,14 @@ class SAM(torch.optim.Optimizer):
             super().load_state_dict(state_dict)
             self.base_optimizer.load_state_dict(base)
             for k in self._COUNTERS:
-                old = getattr(self, k)
-                old.set_state(counters[k]) if isinstance(old, torch.Generator) else setattr(self, k, counters[k])
+                if isinstance(getattr(self, k), torch.Generator):
+                    getattr(self, k).set_state(counters[k])
+                else:
+                    setattr(self, k, counters[k])
         self.param_groups = self.base_optimizer.param_groups  # loading replaced the list: share it again
 
 
-_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}   # first_step's bitwise eps = 0
-_get = lambda v: v.get_state() if isinstance(v, torch.Generator) else v  # noqa: E731  (counters: a Generator's state)
-
-
 # ---- Mask helpers: global top-k (Eq. 6, Alg. 2), N:M groups along the output axis, whole tensors ---
-def _parse_structure(structure, sparsity):
-    """None/'unstructured' -> None; 'tensor' -> 'tensor'; 'N:M' -> (N, M) after checking that sparsity agrees."""
-    if structure in (None, "unstructured", "tensor"):
-        return None if structure == "unstructured" else structure
-    n, m = map(int, structure.split(":")) if re.fullmatch(r"\d+:\d+", str(structure)) else (0, 0)
-    if not 0 < n <= m:
-        raise ValueError(f"unknown structure {structure!r}: use None, 'unstructured', 'tensor' or 'N:M' with 0 < N <= M")
-    if not math.isclose(sparsity, 1 - n / m):
-        raise ValueError(f"structure {structure!r} fixes the density at {n}/{m}: pass sparsity={1 - n / m:g}, got {sparsity!r}")
-    return n, m
-
-
-def _nm_eligible(p, nm):
-    return isinstance(nm, tuple) and p.dim() >= 2 and p.shape[0] % nm[1] == 0
-
-
 def nm_mask(score, n, m):
     """Top n of every m consecutive outputs per input: W [out, in, *k] as W^T [in*k, out] of dX = dY W (§4.1)."""
     wt = score.reshape(score.shape[0], -1).t()                        # [in*k, out]
@@ -186,24 +165,16 @@ def topk_masks(scores, k, largest=True):
     return [piece.reshape(s.shape).to(s.device) for piece, s in zip(keep.split([s.numel() for s in scores]), scores)]
 
 
-def tensor_masks(scores, density):
-    """Whole tensors, best mean score first, each taken if it still fits in density·|w|."""
-    sizes = [s.numel() for s in scores]
-    budget = round(density * sum(sizes))
-    means = torch.stack([s.float().mean().to(scores[0].device) for s in scores]).tolist()   # one sync per update
-    keep = [False] * len(scores)
-    for i in sorted(range(len(scores)), key=lambda i: -means[i]):
-        if sizes[i] <= budget:
-            keep[i], budget = True, budget - sizes[i]
-    return [torch.full_like(s, k, dtype=torch.bool) for s, k in zip(scores, keep)]
-
-
 def ascent_costs(model, *inputs):
-    """{parameter: (forward, input grads of all later layers, its weight grad)} in multiply-adds, for
-    cost_tensor_masks, from one hooked forward of `inputs` (only shapes matter)."""
+    """{parameter: (forward, later layers' input grads, its weight grad)} in multiply-adds, from one forward."""
     order, macs, hooks = {}, {}, []
-    per_out = lambda m: (m.in_features if isinstance(m, nn.Linear) else m.in_channels // m.groups * math.prod(
-        m.kernel_size) if isinstance(m, nn.modules.conv._ConvNd) else 1)   # a Linear row, a conv window, elementwise
+
+    def per_out(m):                # multiply-adds per output: a Linear row, a conv window, else elementwise
+        if isinstance(m, nn.Linear):
+            return m.in_features
+        if isinstance(m, nn.modules.conv._ConvNd):
+            return m.in_channels // m.groups * math.prod(m.kernel_size)
+        return 1
     for m in (m for m in model.modules() if next(m.parameters(recurse=False), None) is not None):   # order: 1st call
         hooks += [m.register_forward_pre_hook(lambda m, a: order.update({m: order.get(m, len(order))})),
                   m.register_forward_hook(lambda m, a, o: macs.update({m: macs.get(m, 0) + o.numel() * per_out(m)}))]
@@ -218,12 +189,16 @@ def ascent_costs(model, *inputs):
             for m in order for p in m.parameters(recurse=False)}
 
 
+def tensor_masks(scores, density):
+    """Whole tensors, best mean score first, each taken if it still fits in density·|w| (all costs equal)."""
+    return cost_tensor_masks(scores, density, [(1, 0, 0)] * len(scores))
+
+
 def cost_tensor_masks(scores, density, costs):
-    """Whole tensors by cost: an ascent pass pays the forward, input grads down to the lowest perturbed layer and
-    their weight grads (costs: ascent_costs). For each lowest layer allowed, tensor_masks' rule fills density·|w|
-    from the tensors above it; the fill with the most score mass (Fisher, |g|) per unit of cost wins."""
+    """Whole tensors. For each lowest layer allowed, fill density·|w| from the tensors above it, best mean score
+    first, each if it still fits; the fill with the most score per multiply-add of the ascent pass (costs) wins."""
     sizes, (fwd, dx, dw) = [s.numel() for s in scores], zip(*costs)
-    mass = torch.stack([s.float().sum().to(scores[0].device) for s in scores]).tolist()
+    mass = torch.stack([s.float().sum().to(scores[0].device) for s in scores]).tolist()   # one sync per update
     best = (-1.0, [])
     for cut in sorted(set(dx)):
         room, take = round(density * sum(sizes)), []
@@ -238,8 +213,9 @@ def cost_tensor_masks(scores, density, costs):
 def select_masks(scores, density, nm=None, costs=None):
     """Masks at exact density (Eq. 6): N:M where a tensor holds the pattern, else one global top-k; or tensors."""
     if nm == "tensor":
-        return cost_tensor_masks(scores, density, costs) if costs else tensor_masks(scores, density)
-    masks = [nm_mask(s, *nm) if _nm_eligible(s, nm) else None for s in scores]
+        return cost_tensor_masks(scores, density, costs or [(1, 0, 0)] * len(scores))
+    fits = [isinstance(nm, tuple) and s.dim() >= 2 and s.shape[0] % nm[1] == 0 for s in scores]   # holds N:M
+    masks = [nm_mask(s, *nm) if ok else None for s, ok in zip(scores, fits)]
     pooled = [i for i, mk in enumerate(masks) if mk is None]
     if pooled:
         k = round(density * sum(scores[i].numel() for i in pooled))
@@ -249,9 +225,7 @@ def select_masks(scores, density, nm=None, costs=None):
 
 
 class _SparseSAM(SAM):
-    """The masks, schedule and checks SSAM-F, SSAM-D and SAM-ON share. Masks (`opt.state[p]["mask"]`, bool)
-    cover `opt.masked`, the parameters that require grad when the optimizer is built: frozen ones get none.
-    costs=ascent_costs(model, x): structure='tensor' picks tensors by score per ascent cost (cost_tensor_masks)."""
+    """Shared by SSAM-F, SSAM-D, SAM-ON: bool masks opt.state[p]["mask"] for opt.masked, the schedule, the checks."""
     _COUNTERS = ("steps", "last_mask_update")
 
     def __init__(self, params, base_optimizer, rho, sparsity, update_interval, structure, norm, costs=None, **kwargs):
@@ -259,7 +233,14 @@ class _SparseSAM(SAM):
             raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}")
         if not (isinstance(update_interval, int) and update_interval >= 1):
             raise ValueError(f"update_interval must be an integer >= 1 (steps), got {update_interval!r}")
-        self.nm = _parse_structure(structure, sparsity)
+        self.nm = structure if structure in (None, "tensor") else None   # 'N:M' -> (N, M)
+        if structure not in (None, "unstructured", "tensor"):
+            n, m = map(int, structure.split(":")) if re.fullmatch(r"\d+:\d+", str(structure)) else (0, 0)
+            if not 0 < n <= m:
+                raise ValueError(f"unknown structure {structure!r}: use None, 'tensor' or 'N:M' with 0 < N <= M")
+            if not math.isclose(sparsity, 1 - n / m):           # N:M fixes the density at N/M
+                raise ValueError(f"structure {structure!r} needs sparsity={1 - n / m:g}, got {sparsity!r}")
+            self.nm = (n, m)
         norm = norm or ("masked" if self.nm == "tensor" else "full")
         if norm not in ("full", "masked") or (self.nm == "tensor" and norm != "masked"):
             raise ValueError(f"norm={norm!r} not allowed: use 'full' (||g||, the paper) or 'masked' (||g ⊙ m||); "
@@ -268,7 +249,7 @@ class _SparseSAM(SAM):
             raise ValueError("costs= picks whole tensors by their ascent cost: it needs structure='tensor'")
         super().__init__(params, base_optimizer, rho=rho, **kwargs)
         self.sparsity, self.update_interval, self.structure, self.norm = sparsity, update_interval, structure, norm
-        self.masked = [p for p in self._params() if p.requires_grad]
+        self.masked = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         if not self.masked:
             raise ValueError("every parameter has requires_grad=False: there is nothing to train or perturb")
         self.costs = costs and [costs.get(p, (0, 0, 0)) for p in self.masked]   # None: the paper's ranking
@@ -276,29 +257,13 @@ class _SparseSAM(SAM):
         self._unperturbed = []         # structure='tensor': the tensors ascent_pass() freezes
 
     @property
-    def mask_update_due(self):
-        """True before the first mask and once `update_interval` steps have passed since the last update."""
+    def mask_update_due(self):         # before the first mask, then every update_interval steps
         return self.last_mask_update < 0 or self.steps - self.last_mask_update >= self.update_interval
 
     def masks(self):
         return [self.state[p]["mask"] for p in self.masked]
 
-    def _mask_for_step(self, params, grads):
-        if self.last_mask_update < 0:
-            raise ValueError("no mask yet: call opt.update_mask(model, data) before the first step "
-                             "(opt.mask_update_due says when)")
-        if any("mask" not in self.state.get(p, ()) for p in params):
-            raise ValueError("a parameter with requires_grad=False when the optimizer was built has a gradient now: "
-                             "build the optimizer after unfreezing it")
-        return [self.state[p]["mask"] for p in params]
-
-    def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)                 # which casts masks to the parameter dtype: back to bool
-        if self.last_mask_update >= 0:
-            self._set_masks([m.bool() for m in self.masks()], count_update=False)
-
-    def density(self):
-        """Fraction of the trainable entries perturbed (1 - s). Synchronizes with the device: for logging."""
+    def density(self):                 # fraction of the trainable entries perturbed (1 - s); syncs: for logging
         masks = self.masks()
         return sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
 
@@ -310,9 +275,20 @@ class _SparseSAM(SAM):
         if self.nm == "tensor":
             self._unperturbed = [p for p, mk in zip(self.masked, masks) if not mk.any()]   # sync: per update
 
+    def _mask_for_step(self, params, grads):
+        if self.last_mask_update < 0:
+            raise ValueError("no mask yet: call opt.update_mask(model, data) first (when opt.mask_update_due)")
+        if any("mask" not in self.state.get(p, ()) for p in params):
+            raise ValueError("a parameter frozen when the optimizer was built has a gradient: rebuild after unfreezing")
+        return [self.state[p]["mask"] for p in params]
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)                 # which casts masks to the parameter dtype: back to bool
+        if self.last_mask_update >= 0:
+            self._set_masks([m.bool() for m in self.masks()], count_update=False)
+
     @contextmanager
-    def ascent_pass(self):
-        """Around the FIRST forward/backward: structure='tensor' turns requires_grad off for this pass only."""
+    def ascent_pass(self):             # around the FIRST pass: structure='tensor' freezes unperturbed tensors
         frozen = [p for p in self._unperturbed if p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)
@@ -325,22 +301,20 @@ class _SparseSAM(SAM):
 
 # ---- SSAM-F: the mask from the empirical Fisher (Eq. 3-6, Alg. 2 Option I) -------------------------
 def empirical_fisher(model, data, num_samples, loss_fn=None, chunk_size=None):
-    """Eq. 5: {parameter: sum over `num_samples` samples of the squared per-sample gradient} for every trainable
-    parameter of `model` (the 1/N_F does not change the ranking). Exact for any model: torch.func's gradient of
-    one sample's loss (tied weights summed as autograd sums them), vmapped over `chunk_size` samples (default 32
-    on a GPU; 1 on a CPU, where vmapped convolutions are slow), on a copy sharing the weights read-only: nothing
-    in `model` is touched. BatchNorm as in the authors' batch-1 loop (train mode: each sample alone)."""
+    """Eq. 5: {parameter: sum over num_samples samples of the squared per-sample gradient} for every trainable
+    parameter (the 1/N_F does not change the ranking): torch.func's gradient of one sample's loss, vmapped over
+    chunk_size samples (default 32 on a GPU, 1 on a CPU), on a copy sharing the weights read-only."""
     loss_fn = loss_fn or F.cross_entropy
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    weights = {n: p.detach() for n, p in named.items()}
     net = copy.deepcopy(model, memo={id(p): p.detach() for p in model.parameters()})   # buffers copied
-    for m in net.modules():
+    for m in net.modules():                 # train-mode BatchNorm: each sample alone, as the authors' batch-1 loop
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
             m.forward = (lambda a, m=m: _bn_one_sample(m, a))
 
     def sample_loss(w, xi, yi):
         return loss_fn(torch.func.functional_call(net, w, (xi[None],)), yi[None])
 
-    weights = {n: p.detach() for n, p in named.items()}
     device = next(iter(weights.values())).device
     chunk_size = chunk_size or (32 if device.type == "cuda" else 1)
     per_sample = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0), randomness="different")
@@ -359,18 +333,18 @@ def empirical_fisher(model, data, num_samples, loss_fn=None, chunk_size=None):
 
 
 def _bn_one_sample(m, a):
-    """Train-mode BatchNorm of one sample: its own statistics, or the running ones where it has one value per channel."""
+    """Train-mode BatchNorm of one sample: its own statistics, or the running ones at one value per channel."""
     if a[0, 0].numel() > 1:
         return F.instance_norm(a, weight=m.weight, bias=m.bias, eps=m.eps)
     if m.running_mean is None:
-        raise ValueError(f"{m} sees [B, C] inputs and keeps no running statistics: SSAM-F's Fisher cannot normalize "
-                         "a batch of one sample there; build it with track_running_stats=True")
+        raise ValueError(f"{m} sees [B, C] inputs and has no running statistics to normalize one sample (Fisher): "
+                         "build it with track_running_stats=True")
     return F.batch_norm(a, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
 
 
 class SSAMF(_SparseSAM):
-    """SSAM-F: perturb the (1-s)·|w| entries with the largest empirical Fisher (Eq. 6). It needs data, which
-    step() does not see: `if opt.mask_update_due: opt.update_mask(model, batches)` before each step."""
+    """SSAM-F: perturb the (1-s)·|w| entries with the largest empirical Fisher (Eq. 6). Before each step:
+    `if opt.mask_update_due: opt.update_mask(model, batches)`."""
 
     def __init__(self, params, base_optimizer, rho=0.05, sparsity=0.5, num_samples=128, update_interval=1000,
                  structure=None, norm=None, **kwargs):
@@ -381,20 +355,18 @@ class SSAMF(_SparseSAM):
 
     @torch.no_grad()
     def update_mask(self, model, data, loss_fn=None, chunk_size=None):
-        """Fisher over the first num_samples samples of `data`, (inputs, targets) batches (Eq. 5), then the
-        top-(1-s)·|w| mask (Eq. 6)."""
+        """The Fisher of the first num_samples samples of `data`, (inputs, targets) batches (Eq. 5); top-k (Eq. 6)."""
         with torch.enable_grad():
             fisher = empirical_fisher(model, data, self.num_samples, loss_fn, chunk_size)
         if any(p not in fisher for p in self.masked):
-            raise ValueError("some optimizer parameters are not trainable parameters of `model`: pass the model they "
-                             "belong to (for DDP, model.module)")
+            raise ValueError("some parameters are not trainable ones of `model`: pass their model (DDP: model.module)")
         self._set_masks(select_masks([fisher[p] for p in self.masked], 1 - self.sparsity, self.nm, self.costs))
 
 
 # ---- SSAM-D: the mask from dynamic sparse training (Eq. 7-9, Alg. 2 Option II) ---------------------
 class SSAMD(_SparseSAM):
-    """SSAM-D: a random mask at exact density 1-s, refreshed every `update_interval` steps inside first_step with
-    that step's gradient (update_mask). Growth draws from the optimizer's own generator (`seed`; in state_dict)."""
+    """SSAM-D: a random mask at density 1-s, dropped and grown every update_interval steps inside first_step with
+    that step's gradient. Draws use the optimizer's own generator (seed; saved in state_dict)."""
     _COUNTERS = _SparseSAM._COUNTERS + ("generator",)
 
     def __init__(self, params, base_optimizer, rho=0.05, sparsity=0.5, drop_rate=0.5, update_interval=1000,
@@ -407,7 +379,8 @@ class SSAMD(_SparseSAM):
         self.drop_rate, self.total_steps = drop_rate, total_steps
         self.generator = torch.Generator(device=self.masked[0].device)
         self.generator.manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
-        self._set_masks(select_masks([self._rand(p) for p in self.masked], 1 - sparsity, self.nm, self.costs))   # Alg. 1 l. 1
+        rand = [self._rand(p) for p in self.masked]
+        self._set_masks(select_masks(rand, 1 - sparsity, self.nm, self.costs))      # Alg. 1 line 1: random mask
 
     def _rand(self, p):
         shape = () if self.nm == "tensor" else p.shape      # structure='tensor': one draw per tensor
@@ -420,7 +393,7 @@ class SSAMD(_SparseSAM):
 
     @torch.no_grad()
     def update_mask(self, grads):
-        """One drop-and-grow round with `grads`, one per parameter of `opt.masked` (None counts as zero)."""
+        """One drop-and-grow round with `grads`, one per parameter of opt.masked (None: zero)."""
         masks = self.masks()
         g = [torch.zeros_like(p) if gr is None else gr for p, gr in zip(self.masked, grads)]
         n_drop = self.drop_count(self.steps)
@@ -440,33 +413,30 @@ class SSAMD(_SparseSAM):
         self._set_masks(select_masks(grow_scores, 1 - self.sparsity, self.nm, self.costs))
 
     def _mask_for_step(self, params, grads):
-        if self.mask_update_due:
-            by_param = {id(p): gr for p, gr in zip(params, grads)}
-            self.update_mask([by_param.get(id(p)) for p in self.masked])
+        if self.mask_update_due:                            # grads are the params' p.grad
+            self.update_mask([p.grad for p in self.masked])
         return super()._mask_for_step(params, grads)
 
 
-NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-
-
+# ---- SAM-ON (Mueller et al., 2023): only the normalization layers ---------------------------------
 class SAMON(_SparseSAM):
-    """SAM-ON (Mueller et al., 2023): perturb only the trainable parameters of normalization layers (NORM_LAYERS)
-    with eps = rho·(g ⊙ m)/||g ⊙ m||, on the structure='tensor' machinery (`with opt.ascent_pass():`)."""
+    """Perturb only the trainable parameters of NORM_LAYERS, eps = rho·(g ⊙ m)/||g ⊙ m||, as structure='tensor'."""
 
     def __init__(self, model, base_optimizer, rho=0.05, **kwargs):
-        on = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)
-              if p.requires_grad}
+        norms = [m for m in model.modules() if isinstance(m, NORM_LAYERS)]
+        on = {id(p) for m in norms for p in m.parameters(recurse=False) if p.requires_grad}
         if not on:
-            raise ValueError("the model has no normalization layer with trainable parameters: SAM-ON would perturb nothing")
+            raise ValueError("the model has no normalization layer with trainable parameters: nothing to perturb")
         trainable = [p for p in model.parameters() if p.requires_grad]
         density = sum(p.numel() for p in trainable if id(p) in on) / sum(p.numel() for p in trainable)
-        super().__init__(list(model.parameters()), base_optimizer, rho, 1 - density, 2**62, "tensor", "masked", **kwargs)
+        params = list(model.parameters())
+        super().__init__(params, base_optimizer, rho, 1 - density, 2**62, "tensor", "masked", **kwargs)
         self._set_masks([torch.full_like(p, id(p) in on, dtype=torch.bool) for p in self.masked])   # never updated
 
 
 # ---- The 2:4 sparse backward ("implicit" SSAM): dX = dY·(W ⊙ M) in the ascent pass of nn.Linear layers 
 class _MaskedInputGrad(torch.autograd.Function):
-    """y = x W^T + b; backward dX = dY (W ⊙ M), dW = dY^T X, db = sum dY. Under autocast in its dtype, as F.linear."""
+    """y = x W^T + b; backward dX = dY (W ⊙ M), dW = dY^T X, db = sum dY. Under autocast in its dtype."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mask):
@@ -487,33 +457,28 @@ class _MaskedInputGrad(torch.autograd.Function):
 
 
 def sparse_input_grad(gy, weight, mask):
-    """dX = dY (W ⊙ M) for 2-D dY [B, out]: on CUDA in fp16/bf16 (W ⊙ M)^T is compressed to a 2:4 sparse tensor
-    (each call: W changes) for the sparse tensor cores; elsewhere, or where the kernel refuses, dense."""
+    """dX = dY (W ⊙ M), dY [B, out]: on CUDA in fp16/bf16 via 2:4 sparse tensor cores, elsewhere dense."""
     wm = weight * mask
     key = (wm.shape, gy.shape, wm.dtype, wm.device)
     if wm.is_cuda and wm.dtype in (torch.float16, torch.bfloat16) and key not in _REFUSED:
         try:
-            wt = torch.sparse.to_sparse_semi_structured(wm.t().contiguous())     # [in, out], 2:4 along out
+            wt = torch.sparse.to_sparse_semi_structured(wm.t().contiguous())     # [in, out]; W changes: each call
             return (wt @ gy.t().contiguous()).t()
         except (RuntimeError, ValueError, NotImplementedError):
             _REFUSED.add(key)                               # kernel refused this shape/GPU: dense from now on
     return gy @ wm
 
 
-_REFUSED = set()
-
-
 @contextmanager
 def sparse_ascent(model, opt):
-    """Around the FIRST forward/backward: nn.Linear layers whose weight has an N:M mask in `opt` compute the input
-    gradient as dX = dY·(W ⊙ M) (sparse_input_grad), autocast or not. An approximation (the TPAMI follow-up's
-    "implicit" SSAM): layers below see dY through W ⊙ M. Yields the patched layers (not torch.compile'd ones)."""
+    """Around the FIRST pass: nn.Linear layers with an N:M mask in `opt` take dX = dY·(W ⊙ M), so layers below see
+    dY through W ⊙ M (the TPAMI follow-up's "implicit" SSAM). Yields the patched layers (not torch.compile'd)."""
     if not isinstance(getattr(opt, "nm", None), tuple):
         raise ValueError("sparse_ascent needs an SSAMF/SSAMD optimizer built with structure='N:M' (e.g. '2:4')")
     patched = []
     for mod in model.modules():
-        if isinstance(mod, nn.Linear) and "mask" in opt.state.get(mod.weight, {}) and _nm_eligible(mod.weight, opt.nm):
-            mask = opt.state[mod.weight]["mask"]
+        mask = opt.state.get(mod.weight, {}).get("mask") if isinstance(mod, nn.Linear) else None
+        if mask is not None and mod.weight.shape[0] % opt.nm[1] == 0:   # an N:M mask, not the pooled top-k
             mod.forward = (lambda x, mod=mod, mask=mask: _MaskedInputGrad.apply(x, mod.weight, mod.bias, mask))
             patched.append(mod)
     try:
@@ -526,9 +491,9 @@ def sparse_ascent(model, opt):
 # ---- BatchNorm: running statistics follow the first pass only --------------------------------------
 @contextmanager
 def frozen_bn_stats(model):
-    """Around the SECOND forward/backward: BatchNorm layers in train mode normalize with the batch's statistics
-    but leave running_mean, running_var and num_batches_tracked untouched."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats]
+    """Around the SECOND pass: train-mode BatchNorm uses the batch's statistics but updates no running statistic."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    bns = [m for m in bns if m.training and m.track_running_stats]
     for m in bns:
         m.track_running_stats = False                   # BatchNorm then neither updates nor counts
     try:
