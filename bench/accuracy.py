@@ -199,7 +199,8 @@ def main():
     for cfg, final in done:
         method, sp = method_of(cfg)
         a = analyze(cfg, cfg["seed"] in args.sharpness_seeds)
-        metrics = [json.loads(line) for line in open(Path(cfg["out_dir"]) / "metrics.jsonl") if line.strip()]
+        metrics = [{k: m.get(k) for k in ("epoch", "loss", "acc", "test_acc")} for m in map(json.loads, filter(
+            str.strip, open(Path(cfg["out_dir"]) / "metrics.jsonl")))]        # the curves' keys only: a small JSON
         runs.append(dict(method=method, sparsity=sp, seed=cfg["seed"], name=cfg["name"], test_acc=final["test_acc"],
                          time_s=final["time_s"], step_ms=final["step_ms"], metrics=metrics, **{
                              k: a.get(k) for k in ("train_acc_eval", "train_acc_clean_eval", "memorized_noisy",
