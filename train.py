@@ -1025,7 +1025,8 @@ def grid_run(flags, root):
     base = ["--preset", args.preset, "--optimizer", cfg["optimizer"], "--seed", str(cfg["seed"])]
     recipe = resolve_config(get_args(base + (["--sparsity", str(cfg["sparsity"])] if "sparsity" in cfg else [])))
     differ = [k for k in cfg if k not in RESUME_FREE and cfg[k] != recipe.get(k)]
-    cfg["name"] = recipe["name"] + "".join(f"-{k.replace('_', '-')}{str(cfg[k]).replace(':', 'of')}" for k in differ)
+    cfg["name"] = recipe["name"] + "".join(f"-{k.replace('_', '-')}" + ("" if cfg[k] is True else str(cfg[k]).replace(
+        ":", "of")) for k in differ)
     cfg["out_dir"] = str(Path(root) / cfg["name"])
     return cfg, not differ
 
@@ -1134,7 +1135,7 @@ def demo(argv):
     for cfg, r in runs:
         t1 = time.perf_counter()
         model, _ = sharpness.load_run(Path(cfg["out_dir"]) / "ckpt.pt", "cpu")
-        x, y = sharpness.train_batch(cfg, 128, "cpu")
+        x, y = sharpness.train_batch(cfg, min(128, cfg.get("train_size") or 128), "cpu")
         lam = sharpness.top_eigenvalues(model, x, y, k=1, iters=DEMO_HVPS)[0]
         rows.append((cfg, r, lam, time.perf_counter() - t1))
     sgd_ms, c0 = rows[0][1]["step_ms"], rows[0][0]

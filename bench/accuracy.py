@@ -36,7 +36,7 @@ import train  # noqa: E402
 # had SGD fit 81% of its labels, memorize 75% of the wrong ones, and lose 4.3 points to SAM; at 50 epochs neither
 # fit (SGD 47%) and they tied; this setting halves the images and keeps most of the steps (640 of 800).
 SETTING = ["--preset", "cifar10-subset", "--model", "wrn10-1", "--train-size", "256", "--label-noise", "0.4",
-           "--cutout", "0", "--epochs", "80", "--batch-size", "32", "--eval-every", "20"]
+           "--cutout", "0", "--epochs", "80", "--batch-size", "32", "--eval-every", "40"]
 METHODS = [("sgd", None), ("sam", None), ("ssamf", 0.5), ("ssamd", 0.5), ("ssamd", 0.9)]
 MORE = [("ssamf", 0.9), ("ssamf", 0.99), ("ssamf-tensor", 0.9), ("ssamd-tensor", 0.9), ("samon", None)]
 SEED_SETS = {"seeds 0-2": [0, 1, 2], "seeds 3-5 (the confirmation set)": [3, 4, 5]}
@@ -134,6 +134,10 @@ def render(result):
              f"{s['jobs']} at a time, one thread each.",
              f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; load average at the start "
              f"{m.get('loadavg', '?')}.", ""]
+    if result.get("missing"):
+        lines += [f"**Incomplete**: {len(result['missing'])} of the {len(result['missing']) + len(result['runs'])} "
+                  "runs of the grid had not finished and are left out: " +
+                  ", ".join(n.split("-epochs")[0].removeprefix("cifar10-subset-") for n in result["missing"]), ""]
     for title, seeds in result["seed_sets"].items():
         rows = [r for r in result["summary"][title]]
         if not rows:
@@ -154,8 +158,8 @@ def render(result):
     lines += ["95% CI: t-distribution over seeds (n = 3: mean ± 4.30·sd/√3). Paired Δ: the method minus SGD (or SAM) "
               "with the same seed (same initialization and data order), mean ± 95% CI over seeds; a difference is "
               "beyond noise when its CI excludes 0. One test image is 0.01 point; the binomial sampling noise of "
-              "10,000 images at 40-60% accuracy is ±1.0 point (95%) for one accuracy, and less for a paired "
-              "difference on the same images. Train accuracy: the final model in eval mode on its training images, "
+              "10,000 images is ±0.85 point (95%) for one accuracy near 25%, and less for a paired difference on "
+              "the same images. Train accuracy: the final model in eval mode on its training images, "
               "without augmentation. λ1, λ1/λ5: Hessian of the training loss (the labels trained on) at the final "
               f"weights, {LANCZOS['iters']} Lanczos steps on {LANCZOS['batch']} training images, eval mode.", ""]
     return "\n".join(lines)
@@ -169,6 +173,7 @@ def main():
                     help="runs whose Hessian is measured (20 products each; default 0 1 2)")
     ap.add_argument("--jobs", type=int, default=2, help="train.py processes at a time, one thread each (default 2)")
     ap.add_argument("--fresh", action="store_true", help="train every run again")
+    ap.add_argument("--report", action="store_true", help="train nothing: summarize the runs that have finished")
     ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "bench-accuracy"))
     ap.add_argument("--out", default=str(HERE / "results" / "accuracy"), help="writes OUT.json and OUT.md")
     ap.add_argument("train_args", nargs="*", help="after --: more train.py flags, appended to SETTING")
@@ -179,14 +184,23 @@ def main():
             for seed in args.seeds for mth, sp in METHODS + (MORE if args.more else [])]
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
     t0 = time.perf_counter()
-    todo = sum(train.run_state(train.grid_run(f, args.runs_dir)[0]) != "done" for f in grid) if not args.fresh else len(grid)
-    done = train.run_grid(grid, args.runs_dir, fresh=args.fresh, launch=[sys.executable], jobs=args.jobs, env=env)
+    cfgs = [train.grid_run(f, args.runs_dir)[0] for f in grid]
+    missing = [c["name"] for c in cfgs if train.run_state(c) != "done"]
+    if args.report:
+        done, todo = [(c, json.loads((Path(c["out_dir"]) / "final.json").read_text())) for c in cfgs
+                      if c["name"] not in missing], 0
+        print("\n".join(["not finished, left out:"] + missing) if missing else "all runs finished", file=sys.stderr)
+    else:
+        todo = len(grid) if args.fresh else len(missing)
+        done = train.run_grid(grid, args.runs_dir, fresh=args.fresh, launch=[sys.executable], jobs=args.jobs, env=env)
+        missing = []
     torch.set_num_threads(max(1, args.jobs))
     runs = []
     for cfg, final in done:
         method, sp = method_of(cfg)
         a = analyze(cfg, cfg["seed"] in args.sharpness_seeds)
-        metrics = [json.loads(line) for line in open(Path(cfg["out_dir"]) / "metrics.jsonl") if line.strip()]
+        metrics = [{k: m.get(k) for k in ("epoch", "loss", "acc", "test_acc")} for m in map(json.loads, filter(
+            str.strip, open(Path(cfg["out_dir"]) / "metrics.jsonl")))]        # the curves' keys only: a small JSON
         runs.append(dict(method=method, sparsity=sp, seed=cfg["seed"], name=cfg["name"], test_acc=final["test_acc"],
                          time_s=final["time_s"], step_ms=final["step_ms"], metrics=metrics, **{
                              k: a.get(k) for k in ("train_acc_eval", "train_acc_clean_eval", "memorized_noisy",
@@ -200,7 +214,7 @@ def main():
     result = dict(settings=dict(setting=setting, seeds=args.seeds, jobs=args.jobs, lanczos=LANCZOS,
                                 title="wrn10-1, 256 CIFAR-10 images, 40% wrong labels, 80 epochs"
                                 if not args.train_args else " ".join(setting[2:])),
-                  machine=machine, wall_s=time.perf_counter() - t0, trained=todo, seed_sets=seed_sets,
+                  machine=machine, wall_s=time.perf_counter() - t0, trained=todo, seed_sets=seed_sets, missing=missing,
                   summary={t: summarize(runs, ss) for t, ss in seed_sets.items()}, runs=runs)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(result, indent=1) + "\n")

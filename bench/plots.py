@@ -81,7 +81,7 @@ def seeds_note(groups):
 
 def plot_accuracy_vs_sparsity(runs, title, path):
     groups = by_method(runs)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.2))
     for opt in ("sgd", "sam", "samon"):                 # fixed-mask methods: a horizontal line and a band of ±1 std
         if (opt, None) in groups:
             m, s = mean_std([100 * r["test_acc"] for r in groups[(opt, None)]])
@@ -96,7 +96,9 @@ def plot_accuracy_vs_sparsity(runs, title, path):
                         capsize=3, color=COLORS[opt], label=LABELS[opt])
     ax.set_xlabel("sparsity of the perturbation (%)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"Accuracy vs sparsity ({title}; mean ± 95% CI, {seeds_note(groups)})", fontsize=9)
+    ax.set_title(f"Accuracy vs sparsity\n{title}; mean ± 95% CI, {seeds_note(groups)}", fontsize=9)
+    means = [statistics.mean(100 * r["test_acc"] for r in rs) for rs in groups.values()]
+    ax.set_ylim(min(means) - 3, max(means) + 3)          # a 2-seed interval (t = 12.7) would flatten everything
     if sparsities:
         ax.set_xticks([100 * s for s in sparsities])
     ax.legend(fontsize=8)
@@ -130,11 +132,13 @@ def plot_training_curves(runs, title, path):
     ax_loss.xaxis.get_major_locator().set_params(integer=True)
     ax_acc.xaxis.get_major_locator().set_params(integer=True)
     ax_acc.set_ylabel("test accuracy (%)")
+    finals = [statistics.mean(100 * r["test_acc"] for r in rs) for rs in groups.values()]
+    ax_acc.set_ylim(min(finals) - 6, max(finals) + 4)
     for ax in (ax_loss, ax_acc):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     ax_acc.legend(fontsize=7, ncol=2)
-    fig.suptitle(f"Training curves ({title}; mean ± 95% CI, {seeds_note(groups)})", fontsize=10)
+    fig.suptitle(f"Training curves ({title}; mean ± 95% CI, {seeds_note(groups)})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

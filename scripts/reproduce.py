@@ -230,6 +230,8 @@ def main():
     if args.report:
         done = [(cfg, json.loads((Path(cfg["out_dir"]) / "final.json").read_text())
                  if train.run_state(cfg) == "done" else None) for cfg, _ in (train.grid_run(f, runs_dir) for f in runs)]
+    elif args.dry_run:
+        done = train.run_grid(runs, runs_dir, fresh=args.fresh, launch=launch, dry_run=True)
     else:
         done = []
         for flags in runs:   # one at a time, so the tables are rewritten after every run

@@ -284,3 +284,18 @@ def test_reproduce_cifar_short_runs_on_cpu(tmp_path):
     assert [row[0] for row in rows] == ["| sgd", "| ssamf 0.5", "| ssamf 0.9 tensor"]
     assert rows[0][3] == "1.00" and all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)
     assert all("(1 seed)" in row[1] for row in rows) and table in r.stdout
+
+
+def test_demo_prints_lambda1(tmp_path):
+    import subprocess
+    root = os.path.dirname(BENCH)
+    cmd = [sys.executable, os.path.join(root, "train.py"), "--demo", "--epochs", "1", "--train-size", "128",
+           "--batch-size", "32", "--out-dir", str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("│ ") and "%" in line]
+    assert [row.split("│")[1].strip() for row in rows] == ["sgd", "sam", "ssamf", "ssamd"]
+    lam = [float(row.split("│")[7]) for row in rows]                     # the Hessian's lambda_1 column
+    assert all(v > 0 for v in lam) and "10,000 test images" not in r.stdout and "10000 test images" in r.stdout
+    assert "lower = flatter minimum" in r.stdout and "make bench-accuracy" in r.stdout
