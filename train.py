@@ -1130,7 +1130,15 @@ def demo(argv):
     if args.eval_every is None:                          # 10,000 test images: measure once, at the end
         keep += ["--eval-every", str(args.epochs or PRESETS[args.preset][2])]
     root = args.out_dir or ROOT / "runs" / "demo"
-    runs = run_grid([keep + ["--optimizer", o] for o in ("sgd", "sam", "ssamf", "ssamd")], root, fresh=args.fresh)
+    def flags_for(o):                                    # an optimizer flag goes only to the optimizers that read it
+        out, i = [], 0
+        while i < len(keep):
+            k = keep[i].removeprefix("--").split("=")[0].replace("-", "_")
+            n = 1 + (i + 1 < len(keep) and "=" not in keep[i] and not keep[i + 1].startswith("--"))
+            out += keep[i:i + n] if k not in USED_BY or o in USED_BY[k] else []
+            i += n
+        return out + ["--optimizer", o]
+    runs = run_grid([flags_for(o) for o in ("sgd", "sam", "ssamf", "ssamd")], root, fresh=args.fresh)
     rows = []
     for cfg, r in runs:
         t1 = time.perf_counter()

@@ -237,6 +237,18 @@ def test_flags_that_would_be_ignored_are_errors():
             cfg_for(argv)
     # what stays allowed: the demo passes one set of flags to every optimizer; torchvision's folder gets no cache
     assert cfg_for(["--demo", "--sparsity", "0.9"])["optimizer"] == "sgd"
+    plans = []                                                                 # each optimizer gets the flags it reads
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(train, "run_grid", lambda grid, *a, **k: plans.extend(grid) or [])
+    monkey.setattr(train, "Console", lambda: type("C", (), {"print": lambda *a: None})())
+    try:
+        train.demo(["--demo", "--sparsity", "0.9", "--rho", "0.05", "--epochs", "1"])
+    except (IndexError, TypeError):
+        pass                                                                    # no runs came back: nothing to print
+    finally:
+        monkey.undo()
+    assert [("--sparsity" in p, "--rho" in p, "--epochs" in p) for p in plans] == [
+        (False, False, True), (False, True, True), (True, True, True), (True, True, True)]
     for flag in (["--optimizer", "sam"], ["--name", "x"], ["--resume"]):     # ...but not a flag it would ignore
         with pytest.raises(SystemExit, match=f"--demo trains sgd, sam, ssamf and ssamd .*: drop {flag[0]}"):
             train.demo(["--demo", *flag])
