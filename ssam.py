@@ -2,10 +2,7 @@
 
 SAM climbs to w + eps, eps = rho * g / ||g|| (Eq. 2), and descends with the gradient found there; SSAM perturbs
 only the entries a bool mask m selects, eps ⊙ m, m from the empirical Fisher (SSAM-F, Eq. 5-6) or dropped and
-grown during training (SSAM-D, Eq. 7-9). Sections: SAM | mask helpers | SSAM-F | SSAM-D | SAM-ON | 2:4 | BatchNorm.
-"""
-import copy
-import itertools
+grown during training (SSAM-D, Eq. 7-9). Sections: SAM | mask helpers | SSAM-F | SSAM-D | 2:4 | BatchNorm."""
 import math
 import re
 import warnings
@@ -16,9 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 _INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}   # first_step's bitwise eps = 0
+_BN = nn.modules.batchnorm
 _REFUSED = set()                   # (shapes, dtype, device) the 2:4 kernel refused: dense from then on
-NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm) + (
-    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())                      # what SAM-ON perturbs
 
 
 # ---- SAM (Foret et al. 2021), the frame SSAM's masks plug into -------------------------------------
@@ -40,9 +36,8 @@ class SAM(torch.optim.Optimizer):
                              f"parameters) without extra arguments; got {base_optimizer!r}, {sorted(kwargs)}")
         self.base_optimizer = base_optimizer
         self.param_groups = self.base_optimizer.param_groups          # one set of groups: schedulers just work
-        for group in self.param_groups:
-            group.setdefault("rho", rho)
-            group.setdefault("adaptive", adaptive)
+        for group in self.param_groups:                # rho and adaptive per group, as davda54's
+            group.update(rho=group.get("rho", rho), adaptive=group.get("adaptive", adaptive))
         self.defaults.update(self.base_optimizer.defaults)
         self.steps = 0                 # completed steps (second_step calls)
         self.norm = "full"             # eps normalized by ||g|| over all parameters, as Eq. 2
@@ -67,8 +62,7 @@ class SAM(torch.optim.Optimizer):
         ada = [p for g, ps in groups if g["adaptive"] for p in ps]
         if ada:                                             # ASAM: eps = rho * w^2 g / ||w g||
             torch._foreach_mul_([p.grad for p in ada], ada)
-        norms = [n.to(params[0].device) for n in torch._foreach_norm(grads)]
-        norm = torch.linalg.vector_norm(torch.stack(norms))  # ||g||
+        norm = torch.linalg.vector_norm(torch.stack([n.to(params[0].device) for n in torch._foreach_norm(grads)]))
         for g, ps in groups:                                # Eq. 2: rho / ||g||; rho may differ between groups
             if ps:
                 torch._foreach_mul_([p.grad for p in ps], (g["rho"] / (norm + 1e-12)).to(ps[0].device))
@@ -101,8 +95,7 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None, both_passes=False):
-        """davda54's: first_step, closure() (forward + backward; returns the loss) at w + eps, second_step.
-        both_passes=True first runs the closure at w too and returns that loss."""
+        """davda54's: first_step, closure() (forward + backward) at w + eps, second_step; both_passes: at w first."""
         if closure is None:
             raise ValueError("SAM.step needs a closure that runs forward + backward and returns the loss")
         closure = torch.enable_grad()(closure)
@@ -122,11 +115,9 @@ class SAM(torch.optim.Optimizer):
     def state_dict(self):
         if self._w is not None:
             raise ValueError("state_dict() while the weights are perturbed: call second_step() or restore() first")
-        sd = super().state_dict()                           # our per-parameter state (masks) and the groups
-        sd["base"] = self.base_optimizer.state_dict()       # momentum etc.
         counters = {k: getattr(self, k) for k in self._COUNTERS}       # SSAMD's generator: its state
-        sd["counters"] = {k: v.get_state() if isinstance(v, torch.Generator) else v for k, v in counters.items()}
-        return sd
+        counters = {k: v.get_state() if isinstance(v, torch.Generator) else v for k, v in counters.items()}
+        return dict(super().state_dict(), base=self.base_optimizer.state_dict(), counters=counters)  # + momentum
 
     def load_state_dict(self, state_dict):              # ours, or davda54/sam's (with a warning)
         if "base" not in state_dict:
@@ -140,11 +131,8 @@ class SAM(torch.optim.Optimizer):
             base, counters = state_dict.pop("base"), state_dict.pop("counters")
             super().load_state_dict(state_dict)
             self.base_optimizer.load_state_dict(base)
-            for k in self._COUNTERS:
-                if isinstance(getattr(self, k), torch.Generator):
-                    getattr(self, k).set_state(counters[k])
-                else:
-                    setattr(self, k, counters[k])
+            for k, v in counters.items():                   # SSAMD's generator takes its state back
+                getattr(self, k).set_state(v) if isinstance(getattr(self, k), torch.Generator) else setattr(self, k, v)
         self.param_groups = self.base_optimizer.param_groups  # loading replaced the list: share it again
 
 
@@ -166,18 +154,15 @@ def topk_masks(scores, k, largest=True):
 
 
 def ascent_costs(model, *inputs):
-    """{parameter: (forward, later layers' input grads, its weight grad)} in multiply-adds, from one forward."""
-    order, macs, hooks = {}, {}, []
+    """{parameter: (forward, later layers' input grads, its weight grad)} in multiply-adds, from one forward. A layer
+    costs its outputs times one row of its first matrix parameter (Linear: in_features; conv: its window), else 1."""
+    order, macs = {}, {}
 
-    def per_out(m):                # multiply-adds per output: a Linear row, a conv window, else elementwise
-        if isinstance(m, nn.Linear):
-            return m.in_features
-        if isinstance(m, nn.modules.conv._ConvNd):
-            return m.in_channels // m.groups * math.prod(m.kernel_size)
-        return 1
-    for m in (m for m in model.modules() if next(m.parameters(recurse=False), None) is not None):   # order: 1st call
-        hooks += [m.register_forward_pre_hook(lambda m, a: order.update({m: order.get(m, len(order))})),
-                  m.register_forward_hook(lambda m, a, o: macs.update({m: macs.get(m, 0) + o.numel() * per_out(m)}))]
+    def count(m, args, out):                                 # order: the order layers finish their first call
+        w, out = next(m.parameters(recurse=False)), out[0] if isinstance(out, tuple) else out
+        order.setdefault(m, len(order))
+        macs[m] = macs.get(m, 0) + out.numel() * (w[0].numel() if w.dim() > 1 else 1)
+    hooks = [m.register_forward_hook(count) for m in model.modules() if list(m.parameters(recurse=False))]
     try:
         with torch.no_grad(), frozen_bn_stats(model):
             model(*inputs)
@@ -189,33 +174,30 @@ def ascent_costs(model, *inputs):
             for m in order for p in m.parameters(recurse=False)}
 
 
-def tensor_masks(scores, density):
-    """Whole tensors, best mean score first, each taken if it still fits in density·|w| (all costs equal)."""
-    return cost_tensor_masks(scores, density, [(1, 0, 0)] * len(scores))
-
-
-def cost_tensor_masks(scores, density, costs):
-    """Whole tensors. For each lowest layer allowed, fill density·|w| from the tensors above it, best mean score
-    first, each if it still fits; the fill with the most score per multiply-add of the ascent pass (costs) wins."""
+def cost_tensor_masks(scores, density, costs, by_count=False):
+    """Whole tensors, best mean score first, each taken if it brings the count closer to density·|w|. For each lowest
+    layer allowed (a cut) fill from the tensors above it; of the fills within 25% of density·|w|, the one with the
+    most score (by_count: entries) per multiply-add of the ascent pass (costs) wins; if none is, the nearest."""
     sizes, (fwd, dx, dw) = [s.numel() for s in scores], zip(*costs)
-    mass = torch.stack([s.float().sum().to(scores[0].device) for s in scores]).tolist()   # one sync per update
-    best = (-1.0, [])
+    mean = torch.stack([s.float().mean().to(scores[0].device) for s in scores]).tolist()   # one sync per update
+    budget, best = round(density * sum(sizes)), None
     for cut in sorted(set(dx)):
-        room, take = round(density * sum(sizes)), []
-        for i in sorted(range(len(scores)), key=lambda i: -mass[i] / sizes[i]):
-            if dx[i] <= cut and sizes[i] <= room:
+        room, take = budget, []
+        for i in sorted(range(len(scores)), key=lambda i: -mean[i]):
+            if dx[i] <= cut and sizes[i] < 2 * room:            # nearer to the budget with tensor i than without
                 take, room = take + [i], room - sizes[i]
         cost = max(fwd) + max((dx[i] for i in take), default=0) + sum(dw[i] for i in take)
-        best = max(best, (sum(mass[i] for i in take) / cost, take))
-    return [torch.full_like(s, i in best[1], dtype=torch.bool) for i, s in enumerate(scores)]
+        near = abs(room) <= budget / 4
+        fill = (near, sum(sizes[i] * (1 if by_count else mean[i]) for i in take) / cost if near else -abs(room), take)
+        best = max(best or fill, fill)
+    return [torch.full_like(s, i in best[2], dtype=torch.bool) for i, s in enumerate(scores)]
 
 
-def select_masks(scores, density, nm=None, costs=None):
-    """Masks at exact density (Eq. 6): N:M where a tensor holds the pattern, else one global top-k; or tensors."""
+def select_masks(scores, density, nm=None, costs=None, by_count=False):
+    """Masks at density (Eq. 6): N:M where a tensor holds the pattern, else one global top-k; or whole tensors."""
     if nm == "tensor":
-        return cost_tensor_masks(scores, density, costs or [(1, 0, 0)] * len(scores))
-    fits = [isinstance(nm, tuple) and s.dim() >= 2 and s.shape[0] % nm[1] == 0 for s in scores]   # holds N:M
-    masks = [nm_mask(s, *nm) if ok else None for s, ok in zip(scores, fits)]
+        return cost_tensor_masks(scores, density, costs or [(1, 0, 0)] * len(scores), by_count)
+    masks = [nm_mask(s, *nm) if nm and s.dim() > 1 and s.shape[0] % nm[1] == 0 else None for s in scores]  # N:M fits
     pooled = [i for i, mk in enumerate(masks) if mk is None]
     if pooled:
         k = round(density * sum(scores[i].numel() for i in pooled))
@@ -225,7 +207,7 @@ def select_masks(scores, density, nm=None, costs=None):
 
 
 class _SparseSAM(SAM):
-    """Shared by SSAM-F, SSAM-D, SAM-ON: bool masks opt.state[p]["mask"] for opt.masked, the schedule, the checks."""
+    """Shared by SSAM-F and SSAM-D: bool masks opt.state[p]["mask"] for opt.masked, the schedule, the checks."""
     _COUNTERS = ("steps", "last_mask_update")
 
     def __init__(self, params, base_optimizer, rho, sparsity, update_interval, structure, norm, costs=None, **kwargs):
@@ -233,14 +215,12 @@ class _SparseSAM(SAM):
             raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}")
         if not (isinstance(update_interval, int) and update_interval >= 1):
             raise ValueError(f"update_interval must be an integer >= 1 (steps), got {update_interval!r}")
-        self.nm = structure if structure in (None, "tensor") else None   # 'N:M' -> (N, M)
-        if structure not in (None, "unstructured", "tensor"):
-            n, m = map(int, structure.split(":")) if re.fullmatch(r"\d+:\d+", str(structure)) else (0, 0)
-            if not 0 < n <= m:
-                raise ValueError(f"unknown structure {structure!r}: use None, 'tensor' or 'N:M' with 0 < N <= M")
-            if not math.isclose(sparsity, 1 - n / m):           # N:M fixes the density at N/M
-                raise ValueError(f"structure {structure!r} needs sparsity={1 - n / m:g}, got {sparsity!r}")
-            self.nm = (n, m)
+        n, m = map(int, structure.split(":")) if re.fullmatch(r"\d+:\d+", str(structure)) else (0, 0)
+        if not (0 < n <= m or structure in (None, "unstructured", "tensor")):
+            raise ValueError(f"unknown structure {structure!r}: use None, 'tensor' or 'N:M' with 0 < N <= M")
+        if n and not math.isclose(sparsity, 1 - n / m):          # N:M fixes the density at N/M
+            raise ValueError(f"structure {structure!r} needs sparsity={1 - n / m:g}, got {sparsity!r}")
+        self.nm = (n, m) if n else "tensor" if structure == "tensor" else None
         norm = norm or ("masked" if self.nm == "tensor" else "full")
         if norm not in ("full", "masked") or (self.nm == "tensor" and norm != "masked"):
             raise ValueError(f"norm={norm!r} not allowed: use 'full' (||g||, the paper) or 'masked' (||g ⊙ m||); "
@@ -252,6 +232,7 @@ class _SparseSAM(SAM):
         self.masked = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         if not self.masked:
             raise ValueError("every parameter has requires_grad=False: there is nothing to train or perturb")
+        self.size = sum(p.numel() for p in self.masked)    # |w|: the trainable entries
         self.costs = costs and [costs.get(p, (0, 0, 0)) for p in self.masked]   # None: the paper's ranking
         self.last_mask_update = -1     # step of the last mask update; -1: never
         self._unperturbed = []         # structure='tensor': the tensors ascent_pass() freezes
@@ -264,10 +245,9 @@ class _SparseSAM(SAM):
         return [self.state[p]["mask"] for p in self.masked]
 
     def density(self):                 # fraction of the trainable entries perturbed (1 - s); syncs: for logging
-        masks = self.masks()
-        return sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+        return sum(int(m.sum()) for m in self.masks()) / self.size
 
-    def _set_masks(self, masks, count_update=True):
+    def set_masks(self, masks, count_update=True):     # bool, one per opt.masked; also masks of your own
         for p, mk in zip(self.masked, masks):
             self.state[p]["mask"] = mk
         if count_update:
@@ -285,7 +265,7 @@ class _SparseSAM(SAM):
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)                 # which casts masks to the parameter dtype: back to bool
         if self.last_mask_update >= 0:
-            self._set_masks([m.bool() for m in self.masks()], count_update=False)
+            self.set_masks([m.bool() for m in self.masks()], count_update=False)
 
     @contextmanager
     def ascent_pass(self):             # around the FIRST pass: structure='tensor' freezes unperturbed tensors
@@ -300,36 +280,31 @@ class _SparseSAM(SAM):
 
 
 # ---- SSAM-F: the mask from the empirical Fisher (Eq. 3-6, Alg. 2 Option I) -------------------------
-def empirical_fisher(model, data, num_samples, loss_fn=None, chunk_size=None):
-    """Eq. 5: {parameter: sum over num_samples samples of the squared per-sample gradient} for every trainable
-    parameter (the 1/N_F does not change the ranking): torch.func's gradient of one sample's loss, vmapped over
-    chunk_size samples (default 32 on a GPU, 1 on a CPU), on a copy sharing the weights read-only."""
-    loss_fn = loss_fn or F.cross_entropy
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    weights = {n: p.detach() for n, p in named.items()}
-    net = copy.deepcopy(model, memo={id(p): p.detach() for p in model.parameters()})   # buffers copied
-    for m in net.modules():                 # train-mode BatchNorm: each sample alone, as the authors' batch-1 loop
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None):
-            m.forward = (lambda a, m=m: _bn_one_sample(m, a))
-
-    def sample_loss(w, xi, yi):
-        return loss_fn(torch.func.functional_call(net, w, (xi[None],)), yi[None])
-
-    device = next(iter(weights.values())).device
-    chunk_size = chunk_size or (32 if device.type == "cuda" else 1)
-    per_sample = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0), randomness="different")
-    fisher, seen = [torch.zeros_like(w) for w in weights.values()], 0
-    for x, y in data:
-        x, y = x[: num_samples - seen].to(device), y[: num_samples - seen].to(device)
-        for xc, yc in zip(x.split(chunk_size), y.split(chunk_size)):
-            g = per_sample(weights, xc, yc)
-            torch._foreach_add_(fisher, [g[n].square().sum(0) for n in weights])     # Eq. 5: sum_i g_i^2
-        seen += len(x)
-        if seen >= num_samples:
-            break
+@torch.enable_grad()
+def empirical_fisher(model, data, num_samples, loss_fn=F.cross_entropy):
+    """Eq. 5: {parameter: sum over the first num_samples samples of `data` of the squared per-sample gradient} for
+    every trainable parameter (the 1/N_F does not change the ranking). One sample at a time, as the authors' loop:
+    exact for any model. Train-mode BatchNorm normalizes each sample alone and updates no running statistic."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
+    fisher, seen = [torch.zeros_like(p) for p in params], 0
+    bns = [m for m in model.modules() if isinstance(m, _BN._BatchNorm) and (m.training or m.running_mean is None)]
+    for m in bns:
+        m.forward = (lambda a, m=m: _bn_one_sample(m, a))
+    try:
+        for x, y in data:
+            for xi, yi in zip(x[: num_samples - seen].to(device), y[: num_samples - seen].to(device)):
+                g = torch.autograd.grad(loss_fn(model(xi[None]), yi[None]), params, materialize_grads=True)
+                torch._foreach_addcmul_(fisher, g, g)                              # Eq. 5: sum_i g_i^2
+                seen += 1
+            if seen >= num_samples:
+                break
+    finally:
+        for m in bns:
+            del m.forward                                  # back to the class's forward
     if seen < num_samples:
         raise ValueError(f"data gave {seen} samples but num_samples={num_samples}: pass more data or lower num_samples")
-    return dict(zip(named.values(), fisher))
+    return dict(zip(params, fisher))
 
 
 def _bn_one_sample(m, a):
@@ -343,8 +318,7 @@ def _bn_one_sample(m, a):
 
 
 class SSAMF(_SparseSAM):
-    """SSAM-F: perturb the (1-s)·|w| entries with the largest empirical Fisher (Eq. 6). Before each step:
-    `if opt.mask_update_due: opt.update_mask(model, batches)`."""
+    """SSAM-F: perturb the (1-s)·|w| entries of largest empirical Fisher (Eq. 6); update_mask when mask_update_due."""
 
     def __init__(self, params, base_optimizer, rho=0.05, sparsity=0.5, num_samples=128, update_interval=1000,
                  structure=None, norm=None, **kwargs):
@@ -354,19 +328,18 @@ class SSAMF(_SparseSAM):
         self.num_samples = num_samples
 
     @torch.no_grad()
-    def update_mask(self, model, data, loss_fn=None, chunk_size=None):
+    def update_mask(self, model, data, loss_fn=F.cross_entropy):
         """The Fisher of the first num_samples samples of `data`, (inputs, targets) batches (Eq. 5); top-k (Eq. 6)."""
-        with torch.enable_grad():
-            fisher = empirical_fisher(model, data, self.num_samples, loss_fn, chunk_size)
+        fisher = empirical_fisher(model, data, self.num_samples, loss_fn)
         if any(p not in fisher for p in self.masked):
             raise ValueError("some parameters are not trainable ones of `model`: pass their model (DDP: model.module)")
-        self._set_masks(select_masks([fisher[p] for p in self.masked], 1 - self.sparsity, self.nm, self.costs))
+        self.set_masks(select_masks([fisher[p] for p in self.masked], 1 - self.sparsity, self.nm, self.costs))
 
 
 # ---- SSAM-D: the mask from dynamic sparse training (Eq. 7-9, Alg. 2 Option II) ---------------------
 class SSAMD(_SparseSAM):
-    """SSAM-D: a random mask at density 1-s, dropped and grown every update_interval steps inside first_step with
-    that step's gradient. Draws use the optimizer's own generator (seed; saved in state_dict)."""
+    """SSAM-D: a random mask at density 1-s (Alg. 1 line 1), dropped and grown every update_interval steps inside
+    first_step with that step's gradient. Draws use the optimizer's own generator (seed; saved in state_dict)."""
     _COUNTERS = _SparseSAM._COUNTERS + ("generator",)
 
     def __init__(self, params, base_optimizer, rho=0.05, sparsity=0.5, drop_rate=0.5, update_interval=1000,
@@ -379,8 +352,7 @@ class SSAMD(_SparseSAM):
         self.drop_rate, self.total_steps = drop_rate, total_steps
         self.generator = torch.Generator(device=self.masked[0].device)
         self.generator.manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
-        rand = [self._rand(p) for p in self.masked]
-        self._set_masks(select_masks(rand, 1 - sparsity, self.nm, self.costs))      # Alg. 1 line 1: random mask
+        self.set_masks(select_masks([self._rand(p) for p in self.masked], 1 - sparsity, self.nm, self.costs, True))
 
     def _rand(self, p):
         shape = () if self.nm == "tensor" else p.shape      # structure='tensor': one draw per tensor
@@ -389,49 +361,26 @@ class SSAMD(_SparseSAM):
     def drop_count(self, t):
         """N_drop = f_decay(t; alpha)·(1-s)·|w| (Alg. 2 line 8, Eq. 9), |w| counting trainable entries."""
         f_decay = self.drop_rate / 2 * (1 + math.cos(t * math.pi / self.total_steps))
-        return int(f_decay * (1 - self.sparsity) * sum(p.numel() for p in self.masked))
+        return int(f_decay * (1 - self.sparsity) * self.size)
 
     @torch.no_grad()
     def update_mask(self, grads):
         """One drop-and-grow round with `grads`, one per parameter of opt.masked (None: zero)."""
         masks = self.masks()
         g = [torch.zeros_like(p) if gr is None else gr for p, gr in zip(self.masked, grads)]
-        n_drop = self.drop_count(self.steps)
-        # Eq. 7: among the perturbed entries, drop the n_drop with the smallest |g|
-        drop_scores = [torch.where(m, gr.abs(), math.inf) for m, gr in zip(masks, g)]
-        if self.nm == "tensor":                             # whole tensors, smallest mean |g| first, >= n_drop
-            means = torch.stack([s.mean().to(drop_scores[0].device) for s in drop_scores]).tolist()
-            order = [i for i in sorted(range(len(masks)), key=means.__getitem__) if means[i] < math.inf]
-            before = itertools.accumulate((masks[i].numel() for i in order), initial=0)   # entries dropped before i
-            drop = {i for i, b in zip(order, before) if b < n_drop}
-            dropped = [torch.full_like(m, i in drop) for i, m in enumerate(masks)]
-        else:
-            dropped = topk_masks(drop_scores, n_drop, largest=False)
-        kept = [m & ~d for m, d in zip(masks, dropped)]
+        # Eq. 7: drop the n_drop perturbed entries of smallest |g|: keep the others (whole tensors: by mean |g|)
+        keep = (int(sum(m.sum() for m in masks)) - self.drop_count(self.steps)) / self.size
+        keep_scores = [torch.where(m, gr.abs(), -math.inf) for m, gr in zip(masks, g)]
+        nm = "tensor" if self.nm == "tensor" else None      # N:M: the grow below restores the pattern
+        kept = [k & m for k, m in zip(select_masks(keep_scores, max(keep, 0), nm), masks)]
         # Eq. 8: grow at random among the unperturbed: kept entries score 2, the rest uniform in [0, 1)
         grow_scores = [torch.where(k, 2.0, self._rand(p)) for k, p in zip(kept, self.masked)]
-        self._set_masks(select_masks(grow_scores, 1 - self.sparsity, self.nm, self.costs))
+        self.set_masks(select_masks(grow_scores, 1 - self.sparsity, self.nm, self.costs, True))
 
     def _mask_for_step(self, params, grads):
         if self.mask_update_due:                            # grads are the params' p.grad
             self.update_mask([p.grad for p in self.masked])
         return super()._mask_for_step(params, grads)
-
-
-# ---- SAM-ON (Mueller et al., 2023): only the normalization layers ---------------------------------
-class SAMON(_SparseSAM):
-    """Perturb only the trainable parameters of NORM_LAYERS, eps = rho·(g ⊙ m)/||g ⊙ m||, as structure='tensor'."""
-
-    def __init__(self, model, base_optimizer, rho=0.05, **kwargs):
-        norms = [m for m in model.modules() if isinstance(m, NORM_LAYERS)]
-        on = {id(p) for m in norms for p in m.parameters(recurse=False) if p.requires_grad}
-        if not on:
-            raise ValueError("the model has no normalization layer with trainable parameters: nothing to perturb")
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        density = sum(p.numel() for p in trainable if id(p) in on) / sum(p.numel() for p in trainable)
-        params = list(model.parameters())
-        super().__init__(params, base_optimizer, rho, 1 - density, 2**62, "tensor", "masked", **kwargs)
-        self._set_masks([torch.full_like(p, id(p) in on, dtype=torch.bool) for p in self.masked])   # never updated
 
 
 # ---- The 2:4 sparse backward ("implicit" SSAM): dX = dY·(W ⊙ M) in the ascent pass of nn.Linear layers 
@@ -450,9 +399,7 @@ class _MaskedInputGrad(torch.autograd.Function):
     def backward(ctx, gy):
         x, weight, mask = ctx.saved_tensors
         gy2 = gy.reshape(-1, gy.shape[-1]).to(weight.dtype)
-        gx = None                                           # autograd casts each back to its input's dtype
-        if ctx.needs_input_grad[0]:
-            gx = sparse_input_grad(gy2, weight, mask).reshape(*gy.shape[:-1], weight.shape[1])
+        gx = sparse_input_grad(gy2, weight, mask).reshape(*gy.shape[:-1], -1) if ctx.needs_input_grad[0] else None
         return gx, gy2.t() @ x.reshape(-1, x.shape[-1]), gy2.sum(0) if ctx.needs_input_grad[2] else None, None
 
 
@@ -475,12 +422,10 @@ def sparse_ascent(model, opt):
     dY through W ⊙ M (the TPAMI follow-up's "implicit" SSAM). Yields the patched layers (not torch.compile'd)."""
     if not isinstance(getattr(opt, "nm", None), tuple):
         raise ValueError("sparse_ascent needs an SSAMF/SSAMD optimizer built with structure='N:M' (e.g. '2:4')")
-    patched = []
-    for mod in model.modules():
-        mask = opt.state.get(mod.weight, {}).get("mask") if isinstance(mod, nn.Linear) else None
-        if mask is not None and mod.weight.shape[0] % opt.nm[1] == 0:   # an N:M mask, not the pooled top-k
-            mod.forward = (lambda x, mod=mod, mask=mask: _MaskedInputGrad.apply(x, mod.weight, mod.bias, mask))
-            patched.append(mod)
+    patched = [m for m in model.modules() if isinstance(m, nn.Linear) and "mask" in opt.state.get(m.weight, {})
+               and m.weight.shape[0] % opt.nm[1] == 0]          # an N:M mask, not the pooled top-k
+    for mod in patched:
+        mod.forward = (lambda x, m=mod: _MaskedInputGrad.apply(x, m.weight, m.bias, opt.state[m.weight]["mask"]))
     try:
         yield patched
     finally:
@@ -492,8 +437,7 @@ def sparse_ascent(model, opt):
 @contextmanager
 def frozen_bn_stats(model):
     """Around the SECOND pass: train-mode BatchNorm uses the batch's statistics but updates no running statistic."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
-    bns = [m for m in bns if m.training and m.track_running_stats]
+    bns = [m for m in model.modules() if isinstance(m, _BN._NormBase) and m.training and m.track_running_stats]
     for m in bns:
         m.track_running_stats = False                   # BatchNorm then neither updates nor counts
     try:

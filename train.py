@@ -569,6 +569,23 @@ def make_model(name, num_classes, small_images):
                      f">= 10 (e.g. wrn28-10, wrn16-1; CIFAR only)")
 
 
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+def samon(model, base_optimizer, rho=0.05, **kwargs):
+    """SAM-ON (Mueller et al., 2023), a baseline: perturb only the trainable parameters of NORM_LAYERS (chosen by
+    module type), eps = rho·(g ⊙ m)/||g ⊙ m||: ssam.SSAMF with a fixed whole-tensor mask that is never updated."""
+    on = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    density = sum(p.numel() for p in trainable if id(p) in on) / sum(p.numel() for p in trainable)
+    if not density:
+        raise ValueError("the model has no normalization layer with trainable parameters: nothing to perturb")
+    opt = ssam.SSAMF(model.parameters(), base_optimizer, rho, sparsity=1 - density, update_interval=2**62,
+                     structure="tensor", **kwargs)
+    opt.set_masks([torch.full_like(p, id(p) in on, dtype=torch.bool) for p in opt.masked])
+    return opt
+
+
 def make_optimizer(cfg, model, steps_per_epoch):
     sgd = dict(lr=cfg["lr"], momentum=MOMENTUM, weight_decay=cfg["weight_decay"])
     o = cfg["optimizer"]
@@ -577,7 +594,7 @@ def make_optimizer(cfg, model, steps_per_epoch):
     if o == "sam":
         return ssam.SAM(model.parameters(), torch.optim.SGD, rho=cfg["rho"], adaptive=cfg["adaptive"], **sgd)
     if o == "samon":
-        return ssam.SAMON(model, torch.optim.SGD, rho=cfg["rho"], **sgd)
+        return samon(model, torch.optim.SGD, rho=cfg["rho"], **sgd)
     structure = None if cfg["structure"] == "unstructured" else cfg["structure"]
     interval = cfg["update_interval"] or steps_per_epoch
     costs = None                               # --mask-select cost: each tensor's ascent cost, from one forward

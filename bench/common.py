@@ -1,6 +1,5 @@
 """What the benchmarks share: the methods (as train.py flags), the models, the timed step (train.py's own), the
-FLOP count each method could reach, the batch-1 Fisher loop that ssam.empirical_fisher is measured against, and
-the optimizer-state byte count.
+FLOP count each method could reach, and the optimizer-state byte count.
 
 The timed step is the trained step: models come from train.make_model (TinyViT, which train.py does not train,
 is defined here), optimizers from train.make_optimizer with the method's train.py flags, and every step is
@@ -204,29 +203,6 @@ def make_model(name, width=256):
     if name == "vit":
         return TinyViT(width=width)
     raise ValueError(f"unknown model {name!r}: resnet18 or vit")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# SSAM-F's Fisher the slow way: one sample at a time (what ssam.empirical_fisher replaces with vmap)
-
-def fisher_loop(model, data, num_samples, loss_fn=F.cross_entropy):
-    """Sum over `num_samples` samples of the squared gradient of each sample's loss (Eq. 5), one backward per
-    sample. In train mode BatchNorm normalizes each sample by its own statistics and running stats are left
-    alone (frozen_bn_stats), as in ssam.empirical_fisher. Returns {parameter: tensor}; p.grad is not touched."""
-    params = list(model.parameters())
-    fisher = [torch.zeros_like(p) for p in params]
-    seen = 0
-    with ssam.frozen_bn_stats(model):
-        for x, y in data:
-            for i in range(min(len(x), num_samples - seen)):
-                g = torch.autograd.grad(loss_fn(model(x[i:i + 1]), y[i:i + 1]), params)
-                torch._foreach_addcmul_(fisher, g, g)
-                seen += 1
-            if seen >= num_samples:
-                break
-    if seen < num_samples:
-        raise ValueError(f"data gave {seen} samples but num_samples={num_samples}")
-    return dict(zip(params, fisher))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ SSAM_LIMIT = 1.02         # an element-wise/N:M SSAM non-update step <= 1.02x SA
 COST_MASK_LIMIT = 1.45    # cost-aware whole-tensor SSAM at 90% sparsity <= 1.45x SGD (bound: ~1.33x)
 ASCENT_LIMIT = 1.35       # SAM with the ascent on a quarter of the batch <= 1.35x SGD (bound: 1.25x)
 AMORTIZED_LIMIT = 0.01    # mask updates at the paper's interval < 1% of training time
-GPU_FISHER_SPEEDUP = 10   # batched Fisher >= 10x the batch-1 loop on a GPU (on a CPU: just faster)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -70,7 +69,7 @@ def collect(benchmarks):
         e = b["extra_info"]
         key = {"step": lambda: ("step", e["model"], e["batch"], e["method"]),
                "first_step": lambda: ("first_step", e["model"], e["method"]),
-               "fisher": lambda: ("update", e["model"], f"fisher-{e['impl']}"),
+               "fisher": lambda: ("update", e["model"], "fisher"),
                "mask-update": lambda: ("update", e["model"], f"{e['opt']}-update_mask")}.get(e.get("kind"))
         if key is None:
             continue
@@ -161,16 +160,10 @@ def summarize(data):
                        f"{step['batch']}, {step['method']} steps) < {AMORTIZED_LIMIT:.0%} of training",
                        (m, lo, hi), AMORTIZED_LIMIT, fmt="{:.3%}")
             out["updates"].append(row)
-        loop, batched = u.get("fisher-loop"), u.get("fisher-batched")
-        for name, r in (("fisher batched (ssam.empirical_fisher)", batched), ("fisher batch-1 loop", loop)):
-            if r:
-                out["updates"].append(dict(model=model, what=f"{name}, {r['num_samples']} samples",
-                                           ms=1e3 * median(list(r["t"].values())), rounds=len(r["t"])))
-        if loop and batched:
-            gpu = batched["device"].startswith("cuda")
-            need = GPU_FISHER_SPEEDUP if gpu else 1.0
-            target(out["targets"], f"{model}: batched Fisher >= {need:g}x the batch-1 loop ({batched['num_samples']} "
-                   f"samples, {batched['device']})", per_round(loop, batched), need, at_most=False, fmt="{:.2f}x")
+        if u.get("fisher"):
+            r = u["fisher"]
+            out["updates"].append(dict(model=model, what=f"Fisher (ssam.empirical_fisher), {r['num_samples']} samples",
+                                       ms=1e3 * median(list(r["t"].values())), rounds=len(r["t"])))
     return out
 
 

@@ -15,8 +15,8 @@ updates a mask. Round 0 also stores, in extra_info, the method's FLOP bound (com
 the optimizer holds right after first_step (masks, momentum, the copy of w).
 Group "first_step: <model>": first_step alone (SAM and the element-wise/N:M SSAM variants), the only place a
 non-update SSAM step differs from a SAM step; --bench-first-step-calls timed calls a round, the fastest kept.
-Group "mask update: <model>": SSAM-F's Fisher over N_F samples (ssam.empirical_fisher against the batch-1 loop
-common.fisher_loop), SSAM-F's whole update_mask and SSAM-D's, once in each of --bench-update-rounds rounds.
+Group "mask update: <model>": SSAM-F's Fisher over N_F samples (ssam.empirical_fisher), SSAM-F's whole
+update_mask and SSAM-D's, once in each of --bench-update-rounds rounds.
 """
 import pytest
 import torch
@@ -135,20 +135,19 @@ def test_first_step(benchmark, bench_round, model_name, method, cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Mask updates: SSAM-F's Fisher batched vs one sample at a time, and the two update_mask calls
+# Mask updates: SSAM-F's Fisher, and the two update_mask calls
 
 def fisher_data(cfg):
     return common.batch(cfg["fisher_samples"], cfg["device"])
 
 
-@pytest.mark.parametrize("impl", ["batched", "loop"])
-def test_fisher(benchmark, update_round, model_name, impl, cfg):
+def test_fisher(benchmark, update_round, model_name, cfg):
     benchmark.group = f"mask update: {model_name}"
     n = cfg["fisher_samples"]
     model = fresh_model(model_name, cfg)
-    fisher = common.fisher_loop if impl == "loop" else ssam.empirical_fisher
-    benchmark.pedantic(run_sync, args=(fisher, cfg["device"], model, [fisher_data(cfg)], n), rounds=1, iterations=1)
-    info(benchmark, model, cfg, update_round, kind="fisher", model=model_name, impl=impl, num_samples=n)
+    benchmark.pedantic(run_sync, args=(ssam.empirical_fisher, cfg["device"], model, [fisher_data(cfg)], n), rounds=1,
+                       iterations=1)
+    info(benchmark, model, cfg, update_round, kind="fisher", model=model_name, num_samples=n)
 
 
 def test_ssamf_update_mask(benchmark, update_round, model_name, cfg):

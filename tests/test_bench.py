@@ -46,25 +46,6 @@ def test_lanczos_matches_exact_hessian():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# common.fisher_loop equals ssam.empirical_fisher (BatchNorm: per-sample statistics in train mode)
-
-@pytest.mark.parametrize("train_mode", [True, False])
-def test_fisher_loop_equals_empirical_fisher(train_mode):
-    torch.manual_seed(0)
-    model = tiny_convnet().double().train(train_mode)
-    x, y = torch.randn(12, 3, 6, 6, dtype=torch.float64), torch.randint(0, 3, (12,))
-    data = [(x[:5], y[:5]), (x[5:], y[5:])]                  # two batches; 9 of the 12 samples used
-    buffers = [b.clone() for b in model.buffers()]
-    loop = common.fisher_loop(model, data, 9)
-    batched = ssam.empirical_fisher(model, data, 9)
-    for p in model.parameters():
-        torch.testing.assert_close(loop[p], batched[p], rtol=1e-9, atol=1e-12)
-        assert p.grad is None
-    for b, before in zip(model.buffers(), buffers):           # running statistics untouched
-        assert torch.equal(b, before)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # report.py on small synthetic pytest-benchmark JSONs
 
 def entry(kind, seconds, rnd=0, **extra):
@@ -102,8 +83,7 @@ def test_report_ratios_are_per_round_medians_with_intervals_and_verdicts():
                   + rounds(load, lambda l, r: step("sam-f0.25", "sam", 0.130 * l, r, ascent_fraction=0.25))  # PASS
                   + rounds(load, lambda l, r: step("cost", "ssamf", (0.140 + 0.02 * (r % 2)) * l, r, cost, 0.9))
                   + [entry("mask-update", 391 * 0.1 * 0.005, r, model="m", opt="ssamf", sparsity=0.5) for r in range(3)]
-                  + [entry("fisher", 1.0, r, model="m", impl="batched", num_samples=128) for r in range(3)]
-                  + [entry("fisher", 3.0, r, model="m", impl="loop", num_samples=128) for r in range(3)])
+                  + [entry("fisher", 1.0, r, model="m", num_samples=128) for r in range(3)])
     data = dict(machine_info=dict(bench=dict(cpu="Test CPU", cores=2, torch="x")), benchmarks=benchmarks)
     s = report.summarize(data)
     rows = {r["method"]: r for r in s["steps"]}
@@ -113,13 +93,14 @@ def test_report_ratios_are_per_round_medians_with_intervals_and_verdicts():
     m, lo, hi = rows["cost"]["x_sgd"]
     assert m == pytest.approx(1.5) and lo == pytest.approx(1.4) and hi == pytest.approx(1.6)   # 1.4 and 1.6 by round
     verdicts = {t["target"].split(": ", 1)[1].split(" ")[0]: t["verdict"] for t in s["targets"]}
-    assert verdicts == {"SAM": "MISS", "sam-f0.25": "PASS", "cost": "UNDECIDED", "ssamf": "PASS", "batched": "PASS"}
+    assert verdicts == {"SAM": "MISS", "sam-f0.25": "PASS", "cost": "UNDECIDED", "ssamf": "PASS"}
     upd = {r["what"]: r for r in s["updates"]}
     assert upd["ssamf update_mask"]["interval"] == 391 and upd["ssamf update_mask"]["amortized"] == pytest.approx(
         0.0005 / 0.172)                          # per-step update cost over the ssamf step's median time
     text = report.render(data, "synthetic.json")
     assert "Test CPU" in text and "| MISS |" in text and "| UNDECIDED |" in text
-    assert "3 PASS, 1 MISS, 1 UNDECIDED of 5 targets" in text
+    assert "2 PASS, 1 MISS, 1 UNDECIDED of 4 targets" in text
+    assert upd["Fisher (ssam.empirical_fisher), 128 samples"]["ms"] == pytest.approx(1e3)
 
 
 def test_report_ssam_overhead_from_first_step():

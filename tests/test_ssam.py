@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import ssam
+import train as train_py
 
 SSAM_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ssam.py")
 
@@ -336,7 +337,7 @@ def test_empirical_fisher_matches_batch1_loop_and_touches_nothing(mode):
     grads = [p.grad.clone() for p in model.parameters()]
     state = snapshot(model)                                   # params + running_mean/var + num_batches_tracked
 
-    fisher = ssam.empirical_fisher(model, data, 12, loss_fn=loss_fn, chunk_size=3)
+    fisher = ssam.empirical_fisher(model, data, 12, loss_fn=loss_fn)
     expected = loop_fisher(model, data, 12, loss_fn)
 
     assert set(map(id, fisher)) == set(map(id, model.parameters()))
@@ -349,12 +350,25 @@ def test_empirical_fisher_matches_batch1_loop_and_touches_nothing(mode):
     assert model.training == (mode == "train")
 
 
-def test_empirical_fisher_default_chunking_and_single_batch():
+def test_empirical_fisher_stops_inside_a_batch():
     model = mlp(0, torch.float64)
     x, y = vec_batch(0, 40, torch.float64)
-    fisher = ssam.empirical_fisher(model, [(x, y)], 37)                         # default chunk size
+    fisher = ssam.empirical_fisher(model, [(x, y)], 37)                         # 37 of the batch's 40
     for p, e in zip(model.parameters(), loop_fisher(model, [(x, y)], 37)):
         torch.testing.assert_close(fisher[p], e, rtol=1e-9, atol=1e-15)
+
+
+def test_empirical_fisher_of_softmax_regression_has_a_closed_form():
+    """An independent reference: for y = Wx + b under cross-entropy, sample i's gradient is (p_i - e_yi) x_i^T for W
+    and p_i - e_yi for b, so Eq. 5 is a sum of their squares (no autograd in the reference)."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3).double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    with torch.no_grad():
+        r = torch.softmax(model(x), -1) - F.one_hot(y, 3).double()           # [8, 3]: p_i - e_yi
+    fisher = ssam.empirical_fisher(model, [(x[:3], y[:3]), (x[3:], y[3:])], 8)
+    torch.testing.assert_close(fisher[model.weight], torch.einsum("io,ij->oj", r ** 2, x ** 2), rtol=1e-12, atol=0)
+    torch.testing.assert_close(fisher[model.bias], (r ** 2).sum(0), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("frozen", ["bn_eval_in_train_model", "bn_train_in_eval_model"])
@@ -413,7 +427,7 @@ def test_empirical_fisher_matches_batch1_loop_on_more_architectures(name, mode):
     model.train(mode == "train")
     data = [img_batch(s, 5, torch.float64) for s in (40, 41)]
     state = snapshot(model)
-    fisher = ssam.empirical_fisher(model, data, 9, chunk_size=4)
+    fisher = ssam.empirical_fisher(model, data, 9)
     expected = loop_fisher(model, data, 9)
     for p, e in zip(model.parameters(), expected):
         torch.testing.assert_close(fisher[p], e, rtol=1e-9, atol=1e-15)
@@ -426,12 +440,12 @@ def test_ssamf_mask_is_global_topk_of_fisher(s):
     data = [img_batch(20, 6, torch.float64), img_batch(21, 6, torch.float64)]
     opt = ssam.SSAMF(model.parameters(), torch.optim.SGD, sparsity=s, num_samples=10, lr=0.1)
     w = snapshot(model)
-    opt.update_mask(model, data, chunk_size=4)
+    opt.update_mask(model, data)
     assert opt.last_mask_update == 0 and not opt.mask_update_due
     assert_bitwise(snapshot(model), w)
 
     params = list(model.parameters())
-    fisher = ssam.empirical_fisher(model, data, 10, chunk_size=4)
+    fisher = ssam.empirical_fisher(model, data, 10)
     fl = flat([fisher[p] for p in params])
     d = fl.numel()
     k = round((1 - s) * d)
@@ -1125,7 +1139,7 @@ def test_empirical_fisher_is_exact_with_tied_weights():
     torch.manual_seed(0)
     model = _TiedDecoder().double()
     data = [vec_batch(s, 5, torch.float64) for s in (1, 2)]
-    fisher = ssam.empirical_fisher(model, data, 9, chunk_size=4)
+    fisher = ssam.empirical_fisher(model, data, 9)
     params = list(model.parameters())                                        # the shared weight once
     assert len(params) == 7 and set(map(id, fisher)) == set(map(id, params))
     for p, e in zip(params, loop_fisher(model, data, 9)):
@@ -1167,7 +1181,7 @@ def test_frozen_parameters_get_no_mask_and_stay_unperturbed(kind):
     trainable = [p for p in model.parameters() if p.requires_grad]
     kw = dict(rho=0.5, lr=0.1)
     if kind == "samon":
-        opt = ssam.SAMON(model, torch.optim.SGD, **kw)
+        opt = train_py.samon(model, torch.optim.SGD, **kw)
     elif kind == "ssamd":
         opt = ssam.SSAMD(model.parameters(), torch.optim.SGD, sparsity=0.5, total_steps=10, seed=0, **kw)
     else:
