@@ -17,8 +17,9 @@ Writes bench/results/accuracy.json and accuracy.md; bench/plots.py draws the fig
 ascent on part of the batch (--ascent-fraction 0.25, 0.5) and both together, each with a paired difference (same
 seed) to the exact method it approximates (CHEAPER_REF). Decision rule, fixed before any of these runs: a cheaper
 method keeps its exact method's accuracy when the paired Δ's 95% CI over all 6 seeds includes 0 and its mean is
-above −1 point; it loses accuracy when the whole CI is below 0; otherwise undecided. Nothing was tuned for these
-methods, so all 6 seeds are confirmation runs; seeds 0-2 and 3-5 are still shown apart.
+above −1 point; it gains when the whole CI is above 0; it loses accuracy when the whole CI is below 0; otherwise
+undecided. Nothing was tuned for these methods, so all 6 seeds are confirmation runs; seeds 0-2 and 3-5 are still
+shown apart.
 
 Method names: <optimizer>[-tensor|-cost][-f<fraction>]: "-tensor" = --structure tensor (the paper's ranking),
 "-cost" = --structure tensor --mask-select cost, "-f0.25" = --ascent-fraction 0.25 (method_flags, method_of).
@@ -94,14 +95,15 @@ def method_of(cfg):
 
 def verdict(delta):
     """The decision rule for a cheaper method (module docstring) on its paired Δ = (mean, ci, n) to the exact
-    method: 'keeps' (CI includes 0, mean > -1 point), 'loses' (whole CI below 0), otherwise 'undecided'.
+    method: 'keeps' (CI includes 0, mean > -1 point), 'gains' (whole CI above 0), 'loses' (whole CI below 0),
+    otherwise 'undecided'.
     None without a CI (no Δ, or a single paired seed)."""
     if delta is None or delta[2] < 2:
         return None
     m, h = delta[:2]
     if m - h <= 0 <= m + h and m > KEEPS_ABOVE:
         return "keeps"
-    return "loses" if m + h < 0 else "undecided"
+    return "loses" if m + h < 0 else "gains" if m - h > 0 else "undecided"
 
 
 def mean_ci(values):
@@ -242,8 +244,8 @@ def render(result):
                   "approximates (cost-aware masks vs the element-wise mask at the same sparsity, --ascent-fraction "
                   "f vs the same method on the whole batch), same seed, mean ± 95% CI. Decision rule, fixed before "
                   "the runs: a cheaper method keeps its exact method's accuracy when the paired Δ's 95% CI over all "
-                  "6 seeds includes 0 and its mean is above −1 point; it loses accuracy when the whole CI is below "
-                  "0; otherwise undecided. Nothing was tuned for these methods, so all 6 seeds are confirmation "
+                  "6 seeds includes 0 and its mean is above −1 point; it gains when the whole CI is above 0; it loses "
+                  "accuracy when the whole CI is below 0; otherwise undecided. Nothing was tuned for these methods, so all 6 seeds are confirmation "
                   "runs; seeds 0-2 and 3-5 are still shown apart. The verdict column is only in the table over all the "
                   f"seeds run (here \"{widest}\"): the rule's verdict is the one on seeds 0-5; one on fewer seeds "
                   "is not the rule's.", ""]

@@ -237,7 +237,7 @@ def test_accuracy_verdict_rule():
     assert accuracy.verdict((-1.0, 1.5, 6)) == "undecided"       # -1 itself is not above -1
     assert accuracy.verdict((-0.9, 0.5, 6)) == "loses"           # CI [-1.4, -0.4]: all below 0
     assert accuracy.verdict((-0.1, 0.05, 6)) == "loses"          # small but resolved loss
-    assert accuracy.verdict((0.9, 0.5, 6)) == "undecided"        # all above 0: the rule says neither (a gain)
+    assert accuracy.verdict((0.9, 0.5, 6)) == "gains"            # CI [0.4, 1.4]: all above 0
     assert accuracy.verdict(None) is None and accuracy.verdict((-0.5, float("nan"), 1)) is None
 
 
