@@ -57,6 +57,7 @@ bench-report: venv
 # SGD, SAM, SSAM-F 0.5, SSAM-D 0.5/0.9 where the model fits its (label-noisy) training data, seeds 0-5, 10,000 test
 # images: mean ± 95% CI, paired differences, Hessian lambda_1; then the two figures. Finished runs are reused.
 # ACC_ARGS="--more": + SSAM-F 0.9/0.99, tensor masks, SAM-ON. Time: README "Accuracy".
+# ACC_ARGS="--cheaper": + cost-aware masks and --ascent-fraction 0.25/0.5 (issue 11), each paired with its exact method.
 bench-accuracy: venv
 	OMP_WAIT_POLICY=PASSIVE $(PYTHON) bench/accuracy.py $(ACC_ARGS)
 	$(PYTHON) bench/plots.py bench/results/accuracy.json

@@ -5,12 +5,24 @@ setting, seeds 3-5 confirm it (README, "Accuracy"). Per method: test accuracy me
 
     python bench/accuracy.py                    # = make bench-accuracy: the default grid, seeds 0-5, then the figures
     python bench/accuracy.py --more             # + SSAM-F 0.9/0.99, tensor masks, SAM-ON
+    python bench/accuracy.py --cheaper          # + the cheaper ascents of issue 11, each paired with its exact method
     python bench/accuracy.py --seeds 0 1 2      # the selection seeds only
     python bench/accuracy.py -- --epochs 2      # any train.py flag after --, appended to SETTING (marked in names)
 
 Runs go through train.py's run_grid (one naming and "done" rule with the demo and scripts/reproduce.py): a run
 whose final.json records the same config is reused, anything else is trained; runs/bench-accuracy/<name>/.
 Writes bench/results/accuracy.json and accuracy.md; bench/plots.py draws the figures from the JSON.
+
+--cheaper (issue 11): cost-aware tensor masks (SSAM-F/SSAM-D 0.9, --structure tensor --mask-select cost), SAM's
+ascent on part of the batch (--ascent-fraction 0.25, 0.5) and both together, each with a paired difference (same
+seed) to the exact method it approximates (CHEAPER_REF). Decision rule, fixed before any of these runs: a cheaper
+method keeps its exact method's accuracy when the paired Δ's 95% CI over all 6 seeds includes 0 and its mean is
+above −1 point; it gains when the whole CI is above 0; it loses accuracy when the whole CI is below 0; otherwise
+undecided. Nothing was tuned for these methods, so all 6 seeds are confirmation runs; seeds 0-2 and 3-5 are still
+shown apart.
+
+Method names: <optimizer>[-tensor|-cost][-f<fraction>]: "-tensor" = --structure tensor (the paper's ranking),
+"-cost" = --structure tensor --mask-select cost, "-f0.25" = --ascent-fraction 0.25 (method_flags, method_of).
 """
 import argparse
 import json
@@ -39,21 +51,59 @@ SETTING = ["--preset", "cifar10-subset", "--model", "wrn10-1", "--train-size", "
            "--cutout", "0", "--epochs", "80", "--batch-size", "32", "--eval-every", "40"]
 METHODS = [("sgd", None), ("sam", None), ("ssamf", 0.5), ("ssamd", 0.5), ("ssamd", 0.9)]
 MORE = [("ssamf", 0.9), ("ssamf", 0.99), ("ssamf-tensor", 0.9), ("ssamd-tensor", 0.9), ("samon", None)]
+CHEAPER = [("ssamf", 0.9), ("ssamf-cost", 0.9), ("ssamd-cost", 0.9), ("sam-f0.25", None), ("sam-f0.5", None),
+           ("ssamf-cost-f0.25", 0.9), ("ssamf-cost-f0.5", 0.9)]
+CHEAPER_REF = {("ssamf-cost", 0.9): ("ssamf", 0.9), ("ssamd-cost", 0.9): ("ssamd", 0.9),   # the exact method
+               ("sam-f0.25", None): ("sam", None), ("sam-f0.5", None): ("sam", None),      # each one approximates
+               ("ssamf-cost-f0.25", 0.9): ("ssamf-cost", 0.9), ("ssamf-cost-f0.5", 0.9): ("ssamf-cost", 0.9)}
+KEEPS_ABOVE = -1.0      # decision rule (module docstring): "keeps" needs the paired Δ's mean above -1 point
 SEED_SETS = {"seeds 0-2": [0, 1, 2], "seeds 3-5 (the confirmation set)": [3, 4, 5]}
 LANCZOS = dict(batch=128, iters=20)   # lambda_5 within 2% of 40 steps (bench/sharpness.py); lambda_1 converges first
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         11: 2.201, 12: 2.179}     # Student t, two-sided 95%, by degrees of freedom
 
 
+def parse_method(method):
+    """'<optimizer>[-tensor|-cost][-f<fraction>]' -> (optimizer, masks: None / 'tensor' / 'cost', fraction or None)."""
+    opt, *rest = method.split("-")
+    masks = rest.pop(0) if rest and rest[0] in ("tensor", "cost") else None
+    fraction = float(rest.pop(0)[1:]) if rest and rest[0].startswith("f") and rest[0][1:] else None
+    if rest or not opt:
+        raise ValueError(f"method {method!r}: expected <optimizer>[-tensor|-cost][-f<fraction>]")
+    return opt, masks, fraction
+
+
 def method_flags(method, sparsity):
-    """'<opt>-tensor' = SSAM with whole-tensor masks (--structure tensor)."""
-    f = ["--optimizer", method.removesuffix("-tensor")]
-    f += [] if sparsity is None else ["--sparsity", str(sparsity)]
-    return f + (["--structure", "tensor"] if method.endswith("-tensor") else [])
+    """-> train.py flags. '-tensor': whole-tensor masks (--structure tensor); '-cost': the same with cost-aware
+    selection (--mask-select cost); '-f<x>': the ascent pass on the first x of each batch (--ascent-fraction x)."""
+    opt, masks, fraction = parse_method(method)
+    f = ["--optimizer", opt] + ([] if sparsity is None else ["--sparsity", str(sparsity)])
+    f += [] if masks is None else ["--structure", "tensor"]
+    f += ["--mask-select", "cost"] if masks == "cost" else []
+    return f + ([] if fraction is None else ["--ascent-fraction", f"{fraction:g}"])
 
 
 def method_of(cfg):
-    return cfg["optimizer"] + ("-tensor" if cfg.get("structure") == "tensor" else ""), cfg.get("sparsity")
+    """The run config (train.resolve_config: flags at their default may be absent) -> (method, sparsity)."""
+    structure = cfg.get("structure", "unstructured")
+    if structure not in ("unstructured", "tensor"):
+        raise ValueError(f"--structure {structure} has no method name in bench/accuracy.py")
+    masks = "" if structure != "tensor" else "-cost" if cfg.get("mask_select", "paper") == "cost" else "-tensor"
+    fraction = cfg.get("ascent_fraction", 1.0)
+    return cfg["optimizer"] + masks + ("" if fraction == 1.0 else f"-f{fraction:g}"), cfg.get("sparsity")
+
+
+def verdict(delta):
+    """The decision rule for a cheaper method (module docstring) on its paired Δ = (mean, ci, n) to the exact
+    method: 'keeps' (CI includes 0, mean > -1 point), 'gains' (whole CI above 0), 'loses' (whole CI below 0),
+    otherwise 'undecided'.
+    None without a CI (no Δ, or a single paired seed)."""
+    if delta is None or delta[2] < 2:
+        return None
+    m, h = delta[:2]
+    if m - h <= 0 <= m + h and m > KEEPS_ABOVE:
+        return "keeps"
+    return "loses" if m + h < 0 else "gains" if m - h > 0 else "undecided"
 
 
 def mean_ci(values):
@@ -91,7 +141,9 @@ def analyze(cfg, with_sharpness):
 
 
 def summarize(runs, seeds):
-    """Rows per method over `seeds`: test accuracy mean ± CI, paired differences to SGD and SAM (same seed)."""
+    """Rows per method over `seeds`: test accuracy mean ± CI, paired differences (same seed) to SGD, to SAM and,
+    for a cheaper method (CHEAPER_REF), to the exact method it approximates: vs_ref = (mean, ci, n) or None,
+    ref = that method's label; the median step time (ms) of its runs."""
     by = {}
     for r in runs:
         if r["seed"] in seeds:
@@ -105,6 +157,13 @@ def summarize(runs, seeds):
             other = by.get((ref, None), {})
             paired = [acc[s] - 100 * other[s]["test_acc"] for s in sorted(rs) if s in other]
             row[f"vs_{ref}"] = mean_ci(paired) + (len(paired),) if paired and method != ref else None
+        ref = CHEAPER_REF.get((method, sp))
+        row["ref"] = None if ref is None else label(*ref)
+        other = by.get(ref, {}) if ref else {}
+        paired = [acc[s] - 100 * other[s]["test_acc"] for s in sorted(rs) if s in other]
+        row["vs_ref"] = mean_ci(paired) + (len(paired),) if paired else None
+        steps = [r["step_ms"] for r in rs.values() if r.get("step_ms") is not None]
+        row["step_ms"] = statistics.median(steps) if steps else None
         for key in ("train_acc_eval", "train_acc_clean_eval", "memorized_noisy"):
             vals = [100 * r[key] for r in rs.values() if r.get(key) is not None]
             row[key] = statistics.mean(vals) if vals else None
@@ -120,9 +179,11 @@ def fmt_ci(m, h, digits=2):
 
 
 def label(method, sp):
-    names = dict(sgd="SGD", sam="SAM", ssamf="SSAM-F", ssamd="SSAM-D", samon="SAM-ON", **{
-        "ssamf-tensor": "SSAM-F tensor", "ssamd-tensor": "SSAM-D tensor"})
-    return names[method] + ("" if sp is None else f" {sp:g}")
+    """e.g. 'SSAM-F 0.5', 'SSAM-D tensor 0.9', 'SSAM-F cost-aware 0.9, f=0.25', 'SAM f=0.5'."""
+    opt, masks, fraction = parse_method(method)
+    text = dict(sgd="SGD", sam="SAM", ssamf="SSAM-F", ssamd="SSAM-D", samon="SAM-ON")[opt]
+    text += dict(tensor=" tensor", cost=" cost-aware").get(masks, "") + ("" if sp is None else f" {sp:g}")
+    return text + ("" if fraction is None else ("," if sp is not None else "") + f" f={fraction:g}")
 
 
 def render(result):
@@ -138,22 +199,34 @@ def render(result):
         lines += [f"**Incomplete**: {len(result['missing'])} of the {len(result['missing']) + len(result['runs'])} "
                   "runs of the grid had not finished and are left out: " +
                   ", ".join(n.split("-epochs")[0].removeprefix("cifar10-subset-") for n in result["missing"]), ""]
-    for title, seeds in result["seed_sets"].items():
+    seed_sets = result["seed_sets"]
+    cheaper = any(r.get("ref") for rows in result["summary"].values() for r in rows)
+    widest = max(seed_sets, key=lambda t: len(seed_sets[t])) if seed_sets else None   # "all seeds" when 0-5 ran
+    for title, seeds in seed_sets.items():
         rows = [r for r in result["summary"][title]]
         if not rows:
             continue
+        judged = cheaper and title == widest
         lines += [f"## {title}", "",
-                  "| method | test acc % (mean ± 95% CI) | paired Δ vs SGD | paired Δ vs SAM | train acc, no aug. "
-                  "(labels trained on / true) | wrong labels memorized | λ1 | λ1/λ5 | per seed |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "| method | test acc % (mean ± 95% CI) | paired Δ vs SGD | paired Δ vs SAM | " +
+                  ("paired Δ vs its exact method | " if cheaper else "") + ("verdict | " if judged else "") +
+                  "train acc, no aug. (labels trained on / true) | wrong labels memorized | λ1 | λ1/λ5 | "
+                  "step ms (median) | per seed |",
+                  "|---|---|---|---|" + "---|" * (cheaper + judged) + "---|---|---|---|---|---|"]
         for r in rows:
             d = ["–" if r[k] is None else fmt_ci(*r[k][:2]) for k in ("vs_sgd", "vs_sam")]
+            if cheaper:
+                d.append("–" if not r.get("ref") else f"no run of {r['ref']}" if r["vs_ref"] is None else
+                         f"{fmt_ci(*r['vs_ref'][:2])} (vs {r['ref']})")
+            if judged:
+                d.append("–" if r.get("vs_ref") is None else verdict(r["vs_ref"]) or "– (1 seed)")
             fit = "–" if r["train_acc_eval"] is None else f"{r['train_acc_eval']:.1f} / {r['train_acc_clean_eval']:.1f}"
             mem = "–" if r["memorized_noisy"] is None else f"{r['memorized_noisy']:.1f}%"
             lam = "–" if r["lambda_1"] is None else fmt_ci(*r["lambda_1"][:2], digits=1) + f" (n={r['lambda_1'][2]})"
             rat = "–" if r["lambda_ratio"] is None else fmt_ci(*r["lambda_ratio"][:2], digits=2)
-            lines.append(f"| {label(r['method'], r['sparsity'])} | {fmt_ci(r['mean'], r['ci'])} | {d[0]} | {d[1]} | "
-                         f"{fit} | {mem} | {lam} | {rat} | {', '.join(f'{a:.2f}' for a in r['per_seed'])} |")
+            ms = "–" if r.get("step_ms") is None else f"{r['step_ms']:.0f}"
+            lines.append(f"| {label(r['method'], r['sparsity'])} | {fmt_ci(r['mean'], r['ci'])} | {' | '.join(d)} | "
+                         f"{fit} | {mem} | {lam} | {rat} | {ms} | {', '.join(f'{a:.2f}' for a in r['per_seed'])} |")
         lines.append("")
     lines += ["95% CI: t-distribution over seeds (n = 3: mean ± 4.30·sd/√3). Paired Δ: the method minus SGD (or SAM) "
               "with the same seed (same initialization and data order), mean ± 95% CI over seeds; a difference is "
@@ -161,7 +234,21 @@ def render(result):
               "10,000 images is ±0.85 point (95%) for one accuracy near 25%, and less for a paired difference on "
               "the same images. Train accuracy: the final model in eval mode on its training images, "
               "without augmentation. λ1, λ1/λ5: Hessian of the training loss (the labels trained on) at the final "
-              f"weights, {LANCZOS['iters']} Lanczos steps on {LANCZOS['batch']} training images, eval mode.", ""]
+              f"weights, {LANCZOS['iters']} Lanczos steps on {LANCZOS['batch']} training images, eval mode. "
+              f"Step ms: the median over the method's runs of each run's median ms per training step; the runs "
+              f"shared the machine's {m['cores']} cores, {s['jobs']} at a time (and with whatever else ran), so "
+              "step times are indicative only: the controlled step-time ratios are in bench/results/throughput.md.",
+              ""]
+    if cheaper:
+        lines += ["Cheaper methods (issue 11): paired Δ vs its exact method = the cheaper method minus the method it "
+                  "approximates (cost-aware masks vs the element-wise mask at the same sparsity, --ascent-fraction "
+                  "f vs the same method on the whole batch), same seed, mean ± 95% CI. Decision rule, fixed before "
+                  "the runs: a cheaper method keeps its exact method's accuracy when the paired Δ's 95% CI over all "
+                  "6 seeds includes 0 and its mean is above −1 point; it gains when the whole CI is above 0; it loses "
+                  "accuracy when the whole CI is below 0; otherwise undecided. Nothing was tuned for these methods, so all 6 seeds are confirmation "
+                  "runs; seeds 0-2 and 3-5 are still shown apart. The verdict column is only in the table over all the "
+                  f"seeds run (here \"{widest}\"): the rule's verdict is the one on seeds 0-5; one on fewer seeds "
+                  "is not the rule's.", ""]
     return "\n".join(lines)
 
 
@@ -169,6 +256,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5], help="default 0-5")
     ap.add_argument("--more", action="store_true", help="also SSAM-F 0.9/0.99, tensor masks (SSAM-F/D 0.9), SAM-ON")
+    ap.add_argument("--cheaper", action="store_true",
+                    help="also the cheaper ascents of issue 11 (cost-aware masks SSAM-F/D 0.9, SAM --ascent-fraction "
+                         "0.25/0.5, both together) and SSAM-F 0.9, each paired with the exact method it approximates")
     ap.add_argument("--sharpness-seeds", type=int, nargs="*", default=[0, 1, 2],
                     help="runs whose Hessian is measured (20 products each; default 0 1 2)")
     ap.add_argument("--jobs", type=int, default=2, help="train.py processes at a time, one thread each (default 2)")
@@ -180,8 +270,9 @@ def main():
     args = ap.parse_args()
     setting = SETTING + args.train_args
     machine = common.machine()
+    methods = list(dict.fromkeys(METHODS + (MORE if args.more else []) + (CHEAPER if args.cheaper else [])))
     grid = [setting + method_flags(mth, sp) + ["--seed", str(seed)]         # seed by seed: a cut-short grid is balanced
-            for seed in args.seeds for mth, sp in METHODS + (MORE if args.more else [])]
+            for seed in args.seeds for mth, sp in methods]
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
     t0 = time.perf_counter()
     cfgs = [train.grid_run(f, args.runs_dir)[0] for f in grid]

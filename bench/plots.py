@@ -27,6 +27,19 @@ COLORS = dict(sgd="tab:gray", sam="tab:blue", ssamf="tab:orange", ssamd="tab:gre
               **{"ssamd-tensor": "tab:red", "ssamf-tensor": "tab:brown"})
 LABELS = dict(sgd="SGD", sam="SAM", ssamf="SSAM-F", ssamd="SSAM-D", samon="SAM-ON (norm layers)",
               **{"ssamd-tensor": "SSAM-D, tensor masks", "ssamf-tensor": "SSAM-F, tensor masks"})
+EXTRA_COLORS = ["tab:pink", "tab:olive", "tab:cyan", "black", "gold", "navy", "teal", "maroon"]
+
+
+def color(opt):
+    """A fixed colour per method; methods without one (bench/accuracy.py --cheaper) get the next of EXTRA_COLORS."""
+    if opt not in COLORS:
+        COLORS[opt] = EXTRA_COLORS[(len(COLORS) - 7) % len(EXTRA_COLORS)]
+        base, *rest = opt.split("-")                    # e.g. ssamf-cost-f0.25 -> "SSAM-F, cost-aware, f=0.25"
+        LABELS.setdefault(opt, ", ".join([LABELS.get(base, base)] + [
+            "cost-aware" if r == "cost" else "tensor masks" if r == "tensor" else f"f={r[1:]}" for r in rest]))
+    return COLORS[opt]
+
+
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
@@ -48,7 +61,10 @@ def load(source):
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             metrics = [json.loads(line) for line in f if line.strip()]
         cfg = final["config"]
-        runs.append(dict(optimizer=cfg["optimizer"] + ("-tensor" if cfg.get("structure") == "tensor" else ""), sparsity=cfg.get("sparsity"), seed=cfg.get("seed"),
+        masks = "" if cfg.get("structure") != "tensor" else "-cost" if cfg.get("mask_select") == "cost" else "-tensor"
+        fraction = cfg.get("ascent_fraction", 1.0)     # the method names of bench/accuracy.py (method_of)
+        runs.append(dict(optimizer=cfg["optimizer"] + masks + ("" if fraction == 1.0 else f"-f{fraction:g}"),
+                         sparsity=cfg.get("sparsity"), seed=cfg.get("seed"),
                          test_acc=final["test_acc"], metrics=metrics, out_dir=run_dir,
                          setting=f"{cfg.get('model')}, {cfg.get('dataset')}, {cfg.get('train_size') or 'all'} images, "
                                  f"label noise {cfg.get('label_noise', 0)}, {cfg.get('epochs')} epochs"))
@@ -111,12 +127,13 @@ def plot_accuracy_vs_sparsity(runs, title, path):
 def plot_training_curves(runs, title, path):
     groups = by_method(runs)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    order = sorted(groups, key=lambda k: (list(COLORS).index(k[0]), k[1] or 0))
+    order = sorted(groups, key=lambda k: (list(COLORS).index(k[0]) if k[0] in COLORS else len(COLORS), k[0], k[1] or 0))
     sparse_levels = sorted({s for _, s in groups if s is not None})
     for opt, sparsity in order:
         rs = groups[(opt, sparsity)]
         n = min(len(r["metrics"]) for r in rs)
         epochs = [r["metrics"][i]["epoch"] for r in rs[:1] for i in range(n)]
+        c = color(opt)
         label = LABELS[opt] + ("" if sparsity is None else f" s={sparsity:g}")
         # one colour per optimizer; the SSAM sparsities by line style: solid, dashed, dotted, ...
         style = "-" if sparsity is None else ["-", "--", ":", "-."][sparse_levels.index(sparsity) % 4]
@@ -125,9 +142,9 @@ def plot_training_curves(runs, title, path):
             at = [i for i in range(n) if all(r["metrics"][i].get(key) is not None for r in rs)]
             stats = [mean_std([scale * r["metrics"][i][key] for r in rs]) for i in at]
             xs, mean, ci = [epochs[i] for i in at], [m for m, _ in stats], [h for _, h in stats]
-            ax.plot(xs, mean, color=COLORS[opt], ls=style, marker="." if key == "loss" else "o", ms=3, label=label)
+            ax.plot(xs, mean, color=c, ls=style, marker="." if key == "loss" else "o", ms=3, label=label)
             ax.fill_between(xs, [m - h for m, h in zip(mean, ci)], [m + h for m, h in zip(mean, ci)],
-                            color=COLORS[opt], alpha=0.08)
+                            color=c, alpha=0.08)
     ax_loss.set_ylabel("train loss (augmented batches, labels trained on)")
     ax_loss.xaxis.get_major_locator().set_params(integer=True)
     ax_acc.xaxis.get_major_locator().set_params(integer=True)

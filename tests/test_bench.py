@@ -178,6 +178,71 @@ def test_accuracy_summary_pairs_by_seed():
                                 wall_s=60, trained=0, seed_sets={"s": [0, 1, 2]}, runs=runs,
                                 summary={"s": accuracy.summarize(runs, [0, 1, 2])}))
     assert "| SAM | 52.00 ± " in text and "| 2.00 ± 2.48 |" in text
+    assert "exact method" not in text and "verdict" not in text and ssamd["vs_ref"] is None   # no cheaper method
+
+
+def test_accuracy_cheaper_method_paired_with_its_exact_method():
+    import accuracy
+    accs = {("sam", None): (42.0, 51.0, 63.0, 40.0, 45.0, 50.0),
+            ("sam-f0.25", None): (41.0, 51.5, 62.0, 39.0, 45.5, 49.0),
+            ("ssamf-cost", 0.9): (30.0, 31.0, 32.0, 33.0, 34.0, 35.0)}          # its reference SSAM-F 0.9 never ran
+    runs = [dict(method=m, sparsity=sp, seed=s, test_acc=a / 100, step_ms=10.0 * (s + 1) + (m == "sam"))
+            for (m, sp), row in accs.items() for s, a in enumerate(row)]
+    sets = {"seeds 0-2": [0, 1, 2], "seeds 3-5 (the confirmation set)": [3, 4, 5], "all seeds (0-5)": list(range(6))}
+    summary = {t: accuracy.summarize(runs, ss) for t, ss in sets.items()}
+    rows = {(r["method"], r["sparsity"]): r for r in summary["all seeds (0-5)"]}
+    f25, sam, cost = rows["sam-f0.25", None], rows["sam", None], rows["ssamf-cost", 0.9]
+    d = [-1.0, 0.5, -1.0, -1.0, 0.5, -1.0]                                     # sam-f0.25 - sam, seed by seed
+    assert f25["ref"] == "SAM" and f25["vs_ref"][0] == pytest.approx(-0.5) and f25["vs_ref"][2] == 6
+    assert f25["vs_ref"][1] == pytest.approx(2.571 * accuracy.statistics.stdev(d) / 6 ** 0.5)
+    assert f25["step_ms"] == pytest.approx(35.0) and sam["step_ms"] == pytest.approx(36.0)    # median over seeds
+    assert sam["ref"] is None and sam["vs_ref"] is None
+    assert cost["ref"] == "SSAM-F 0.9" and cost["vs_ref"] is None                # no runs of the reference
+    assert accuracy.verdict(f25["vs_ref"]) == "keeps"                            # -0.5 ± 0.81: CI holds 0
+    text = accuracy.render(dict(settings=dict(setting=["--x"], jobs=2), machine=dict(cpu="c", cores=2, torch="t"),
+                                wall_s=60, trained=0, seed_sets=sets, runs=runs, summary=summary))
+    tables = text.split("## ")
+    assert all("paired Δ vs its exact method" in t for t in tables[1:])
+    assert "verdict" not in tables[1] and "verdict" not in tables[2] and "| verdict |" in tables[3]
+    assert f"| -0.50 ± {f25['vs_ref'][1]:.2f} (vs SAM) | keeps |" in tables[3]
+    assert "| no run of SSAM-F 0.9 | – |" in text
+    assert "| SSAM-F cost-aware 0.9 |" in text and "Decision rule, fixed before the runs" in text
+    assert "2 at a time" in text and "throughput.md" in text
+
+
+def test_accuracy_verdict_rule():
+    import accuracy
+    assert accuracy.verdict((-0.5, 0.8, 6)) == "keeps"           # CI [-1.3, 0.3] holds 0, mean above -1
+    assert accuracy.verdict((0.0, 0.0, 6)) == "keeps"            # a CI that touches 0 includes it
+    assert accuracy.verdict((-1.2, 1.5, 6)) == "undecided"       # CI holds 0 but the mean is not above -1 point
+    assert accuracy.verdict((-1.0, 1.5, 6)) == "undecided"       # -1 itself is not above -1
+    assert accuracy.verdict((-0.9, 0.5, 6)) == "loses"           # CI [-1.4, -0.4]: all below 0
+    assert accuracy.verdict((-0.1, 0.05, 6)) == "loses"          # small but resolved loss
+    assert accuracy.verdict((0.9, 0.5, 6)) == "gains"            # CI [0.4, 1.4]: all above 0
+    assert accuracy.verdict(None) is None and accuracy.verdict((-0.5, float("nan"), 1)) is None
+
+
+def test_accuracy_method_names_round_trip_through_train_config(tmp_path):
+    import accuracy
+    import train
+    cfgs = {}
+    for method, sp in accuracy.METHODS + accuracy.MORE + accuracy.CHEAPER:
+        cfg, _ = train.grid_run(accuracy.SETTING + accuracy.method_flags(method, sp) + ["--seed", "3"], tmp_path)
+        assert accuracy.method_of(cfg) == (method, sp)
+        again, _ = train.grid_run(accuracy.SETTING + accuracy.method_flags(*accuracy.method_of(cfg)) + ["--seed", "3"],
+                                  tmp_path)
+        assert again == cfg
+        cfgs[method, sp] = cfg
+        accuracy.label(method, sp)                                   # every method has a name
+    assert len({c["name"] for c in cfgs.values()}) == len(cfgs)       # one run folder per method
+    assert cfgs["ssamf-cost-f0.25", 0.9]["mask_select"] == "cost" and cfgs["sam-f0.5", None]["ascent_fraction"] == 0.5
+    assert cfgs["ssamd-cost", 0.9]["structure"] == "tensor" and "ascent_fraction" not in cfgs["ssamd-cost", 0.9]
+    assert set(accuracy.CHEAPER_REF) <= set(accuracy.CHEAPER) and all(
+        ref in accuracy.METHODS + accuracy.CHEAPER for ref in accuracy.CHEAPER_REF.values())
+    assert accuracy.label("ssamf-cost", 0.9) == "SSAM-F cost-aware 0.9" and accuracy.label("sam-f0.25", None) == \
+        "SAM f=0.25" and accuracy.label("ssamf-cost-f0.25", 0.9) == "SSAM-F cost-aware 0.9, f=0.25"
+    with pytest.raises(ValueError):
+        accuracy.method_flags("ssamf-2of4", 0.5)
 
 
 # ----------------------------------------------------------------------------------------------------------
