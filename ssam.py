@@ -154,15 +154,16 @@ def topk_masks(scores, k, largest=True):
 
 
 def ascent_costs(model, *inputs):
-    """{parameter: (forward, later layers' input grads, its weight grad)} in multiply-adds, from one forward. A layer
-    costs its outputs times one row of its first matrix parameter (Linear: in_features; conv: its window), else 1."""
+    """{parameter: (forward, later layers' input grads, its weight grad)} in multiply-adds, from one forward; a layer's
+    place is its first call's start, so a parameter a container holds (a ViT's pos) counts from where it starts."""
     order, macs = {}, {}
 
-    def count(m, args, out):                                 # order: the order layers finish their first call
-        w, out = next(m.parameters(recurse=False)), out[0] if isinstance(out, tuple) else out
-        order.setdefault(m, len(order))
-        macs[m] = macs.get(m, 0) + out.numel() * (w[0].numel() if w.dim() > 1 else 1)
-    hooks = [m.register_forward_hook(count) for m in model.modules() if list(m.parameters(recurse=False))]
+    def count(m, args, out):       # multiply-adds per output: a Linear row, a conv window, else elementwise
+        rows = m.weight[0].numel() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) else 1
+        macs[m] = macs.get(m, 0) + (out[0] if isinstance(out, tuple) else out).numel() * rows
+    mods = [m for m in model.modules() if list(m.parameters(recurse=False))]
+    hooks = [m.register_forward_pre_hook(lambda m, a: order.update({m: order.get(m, len(order))})) for m in mods]
+    hooks += [m.register_forward_hook(count) for m in mods]
     try:
         with torch.no_grad(), frozen_bn_stats(model):
             model(*inputs)

@@ -102,6 +102,24 @@ def test_ascent_costs_count_forward_input_and_weight_gradients():
     assert all(torch.equal(a, b) for a, b in zip(model.buffers(), stats))        # running statistics untouched
 
 
+class _PosThenTwoLinears(nn.Module):                       # a parameter held by the container, used first
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.zeros(1, 4))
+        self.lin1, self.lin2 = nn.Linear(4, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.lin2(self.lin1(x + self.pos))
+
+
+def test_ascent_costs_place_a_container_parameter_where_its_module_starts():
+    model = _PosThenTwoLinears()
+    c = ssam.ascent_costs(model, torch.zeros(2, 4))
+    # forward: the container 2*3 outputs (1 each), lin1 2*5*4 = 40, lin2 2*3*5 = 30
+    assert c[model.pos] == (76, 70, 6)                                   # below both Linears: their dX is paid
+    assert c[model.lin1.weight][1] == 30 and c[model.lin2.weight][1] == 0
+
+
 def test_cost_masks_trade_score_against_cost_near_the_budget():
     ones = [torch.ones(10) for _ in range(3)]
     costs = [(100, 100, 10), (100, 50, 10), (100, 0, 10)]                  # tensor 0 lowest, tensor 2 on top
