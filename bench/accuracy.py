@@ -198,7 +198,7 @@ def render(result):
     if result.get("missing"):
         lines += [f"**Incomplete**: {len(result['missing'])} of the {len(result['missing']) + len(result['runs'])} "
                   "runs of the grid had not finished and are left out: " +
-                  ", ".join(n.split("-epochs")[0].removeprefix("cifar10-subset-") for n in result["missing"]), ""]
+                  ", ".join(result["missing"]), ""]
     seed_sets = result["seed_sets"]
     cheaper = any(r.get("ref") for rows in result["summary"].values() for r in rows)
     widest = max(seed_sets, key=lambda t: len(seed_sets[t])) if seed_sets else None   # "all seeds" when 0-5 ran
@@ -305,7 +305,8 @@ def main():
     result = dict(settings=dict(setting=setting, seeds=args.seeds, jobs=args.jobs, lanczos=LANCZOS,
                                 title="wrn10-1, 256 CIFAR-10 images, 40% wrong labels, 80 epochs"
                                 if not args.train_args else " ".join(setting[2:])),
-                  machine=machine, wall_s=time.perf_counter() - t0, trained=todo, seed_sets=seed_sets, missing=missing,
+                  machine=machine, wall_s=time.perf_counter() - t0, trained=todo, seed_sets=seed_sets,
+                  missing=[f"{label(*method_of(c))} seed {c['seed']}" for c in cfgs if c["name"] in missing],
                   summary={t: summarize(runs, ss) for t, ss in seed_sets.items()}, runs=runs)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(result, indent=1) + "\n")
