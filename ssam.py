@@ -181,10 +181,10 @@ def cost_tensor_masks(scores, density, costs, by_count=False):
     most score (by_count: entries) per multiply-add of the ascent pass (costs) wins; if none is, the nearest."""
     sizes, (fwd, dx, dw) = [s.numel() for s in scores], zip(*costs)
     mean = torch.stack([s.float().mean().to(scores[0].device) for s in scores]).tolist()   # one sync per update
-    budget, best = round(density * sum(sizes)), None
+    budget, best, ranked = round(density * sum(sizes)), None, sorted(range(len(scores)), key=lambda i: -mean[i])
     for cut in sorted(set(dx)):
         room, take = budget, []
-        for i in sorted(range(len(scores)), key=lambda i: -mean[i]):
+        for i in ranked:
             if dx[i] <= cut and sizes[i] < 2 * room:            # nearer to the budget with tensor i than without
                 take, room = take + [i], room - sizes[i]
         cost = max(fwd) + max((dx[i] for i in take), default=0) + sum(dw[i] for i in take)

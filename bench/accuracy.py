@@ -96,8 +96,7 @@ def method_of(cfg):
 def verdict(delta):
     """The decision rule for a cheaper method (module docstring) on its paired Δ = (mean, ci, n) to the exact
     method: 'keeps' (CI includes 0, mean > -1 point), 'gains' (whole CI above 0), 'loses' (whole CI below 0),
-    otherwise 'undecided'.
-    None without a CI (no Δ, or a single paired seed)."""
+    otherwise 'undecided'. None without a CI (no Δ, or a single paired seed)."""
     if delta is None or delta[2] < 2:
         return None
     m, h = delta[:2]
@@ -153,15 +152,14 @@ def summarize(runs, seeds):
         acc = {s: 100 * r["test_acc"] for s, r in rs.items()}
         row = dict(method=method, sparsity=sp, seeds=sorted(rs), n=len(rs), per_seed=[acc[s] for s in sorted(rs)])
         row["mean"], row["ci"] = mean_ci(list(acc.values()))
-        for ref in ("sgd", "sam"):
-            other = by.get((ref, None), {})
-            paired = [acc[s] - 100 * other[s]["test_acc"] for s in sorted(rs) if s in other]
-            row[f"vs_{ref}"] = mean_ci(paired) + (len(paired),) if paired and method != ref else None
+
+        def paired_to(key):        # (mean, ci, n) of this method minus method `key`, seed by seed; None: no pair
+            other = by.get(key, {}) if key not in (None, (method, sp)) else {}
+            diffs = [acc[s] - 100 * other[s]["test_acc"] for s in sorted(rs) if s in other]
+            return mean_ci(diffs) + (len(diffs),) if diffs else None
         ref = CHEAPER_REF.get((method, sp))
-        row["ref"] = None if ref is None else label(*ref)
-        other = by.get(ref, {}) if ref else {}
-        paired = [acc[s] - 100 * other[s]["test_acc"] for s in sorted(rs) if s in other]
-        row["vs_ref"] = mean_ci(paired) + (len(paired),) if paired else None
+        row.update(vs_sgd=paired_to(("sgd", None)), vs_sam=paired_to(("sam", None)), vs_ref=paired_to(ref),
+                   ref=None if ref is None else label(*ref))
         steps = [r["step_ms"] for r in rs.values() if r.get("step_ms") is not None]
         row["step_ms"] = statistics.median(steps) if steps else None
         for key in ("train_acc_eval", "train_acc_clean_eval", "memorized_noisy"):
@@ -245,8 +243,9 @@ def render(result):
                   "f vs the same method on the whole batch), same seed, mean ± 95% CI. Decision rule, fixed before "
                   "the runs: a cheaper method keeps its exact method's accuracy when the paired Δ's 95% CI over all "
                   "6 seeds includes 0 and its mean is above −1 point; it gains when the whole CI is above 0; it loses "
-                  "accuracy when the whole CI is below 0; otherwise undecided. Nothing was tuned for these methods, so all 6 seeds are confirmation "
-                  "runs; seeds 0-2 and 3-5 are still shown apart. The verdict column is only in the table over all the "
+                  "accuracy when the whole CI is below 0; otherwise undecided. Nothing was tuned for these methods, "
+                  "so all 6 seeds are confirmation runs; seeds 0-2 and 3-5 are still shown apart. The verdict "
+                  "column is only in the table over all the "
                   f"seeds run (here \"{widest}\"): the rule's verdict is the one on seeds 0-5; one on fewer seeds "
                   "is not the rule's.", ""]
     return "\n".join(lines)
