@@ -384,7 +384,7 @@ class SSAMD(_SparseSAM):
         return super()._mask_for_step(params, grads)
 
 
-# ---- The 2:4 sparse backward ("implicit" SSAM): dX = dY·(W ⊙ M) in the ascent pass of nn.Linear layers 
+# ---- The 2:4 sparse backward ("implicit" SSAM): dX = dY·(W ⊙ M) in the ascent pass of nn.Linear layers
 class _MaskedInputGrad(torch.autograd.Function):
     """y = x W^T + b; backward dX = dY (W ⊙ M), dW = dY^T X, db = sum dY. Under autocast in its dtype."""
 

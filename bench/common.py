@@ -5,6 +5,7 @@ The timed step is the trained step: models come from train.make_model (TinyViT, 
 is defined here), optimizers from train.make_optimizer with the method's train.py flags, and every step is
 train.train_step. Imported by bench/test_throughput.py, bench/gpu_check.py and tests/test_bench.py.
 """
+
 import contextlib
 import math
 import os
@@ -15,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo root: train, ssam
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: train, ssam
 import ssam  # noqa: E402
 import train  # noqa: E402
 
@@ -24,7 +25,7 @@ CIFAR_TRAIN_IMAGES = 50_000
 # The paper's theoretical cost of one step relative to SGD (Tables 1-3, FLOPs column), by sparsity; SAM = 0.
 PAPER_FLOPS = {0.0: 2.0, 0.5: 1.65, 0.8: 1.44, 0.9: 1.36, 0.95: 1.33, 0.98: 1.31, 0.99: 1.30}
 
-COST = "--sparsity 0.9 --structure tensor --mask-select cost"   # whole-tensor masks picked by score per ascent cost
+COST = "--sparsity 0.9 --structure tensor --mask-select cost"  # whole-tensor masks picked by score per ascent cost
 # The methods timed: name -> (train.py flags, weights). "fresh": the seed-0 init; "trained": after
 # --bench-train-steps SGD steps on the shipped CIFAR-10 subset (Fisher and |g| rankings change with training).
 METHODS = {
@@ -35,7 +36,10 @@ METHODS = {
     "ssamf-s0.5": ("--optimizer ssamf --sparsity 0.5", "fresh"),
     "ssamd-s0.9": ("--optimizer ssamd --sparsity 0.9", "fresh"),
     "ssamd-s0.5-2:4": ("--optimizer ssamd --sparsity 0.5 --structure 2:4", "fresh"),
-    "ssamd-s0.5-2:4-sparse_ascent": ("--optimizer ssamd --sparsity 0.5 --structure 2:4 --sparse-ascent", "fresh"),
+    "ssamd-s0.5-2:4-sparse_ascent": (
+        "--optimizer ssamd --sparsity 0.5 --structure 2:4 --sparse-ascent",
+        "fresh",
+    ),
     "ssamf-s0.9-tensor": ("--optimizer ssamf --sparsity 0.9 --structure tensor", "fresh"),
     "ssamf-s0.9-tensor@trained": ("--optimizer ssamf --sparsity 0.9 --structure tensor", "trained"),
     "ssamf-s0.9-tensor-cost": (f"{COST} --optimizer ssamf", "fresh"),
@@ -52,8 +56,8 @@ def config(flags, num_samples=128):
     updated by a timed step (update interval 10^9 steps; SSAM-F's first mask is made before timing)."""
     argv = ["--preset", "cifar10-resnet18", *flags.split()]
     opt = argv[argv.index("--optimizer") + 1] if "--optimizer" in argv else "sgd"
-    argv += ["--update-interval", str(10**9)] if opt in ("ssamf", "ssamd") else []   # train.py refuses flags
-    argv += ["--num-samples", str(num_samples)] if opt == "ssamf" else []            # an optimizer ignores
+    argv += ["--update-interval", str(10**9)] if opt in ("ssamf", "ssamd") else []  # train.py refuses flags
+    argv += ["--num-samples", str(num_samples)] if opt == "ssamf" else []  # an optimizer ignores
     return train.resolve_config(train.get_args(argv))
 
 
@@ -73,8 +77,17 @@ NO_AMP = torch.autocast("cpu", enabled=False)
 
 def train_step(model, opt, cfg, x, y):
     """One step of train.py (train.train_step, fp32), then a device sync so the timer sees the work."""
-    train.train_step(model, opt, x, y, NO_AMP, None, sync_ascent=cfg.get("sync_ascent", False),
-                     sparse_ascent=cfg.get("sparse_ascent", False), ascent_fraction=cfg.get("ascent_fraction", 1.0))
+    train.train_step(
+        model,
+        opt,
+        x,
+        y,
+        NO_AMP,
+        None,
+        sync_ascent=cfg.get("sync_ascent", False),
+        sparse_ascent=cfg.get("sparse_ascent", False),
+        ascent_fraction=cfg.get("ascent_fraction", 1.0),
+    )
     sync(x.device)
 
 
@@ -88,10 +101,11 @@ def ssamd_grads(model, x, y):
 # ----------------------------------------------------------------------------------------------------------
 # Data: the shipped CIFAR-10 subset (data/cifar10_subset.npz), real images for the masks' rankings
 
+
 def batch(n, device, start=0):
     """n normalized training images of the subset and their labels, on `device`."""
     x, y = train.load_subset()[:2]
-    return train.normalize(x[start:start + n]).to(device), y[start:start + n].to(device)
+    return train.normalize(x[start : start + n]).to(device), y[start : start + n].to(device)
 
 
 def trained_model(name, width, device, steps, batch_size):
@@ -110,13 +124,14 @@ def trained_model(name, width, device, steps, batch_size):
 # ----------------------------------------------------------------------------------------------------------
 # What a step could cost: multiply-adds counted per layer with hooks (the FLOP column of the report)
 
+
 def layer_macs(mod, out):
     """Forward multiply-adds of one call of a layer with parameters (the unit of pass_macs)."""
     if isinstance(mod, nn.Linear):
         return out.numel() * mod.in_features
     if isinstance(mod, nn.modules.conv._ConvNd):
         return out.numel() * mod.in_channels // mod.groups * math.prod(mod.kernel_size)
-    return out.numel()                                  # normalization layers and the like: one per output
+    return out.numel()  # normalization layers and the like: one per output
 
 
 def pass_macs(model, x):
@@ -133,7 +148,11 @@ def pass_macs(model, x):
         needs_dx = bool(inputs) and torch.is_tensor(inputs[0]) and inputs[0].requires_grad
         total += layer_macs(mod, out) * (1 + needs_dx + share)
 
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if next(m.parameters(recurse=False), None) is not None]
+    hooks = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if next(m.parameters(recurse=False), None) is not None
+    ]
     try:
         with torch.enable_grad(), ssam.frozen_bn_stats(model):
             model(x)
@@ -150,7 +169,7 @@ def flops_x_sgd(model, opt, cfg, x):
     full = pass_macs(model, x)
     if not isinstance(opt, ssam.SAM):
         return 1.0
-    k = max(1, round(cfg.get("ascent_fraction", 1.0) * len(x)))       # as train.train_step
+    k = max(1, round(cfg.get("ascent_fraction", 1.0) * len(x)))  # as train.train_step
     with opt.ascent_pass() if hasattr(opt, "ascent_pass") else contextlib.nullcontext():
         ascent = pass_macs(model, x[:k])
     return (ascent + full) / full
@@ -159,19 +178,30 @@ def flops_x_sgd(model, opt, cfg, x):
 # ----------------------------------------------------------------------------------------------------------
 # Models
 
+
 class Block(nn.Module):
     """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x)). Every weight matrix is an nn.Linear."""
 
     def __init__(self, width, heads):
         super().__init__()
         self.heads = heads
-        self.ln1, self.qkv, self.proj = nn.LayerNorm(width), nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.ln2, self.fc1, self.fc2 = nn.LayerNorm(width), nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+        self.ln1, self.qkv, self.proj = (
+            nn.LayerNorm(width),
+            nn.Linear(width, 3 * width),
+            nn.Linear(width, width),
+        )
+        self.ln2, self.fc1, self.fc2 = (
+            nn.LayerNorm(width),
+            nn.Linear(width, 4 * width),
+            nn.Linear(4 * width, width),
+        )
 
     def forward(self, x):
         B, T, C = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        att = (q @ k.transpose(-2, -1) / math.sqrt(C // self.heads)).softmax(-1)   # plain math: vmap batches it
+        att = (q @ k.transpose(-2, -1) / math.sqrt(C // self.heads)).softmax(
+            -1
+        )  # plain math: vmap batches it
         x = x + self.proj((att @ v).transpose(1, 2).reshape(B, T, C))
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
@@ -191,7 +221,11 @@ class TinyViT(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         p = self.patch
-        x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)
+        x = (
+            x.reshape(B, C, H // p, p, W // p, p)
+            .permute(0, 2, 4, 1, 3, 5)
+            .reshape(B, (H // p) * (W // p), C * p * p)
+        )
         x = self.blocks(self.embed(x) + self.pos)
         return self.head(self.norm(x).mean(1))
 
@@ -207,6 +241,7 @@ def make_model(name, width=256):
 
 # ----------------------------------------------------------------------------------------------------------
 # Memory held by an optimizer
+
 
 def optimizer_state_bytes(opt):
     """Bytes of the tensors an optimizer holds, each storage counted once: 'masks' = SSAM's opt.state,
@@ -237,6 +272,7 @@ def param_bytes(model):
 
 # ----------------------------------------------------------------------------------------------------------
 # The machine, for every table we write
+
 
 def machine():
     cpu = platform.processor() or "unknown CPU"

@@ -4,6 +4,7 @@
     pytest bench/ --benchmark-only --bench-device cuda --bench-batch 128 --bench-width 512 \\
         --bench-rounds 20 --benchmark-json bench/results/throughput-gpu.json                        # a GPU
 """
+
 import os
 import sys
 
@@ -30,10 +31,19 @@ def pytest_addoption(parser):
     g.addoption("--bench-batch", type=int, default=32, help="training batch (the paper: 128)")
     g.addoption("--bench-width", type=int, default=256, help="TinyViT width (multiple of 4*heads=16)")
     g.addoption("--bench-models", default="resnet18,vit", help="comma-separated: resnet18, vit")
-    g.addoption("--bench-rounds", type=int, default=10, help="rounds; each times every method once, so methods "
-                "alternate in time and share the machine's ups and downs (default 10)")
-    g.addoption("--bench-first-step-calls", type=int, default=20, help="timed first_step calls per method and round")
-    g.addoption("--bench-update-rounds", type=int, default=3, help="rounds of the mask-update group (default 3)")
+    g.addoption(
+        "--bench-rounds",
+        type=int,
+        default=10,
+        help="rounds; each times every method once, so methods "
+        "alternate in time and share the machine's ups and downs (default 10)",
+    )
+    g.addoption(
+        "--bench-first-step-calls", type=int, default=20, help="timed first_step calls per method and round"
+    )
+    g.addoption(
+        "--bench-update-rounds", type=int, default=3, help="rounds of the mask-update group (default 3)"
+    )
     g.addoption("--bench-fisher-samples", type=int, default=128, help="SSAM-F's N_F (the paper: 128)")
     g.addoption("--bench-train-steps", type=int, default=30, help="SGD steps that make the 'trained' weights")
     g.addoption("--bench-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -46,25 +56,33 @@ def cfg(request):
         torch.set_num_threads(o("--bench-threads"))
     if o("--bench-device").startswith("cuda") and not torch.cuda.is_available():
         pytest.skip("--bench-device cuda but no CUDA device")
-    return dict(device=o("--bench-device"), batch=o("--bench-batch"), width=o("--bench-width"),
-                first_step_calls=o("--bench-first-step-calls"), fisher_samples=o("--bench-fisher-samples"),
-                train_steps=o("--bench-train-steps"))
+    return dict(
+        device=o("--bench-device"),
+        batch=o("--bench-batch"),
+        width=o("--bench-width"),
+        first_step_calls=o("--bench-first-step-calls"),
+        fisher_samples=o("--bench-fisher-samples"),
+        train_steps=o("--bench-train-steps"),
+    )
 
 
 def pytest_generate_tests(metafunc):
     for name, option in (("bench_round", "--bench-rounds"), ("update_round", "--bench-update-rounds")):
-        if name in metafunc.fixturenames:                     # first: the outermost loop
+        if name in metafunc.fixturenames:  # first: the outermost loop
             metafunc.parametrize(name, range(metafunc.config.getoption(option)), ids=lambda i: f"round{i}")
     if "model_name" in metafunc.fixturenames:
         metafunc.parametrize("model_name", metafunc.config.getoption("--bench-models").split(","))
 
 
 def pytest_sessionstart(session):
-    session.config.bench_machine = common.machine()          # CPU, cores, torch, GPU, load average at the start
+    session.config.bench_machine = common.machine()  # CPU, cores, torch, GPU, load average at the start
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    machine_info["bench"] = dict(getattr(config, "bench_machine", {}), threads=torch.get_num_threads(),
-                                 omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "(default: active)"))
-    if hasattr(os, "getloadavg"):                  # and at the end: other jobs on the box skew timings
+    machine_info["bench"] = dict(
+        getattr(config, "bench_machine", {}),
+        threads=torch.get_num_threads(),
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "(default: active)"),
+    )
+    if hasattr(os, "getloadavg"):  # and at the end: other jobs on the box skew timings
         machine_info["bench"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]

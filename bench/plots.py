@@ -10,11 +10,12 @@ Runs with the same optimizer and sparsity are seeds of one method: lines are the
 confidence interval of that mean (t-distribution over seeds). Test accuracy is drawn at the epochs where every
 seed of the method was evaluated (train.py --eval-every).
 """
+
 import argparse
 import glob
 import json
-import os
 import math
+import os
 import statistics
 
 import matplotlib
@@ -23,10 +24,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-COLORS = dict(sgd="tab:gray", sam="tab:blue", ssamf="tab:orange", ssamd="tab:green", samon="tab:purple",
-              **{"ssamd-tensor": "tab:red", "ssamf-tensor": "tab:brown"})
-LABELS = dict(sgd="SGD", sam="SAM", ssamf="SSAM-F", ssamd="SSAM-D", samon="SAM-ON (norm layers)",
-              **{"ssamd-tensor": "SSAM-D, tensor masks", "ssamf-tensor": "SSAM-F, tensor masks"})
+COLORS = dict(
+    sgd="tab:gray",
+    sam="tab:blue",
+    ssamf="tab:orange",
+    ssamd="tab:green",
+    samon="tab:purple",
+    **{"ssamd-tensor": "tab:red", "ssamf-tensor": "tab:brown"},
+)
+LABELS = dict(
+    sgd="SGD",
+    sam="SAM",
+    ssamf="SSAM-F",
+    ssamd="SSAM-D",
+    samon="SAM-ON (norm layers)",
+    **{"ssamd-tensor": "SSAM-D, tensor masks", "ssamf-tensor": "SSAM-F, tensor masks"},
+)
 EXTRA_COLORS = ["tab:pink", "tab:olive", "tab:cyan", "black", "gold", "navy", "teal", "maroon"]
 
 
@@ -34,9 +47,17 @@ def color(opt):
     """A fixed colour per method; methods without one (bench/accuracy.py --cheaper) get the next of EXTRA_COLORS."""
     if opt not in COLORS:
         COLORS[opt] = EXTRA_COLORS[(len(COLORS) - 7) % len(EXTRA_COLORS)]
-        base, *rest = opt.split("-")                    # e.g. ssamf-cost-f0.25 -> "SSAM-F, cost-aware, f=0.25"
-        LABELS.setdefault(opt, ", ".join([LABELS.get(base, base)] + [
-            "cost-aware" if r == "cost" else "tensor masks" if r == "tensor" else f"f={r[1:]}" for r in rest]))
+        base, *rest = opt.split("-")  # e.g. ssamf-cost-f0.25 -> "SSAM-F, cost-aware, f=0.25"
+        LABELS.setdefault(
+            opt,
+            ", ".join(
+                [LABELS.get(base, base)]
+                + [
+                    "cost-aware" if r == "cost" else "tensor masks" if r == "tensor" else f"f={r[1:]}"
+                    for r in rest
+                ]
+            ),
+        )
     return COLORS[opt]
 
 
@@ -61,19 +82,34 @@ def load(source):
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             metrics = [json.loads(line) for line in f if line.strip()]
         cfg = final["config"]
-        masks = "" if cfg.get("structure") != "tensor" else "-cost" if cfg.get("mask_select") == "cost" else "-tensor"
-        fraction = cfg.get("ascent_fraction", 1.0)     # the method names of bench/accuracy.py (method_of)
-        runs.append(dict(optimizer=cfg["optimizer"] + masks + ("" if fraction == 1.0 else f"-f{fraction:g}"),
-                         sparsity=cfg.get("sparsity"), seed=cfg.get("seed"),
-                         test_acc=final["test_acc"], metrics=metrics, out_dir=run_dir,
-                         setting=f"{cfg.get('model')}, {cfg.get('dataset')}, {cfg.get('train_size') or 'all'} images, "
-                                 f"label noise {cfg.get('label_noise', 0)}, {cfg.get('epochs')} epochs"))
+        masks = (
+            ""
+            if cfg.get("structure") != "tensor"
+            else "-cost"
+            if cfg.get("mask_select") == "cost"
+            else "-tensor"
+        )
+        fraction = cfg.get("ascent_fraction", 1.0)  # the method names of bench/accuracy.py (method_of)
+        runs.append(
+            dict(
+                optimizer=cfg["optimizer"] + masks + ("" if fraction == 1.0 else f"-f{fraction:g}"),
+                sparsity=cfg.get("sparsity"),
+                seed=cfg.get("seed"),
+                test_acc=final["test_acc"],
+                metrics=metrics,
+                out_dir=run_dir,
+                setting=f"{cfg.get('model')}, {cfg.get('dataset')}, {cfg.get('train_size') or 'all'} images, "
+                f"label noise {cfg.get('label_noise', 0)}, {cfg.get('epochs')} epochs",
+            )
+        )
     if not runs:
         raise SystemExit(f"no runs found under {source} (expected <run>/final.json and <run>/metrics.jsonl)")
     # Runs of another model, dataset or length are not seeds of the same method: plot the largest setting only.
     settings = sorted({r["setting"] for r in runs}, key=lambda k: -sum(r["setting"] == k for r in runs))
     for other in settings[1:]:
-        print(f"skipping {sum(r['setting'] == other for r in runs)} run(s) of {other} (plotting {settings[0]})")
+        print(
+            f"skipping {sum(r['setting'] == other for r in runs)} run(s) of {other} (plotting {settings[0]})"
+        )
     return [r for r in runs if r["setting"] == settings[0]], settings[0]
 
 
@@ -98,7 +134,7 @@ def seeds_note(groups):
 def plot_accuracy_vs_sparsity(runs, title, path):
     groups = by_method(runs)
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for opt in ("sgd", "sam", "samon"):                 # fixed-mask methods: a horizontal line and a band of ±1 std
+    for opt in ("sgd", "sam", "samon"):  # fixed-mask methods: a horizontal line and a band of ±1 std
         if (opt, None) in groups:
             m, s = mean_std([100 * r["test_acc"] for r in groups[(opt, None)]])
             ax.axhline(m, color=COLORS[opt], ls="--", label=f"{LABELS[opt]} ({m:.1f})")
@@ -108,13 +144,20 @@ def plot_accuracy_vs_sparsity(runs, title, path):
         xs = [s for s in sparsities if (opt, s) in groups]
         if xs:
             stats = [mean_std([100 * r["test_acc"] for r in groups[(opt, s)]]) for s in xs]
-            ax.errorbar([100 * s for s in xs], [m for m, _ in stats], yerr=[s for _, s in stats], marker="o",
-                        capsize=3, color=COLORS[opt], label=LABELS[opt])
+            ax.errorbar(
+                [100 * s for s in xs],
+                [m for m, _ in stats],
+                yerr=[s for _, s in stats],
+                marker="o",
+                capsize=3,
+                color=COLORS[opt],
+                label=LABELS[opt],
+            )
     ax.set_xlabel("sparsity of the perturbation (%)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"Accuracy vs sparsity\n{title}; mean ± 95% CI, {seeds_note(groups)}", fontsize=9)
     means = [statistics.mean(100 * r["test_acc"] for r in rs) for rs in groups.values()]
-    ax.set_ylim(min(means) - 3, max(means) + 3)          # a 2-seed interval (t = 12.7) would flatten everything
+    ax.set_ylim(min(means) - 3, max(means) + 3)  # a 2-seed interval (t = 12.7) would flatten everything
     if sparsities:
         ax.set_xticks([100 * s for s in sparsities])
     ax.legend(fontsize=8)
@@ -127,7 +170,9 @@ def plot_accuracy_vs_sparsity(runs, title, path):
 def plot_training_curves(runs, title, path):
     groups = by_method(runs)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    order = sorted(groups, key=lambda k: (list(COLORS).index(k[0]) if k[0] in COLORS else len(COLORS), k[0], k[1] or 0))
+    order = sorted(
+        groups, key=lambda k: (list(COLORS).index(k[0]) if k[0] in COLORS else len(COLORS), k[0], k[1] or 0)
+    )
     sparse_levels = sorted({s for _, s in groups if s is not None})
     for opt, sparsity in order:
         rs = groups[(opt, sparsity)]
@@ -143,8 +188,9 @@ def plot_training_curves(runs, title, path):
             stats = [mean_std([scale * r["metrics"][i][key] for r in rs]) for i in at]
             xs, mean, ci = [epochs[i] for i in at], [m for m, _ in stats], [h for _, h in stats]
             ax.plot(xs, mean, color=c, ls=style, marker="." if key == "loss" else "o", ms=3, label=label)
-            ax.fill_between(xs, [m - h for m, h in zip(mean, ci)], [m + h for m, h in zip(mean, ci)],
-                            color=c, alpha=0.08)
+            ax.fill_between(
+                xs, [m - h for m, h in zip(mean, ci)], [m + h for m, h in zip(mean, ci)], color=c, alpha=0.08
+            )
     ax_loss.set_ylabel("train loss (augmented batches, labels trained on)")
     ax_loss.xaxis.get_major_locator().set_params(integer=True)
     ax_acc.xaxis.get_major_locator().set_params(integer=True)
@@ -163,14 +209,20 @@ def plot_training_curves(runs, title, path):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("source", nargs="?", default=os.path.join(HERE, "results", "accuracy.json"),
-                    help="accuracy.json from bench/accuracy.py, or a folder of train.py runs")
+    ap.add_argument(
+        "source",
+        nargs="?",
+        default=os.path.join(HERE, "results", "accuracy.json"),
+        help="accuracy.json from bench/accuracy.py, or a folder of train.py runs",
+    )
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
     runs, title = load(args.source)
     os.makedirs(args.out_dir, exist_ok=True)
-    for name, plot in (("accuracy_vs_sparsity.png", plot_accuracy_vs_sparsity),
-                       ("training_curves.png", plot_training_curves)):
+    for name, plot in (
+        ("accuracy_vs_sparsity.png", plot_accuracy_vs_sparsity),
+        ("training_curves.png", plot_training_curves),
+    ):
         plot(runs, title, os.path.join(args.out_dir, name))
         print(f"-> {os.path.join(args.out_dir, name)}")
 

@@ -9,6 +9,7 @@ ratio between two methods is taken per round, where load from other jobs hits bo
 median over rounds with a bootstrap 95% interval (percentiles of the median of 2,000 resamples of the rounds).
 A target is PASS when the whole interval meets it, MISS when the whole interval misses it, UNDECIDED otherwise.
 """
+
 import argparse
 import json
 import os
@@ -16,18 +17,19 @@ import random
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(HERE)]          # bench/ and the repo root
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # bench/ and the repo root
 import common  # noqa: E402
 
-SAM_LIMIT = 2.05          # SAM's step <= 2.05x SGD's: two passes and a little bookkeeping, nothing more
-SSAM_LIMIT = 1.02         # an element-wise/N:M SSAM non-update step <= 1.02x SAM's: the mask costs one multiply
-COST_MASK_LIMIT = 1.45    # cost-aware whole-tensor SSAM at 90% sparsity <= 1.45x SGD (bound: ~1.33x)
-ASCENT_LIMIT = 1.35       # SAM with the ascent on a quarter of the batch <= 1.35x SGD (bound: 1.25x)
-AMORTIZED_LIMIT = 0.01    # mask updates at the paper's interval < 1% of training time
+SAM_LIMIT = 2.05  # SAM's step <= 2.05x SGD's: two passes and a little bookkeeping, nothing more
+SSAM_LIMIT = 1.02  # an element-wise/N:M SSAM non-update step <= 1.02x SAM's: the mask costs one multiply
+COST_MASK_LIMIT = 1.45  # cost-aware whole-tensor SSAM at 90% sparsity <= 1.45x SGD (bound: ~1.33x)
+ASCENT_LIMIT = 1.35  # SAM with the ascent on a quarter of the batch <= 1.35x SGD (bound: 1.25x)
+AMORTIZED_LIMIT = 0.01  # mask updates at the paper's interval < 1% of training time
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Statistics
+
 
 def median(xs):
     xs = sorted(xs)
@@ -61,16 +63,19 @@ def per_round(a, b, fn=lambda ta, tb: ta / tb):
 # ----------------------------------------------------------------------------------------------------------
 # The numbers behind the report
 
+
 def collect(benchmarks):
     """{key: row}: row["t"] = {round: seconds (fastest timed call of that round)}, plus the extra_info of all
     rounds (round 0 alone holds the memory and FLOP measurements)."""
     rows = {}
     for b in sorted(benchmarks, key=lambda b: b["extra_info"].get("bench_round", 0)):
         e = b["extra_info"]
-        key = {"step": lambda: ("step", e["model"], e["batch"], e["method"]),
-               "first_step": lambda: ("first_step", e["model"], e["method"]),
-               "fisher": lambda: ("update", e["model"], "fisher"),
-               "mask-update": lambda: ("update", e["model"], f"{e['opt']}-update_mask")}.get(e.get("kind"))
+        key = {
+            "step": lambda: ("step", e["model"], e["batch"], e["method"]),
+            "first_step": lambda: ("first_step", e["model"], e["method"]),
+            "fisher": lambda: ("update", e["model"], "fisher"),
+            "mask-update": lambda: ("update", e["model"], f"{e['opt']}-update_mask"),
+        }.get(e.get("kind"))
         if key is None:
             continue
         row = rows.setdefault(key(), dict(t={}))
@@ -90,27 +95,49 @@ def paper_flops(r):
 
 def target(out, text, values, limit, at_most=True, fmt="{:.3f}x"):
     m, lo, hi = estimate(values) if isinstance(values, list) else values
-    out.append(dict(target=text, median=m, lo=lo, hi=hi, rounds=len(values) if isinstance(values, list) else None,
-                    value=f"{fmt.format(m)} [{fmt.format(lo)}, {fmt.format(hi)}]",
-                    verdict=verdict(lo, hi, limit, at_most)))
+    out.append(
+        dict(
+            target=text,
+            median=m,
+            lo=lo,
+            hi=hi,
+            rounds=len(values) if isinstance(values, list) else None,
+            value=f"{fmt.format(m)} [{fmt.format(lo)}, {fmt.format(hi)}]",
+            verdict=verdict(lo, hi, limit, at_most),
+        )
+    )
 
 
 def summarize(data):
     """The numbers behind the report, as plain dicts (tests check these). `data`: the loaded JSON."""
     steps, first, updates = {}, {}, {}
     for key, row in collect(data["benchmarks"]).items():
-        {"step": lambda: steps.setdefault((key[1], key[2]), {}), "first_step": lambda: first.setdefault(key[1], {}),
-         "update": lambda: updates.setdefault(key[1], {})}[key[0]]()[key[-1]] = row
+        {
+            "step": lambda: steps.setdefault((key[1], key[2]), {}),
+            "first_step": lambda: first.setdefault(key[1], {}),
+            "update": lambda: updates.setdefault(key[1], {}),
+        }[key[0]]()[key[-1]] = row
     out = dict(steps=[], first_steps=[], updates=[], targets=[])
     for (model, batch), rows in steps.items():
         sgd, sam = rows.get("sgd"), rows.get("sam")
         for name, r in rows.items():
-            out["steps"].append(dict(model=model, batch=batch, method=name, weights=r.get("weights", "fresh"),
-                                     ms=1e3 * median(list(r["t"].values())), rounds=len(r["t"]),
-                                     x_sgd=estimate(per_round(r, sgd)) if sgd else None,
-                                     x_sam=median(per_round(r, sam)) if sam else None,
-                                     flops=r.get("flops_x_sgd"), paper=paper_flops(r), density=r.get("density"),
-                                     memory=r.get("memory"), param_bytes=r["param_bytes"]))
+            out["steps"].append(
+                dict(
+                    model=model,
+                    batch=batch,
+                    method=name,
+                    weights=r.get("weights", "fresh"),
+                    ms=1e3 * median(list(r["t"].values())),
+                    rounds=len(r["t"]),
+                    x_sgd=estimate(per_round(r, sgd)) if sgd else None,
+                    x_sam=median(per_round(r, sam)) if sam else None,
+                    flops=r.get("flops_x_sgd"),
+                    paper=paper_flops(r),
+                    density=r.get("density"),
+                    memory=r.get("memory"),
+                    param_bytes=r["param_bytes"],
+                )
+            )
         where = f"{model} b{batch}"
         if sgd and sam:
             target(out["targets"], f"{where}: SAM step <= {SAM_LIMIT}x SGD", per_round(sam, sgd), SAM_LIMIT)
@@ -118,57 +145,105 @@ def summarize(data):
             if not sgd or r.get("opt") == "sgd":
                 continue
             if r.get("ascent_fraction") == 0.25 and r["opt"] == "sam":
-                target(out["targets"], f"{where}: {name} (SAM, ascent on 1/4 of the batch) <= {ASCENT_LIMIT}x SGD",
-                       per_round(r, sgd), ASCENT_LIMIT)
-            if ("--mask-select cost" in r.get("flags", "") and r["sparsity"] == 0.9
-                    and r.get("ascent_fraction", 1.0) == 1.0):
-                target(out["targets"], f"{where}: {name} ({r['weights']} weights) <= {COST_MASK_LIMIT}x SGD",
-                       per_round(r, sgd), COST_MASK_LIMIT)
+                target(
+                    out["targets"],
+                    f"{where}: {name} (SAM, ascent on 1/4 of the batch) <= {ASCENT_LIMIT}x SGD",
+                    per_round(r, sgd),
+                    ASCENT_LIMIT,
+                )
+            if (
+                "--mask-select cost" in r.get("flags", "")
+                and r["sparsity"] == 0.9
+                and r.get("ascent_fraction", 1.0) == 1.0
+            ):
+                target(
+                    out["targets"],
+                    f"{where}: {name} ({r['weights']} weights) <= {COST_MASK_LIMIT}x SGD",
+                    per_round(r, sgd),
+                    COST_MASK_LIMIT,
+                )
         fs = first.get(model, {})
         for name, r in fs.items():
             if sam and name != "sam" and "sam" in fs:
                 # A non-update element-wise SSAM step runs SAM's code plus eps ⊙ m inside first_step: per round,
                 # SAM's step plus the first_step difference is SSAM's step without the noise of a whole step.
-                x = [(s + d) / s for s, d in zip(per_round(sam, sam, lambda a, _: a),
-                                                  per_round(r, fs["sam"], lambda a, b: a - b))]
-                target(out["targets"], f"{where}: {name} non-update step <= {SSAM_LIMIT}x SAM (from first_step)",
-                       x, SSAM_LIMIT, fmt="{:.4f}x")
+                x = [
+                    (s + d) / s
+                    for s, d in zip(
+                        per_round(sam, sam, lambda a, _: a), per_round(r, fs["sam"], lambda a, b: a - b)
+                    )
+                ]
+                target(
+                    out["targets"],
+                    f"{where}: {name} non-update step <= {SSAM_LIMIT}x SAM (from first_step)",
+                    x,
+                    SSAM_LIMIT,
+                    fmt="{:.4f}x",
+                )
     for model, fs in first.items():
         sam_step = next((rows["sam"] for (m, _), rows in steps.items() if m == model and "sam" in rows), None)
         for name, r in fs.items():
             delta = median(per_round(r, fs["sam"], lambda a, b: a - b)) if "sam" in fs else None
-            out["first_steps"].append(dict(model=model, method=name, ms=1e3 * median(list(r["t"].values())),
-                                           rounds=len(r["t"]), delta_ms=None if delta is None else 1e3 * delta,
-                                           of_sam_step=delta / median(list(sam_step["t"].values()))
-                                           if delta is not None and sam_step else None))
+            out["first_steps"].append(
+                dict(
+                    model=model,
+                    method=name,
+                    ms=1e3 * median(list(r["t"].values())),
+                    rounds=len(r["t"]),
+                    delta_ms=None if delta is None else 1e3 * delta,
+                    of_sam_step=delta / median(list(sam_step["t"].values()))
+                    if delta is not None and sam_step
+                    else None,
+                )
+            )
     for model, u in updates.items():
         rows = next((rows for (m, _), rows in steps.items() if m == model), {})
         for opt in ("ssamf", "ssamd"):
             upd = u.get(f"{opt}-update_mask")
-            step = next((r for r in rows.values() if r.get("opt") == opt), None)   # a non-update step of opt
+            step = next((r for r in rows.values() if r.get("opt") == opt), None)  # a non-update step of opt
             if not upd:
                 continue
-            row = dict(model=model, what=f"{opt} update_mask", ms=1e3 * median(list(upd["t"].values())),
-                       rounds=len(upd["t"]))
+            row = dict(
+                model=model,
+                what=f"{opt} update_mask",
+                ms=1e3 * median(list(upd["t"].values())),
+                rounds=len(upd["t"]),
+            )
             if step:
-                interval_steps = common.steps_per_epoch(step["batch"])      # once an epoch: 391 steps at batch 128
+                interval_steps = common.steps_per_epoch(
+                    step["batch"]
+                )  # once an epoch: 391 steps at batch 128
                 share = lambda tu, ts: median(tu) / interval_steps / median(ts)
                 tu, ts = list(upd["t"].values()), list(step["t"].values())
                 m, (lo, hi) = share(tu, ts), interval([tu, ts], share)
-                row.update(interval=interval_steps, step_ms=1e3 * median(ts), step=step["method"], amortized=m)
-                target(out["targets"], f"{model}: {opt} mask updates once an epoch ({interval_steps} steps at batch "
-                       f"{step['batch']}, {step['method']} steps) < {AMORTIZED_LIMIT:.0%} of training",
-                       (m, lo, hi), AMORTIZED_LIMIT, fmt="{:.3%}")
+                row.update(
+                    interval=interval_steps, step_ms=1e3 * median(ts), step=step["method"], amortized=m
+                )
+                target(
+                    out["targets"],
+                    f"{model}: {opt} mask updates once an epoch ({interval_steps} steps at batch "
+                    f"{step['batch']}, {step['method']} steps) < {AMORTIZED_LIMIT:.0%} of training",
+                    (m, lo, hi),
+                    AMORTIZED_LIMIT,
+                    fmt="{:.3%}",
+                )
             out["updates"].append(row)
         if u.get("fisher"):
             r = u["fisher"]
-            out["updates"].append(dict(model=model, what=f"Fisher (ssam.empirical_fisher), {r['num_samples']} samples",
-                                       ms=1e3 * median(list(r["t"].values())), rounds=len(r["t"])))
+            out["updates"].append(
+                dict(
+                    model=model,
+                    what=f"Fisher (ssam.empirical_fisher), {r['num_samples']} samples",
+                    ms=1e3 * median(list(r["t"].values())),
+                    rounds=len(r["t"]),
+                )
+            )
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Markdown
+
 
 def fmt(x, spec):
     return "-" if x is None else format(x, spec)
@@ -177,59 +252,111 @@ def fmt(x, spec):
 def render(data, source):
     s, m = summarize(data), data.get("machine_info", {}).get("bench", {})
     device = sorted({b["extra_info"]["device"] for b in data["benchmarks"]})
-    lines = ["# Throughput: SGD, SAM, SSAM-F, SSAM-D, SAM-ON", "",
-             f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores ({m.get('threads', '?')} torch threads)"
-             + (f", GPU {m['gpu']}" if m.get("gpu") else "") + f"; torch {m.get('torch', '?')}; device "
-             + ", ".join(device) + f"; load average {m.get('loadavg', '?')} at the start, "
-             f"{m.get('loadavg_end', '?')} at the end (1, 5, 15 min); OMP_WAIT_POLICY {m.get('omp_wait_policy', '?')}.",
-             f"Source: `{source}` ({data.get('datetime', '?')}). Every ratio is the median over rounds of the ratio "
-             "within a round, with its bootstrap 95% interval in brackets; ms: the median over rounds.", ""]
-    lines += ["## One training step (train.train_step)", "",
-              "| model | batch | method | weights | ms/step | x SGD [95% interval] | FLOP bound x SGD | paper FLOPs x SGD "
-              "| x SAM | density | rounds |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Throughput: SGD, SAM, SSAM-F, SSAM-D, SAM-ON",
+        "",
+        f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores ({m.get('threads', '?')} torch threads)"
+        + (f", GPU {m['gpu']}" if m.get("gpu") else "")
+        + f"; torch {m.get('torch', '?')}; device "
+        + ", ".join(device)
+        + f"; load average {m.get('loadavg', '?')} at the start, "
+        f"{m.get('loadavg_end', '?')} at the end (1, 5, 15 min); OMP_WAIT_POLICY {m.get('omp_wait_policy', '?')}.",
+        f"Source: `{source}` ({data.get('datetime', '?')}). Every ratio is the median over rounds of the ratio "
+        "within a round, with its bootstrap 95% interval in brackets; ms: the median over rounds.",
+        "",
+    ]
+    lines += [
+        "## One training step (train.train_step)",
+        "",
+        "| model | batch | method | weights | ms/step | x SGD [95% interval] | FLOP bound x SGD | paper FLOPs x SGD "
+        "| x SAM | density | rounds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in s["steps"]:
         x = r["x_sgd"]
-        lines.append(f"| {r['model']} | {r['batch']} | {r['method']} | {r['weights']} | {r['ms']:.1f} | "
-                     + (f"{x[0]:.2f} [{x[1]:.2f}, {x[2]:.2f}]" if x else "-") + f" | {fmt(r['flops'], '.2f')} | "
-                     f"{fmt(r['paper'], '.2f')} | {fmt(r['x_sam'], '.3f')} | {fmt(r['density'], '.3f')} | {r['rounds']} |")
-    lines += ["", "FLOP bound: the step's multiply-adds as a multiple of SGD's, counted per layer with hooks "
-              "(bench/common.py pass_macs: forward 1 unit, input gradient 1, weight gradient 1; the ascent pass "
-              "with the tensors `ascent_pass()` freezes and on the `--ascent-fraction` of the batch): what the "
-              "method's kernels could reach (dense: `--sparse-ascent`'s 2:4 input gradients are counted in full). The paper's column counts a sparse perturbation as proportionally "
-              "cheaper (Tables 1-3, footnote 4); dense kernels do the same work whatever an element-wise mask says. "
-              "density: the share of weights perturbed. weights: the seed-0 init, or after a few SGD steps on the "
-              "CIFAR-10 subset (`trained`).", ""]
-    lines += ["## first_step alone (the only code where a non-update element-wise SSAM step differs from SAM's)", "",
-              "| model | method | first_step ms | minus SAM's, ms | as a share of SAM's whole step | rounds |",
-              "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['method']} | {r['weights']} | {r['ms']:.1f} | "
+            + (f"{x[0]:.2f} [{x[1]:.2f}, {x[2]:.2f}]" if x else "-")
+            + f" | {fmt(r['flops'], '.2f')} | "
+            f"{fmt(r['paper'], '.2f')} | {fmt(r['x_sam'], '.3f')} | {fmt(r['density'], '.3f')} | {r['rounds']} |"
+        )
+    lines += [
+        "",
+        "FLOP bound: the step's multiply-adds as a multiple of SGD's, counted per layer with hooks "
+        "(bench/common.py pass_macs: forward 1 unit, input gradient 1, weight gradient 1; the ascent pass "
+        "with the tensors `ascent_pass()` freezes and on the `--ascent-fraction` of the batch): what the "
+        "method's kernels could reach (dense: `--sparse-ascent`'s 2:4 input gradients are counted in full). The paper's column counts a sparse perturbation as proportionally "
+        "cheaper (Tables 1-3, footnote 4); dense kernels do the same work whatever an element-wise mask says. "
+        "density: the share of weights perturbed. weights: the seed-0 init, or after a few SGD steps on the "
+        "CIFAR-10 subset (`trained`).",
+        "",
+    ]
+    lines += [
+        "## first_step alone (the only code where a non-update element-wise SSAM step differs from SAM's)",
+        "",
+        "| model | method | first_step ms | minus SAM's, ms | as a share of SAM's whole step | rounds |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in s["first_steps"]:
-        lines.append(f"| {r['model']} | {r['method']} | {r['ms']:.2f} | {fmt(r['delta_ms'], '+.2f')} | "
-                     f"{fmt(r['of_sam_step'], '+.2%')} | {r['rounds']} |")
-    lines += ["", "## Mask updates", "", "| model | what | ms | interval (steps) | step ms | amortized share of training "
-              "| rounds |", "|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['ms']:.2f} | {fmt(r['delta_ms'], '+.2f')} | "
+            f"{fmt(r['of_sam_step'], '+.2%')} | {r['rounds']} |"
+        )
+    lines += [
+        "",
+        "## Mask updates",
+        "",
+        "| model | what | ms | interval (steps) | step ms | amortized share of training | rounds |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in s["updates"]:
-        lines.append(f"| {r['model']} | {r['what']} | {r['ms']:.1f} | {r.get('interval', '-')} | "
-                     f"{fmt(r.get('step_ms'), '.1f')} | {fmt(r.get('amortized'), '.3%')} | {r['rounds']} |")
-    lines += ["", "amortized = update time / interval / step time; interval = one CIFAR epoch "
-              f"({common.CIFAR_TRAIN_IMAGES} images) at the benchmark's batch, the paper's once-an-epoch schedule.", ""]
-    lines += ["## Optimizer memory (right after first_step)", "",
-              "| model | method | total bytes | total MiB | x parameter bytes | masks MiB | momentum MiB | copy of w MiB |",
-              "|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['model']} | {r['what']} | {r['ms']:.1f} | {r.get('interval', '-')} | "
+            f"{fmt(r.get('step_ms'), '.1f')} | {fmt(r.get('amortized'), '.3%')} | {r['rounds']} |"
+        )
+    lines += [
+        "",
+        "amortized = update time / interval / step time; interval = one CIFAR epoch "
+        f"({common.CIFAR_TRAIN_IMAGES} images) at the benchmark's batch, the paper's once-an-epoch schedule.",
+        "",
+    ]
+    lines += [
+        "## Optimizer memory (right after first_step)",
+        "",
+        "| model | method | total bytes | total MiB | x parameter bytes | masks MiB | momentum MiB | copy of w MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in s["steps"]:
         if r["memory"] and r["weights"] == "fresh":
-            mem, mb = r["memory"], 2 ** 20
-            lines.append(f"| {r['model']} | {r['method']} | {mem['total']:,} | {mem['total'] / mb:.1f} | "
-                         f"{mem['total'] / r['param_bytes']:.2f} | {mem['masks'] / mb:.1f} | {mem['momentum'] / mb:.1f}"
-                         f" | {mem['weight_copy'] / mb:.1f} |")
-    lines += ["", "Masks are torch.bool (1 byte an entry, 0.25x fp32 parameter bytes). Gradients are not counted.", ""]
-    lines += ["## Targets", "", "PASS: the whole 95% interval meets the target; MISS: the whole interval misses it; "
-              "UNDECIDED: the interval straddles it (more --bench-rounds, or a quieter machine, decide it).", "",
-              "| target | median [95% interval] | verdict |", "|---|---|---|"]
+            mem, mb = r["memory"], 2**20
+            lines.append(
+                f"| {r['model']} | {r['method']} | {mem['total']:,} | {mem['total'] / mb:.1f} | "
+                f"{mem['total'] / r['param_bytes']:.2f} | {mem['masks'] / mb:.1f} | {mem['momentum'] / mb:.1f}"
+                f" | {mem['weight_copy'] / mb:.1f} |"
+            )
+    lines += [
+        "",
+        "Masks are torch.bool (1 byte an entry, 0.25x fp32 parameter bytes). Gradients are not counted.",
+        "",
+    ]
+    lines += [
+        "## Targets",
+        "",
+        "PASS: the whole 95% interval meets the target; MISS: the whole interval misses it; "
+        "UNDECIDED: the interval straddles it (more --bench-rounds, or a quieter machine, decide it).",
+        "",
+        "| target | median [95% interval] | verdict |",
+        "|---|---|---|",
+    ]
     for t in s["targets"]:
         lines.append(f"| {t['target']} | {t['value']} | {t['verdict']} |")
     count = {v: sum(t["verdict"] == v for t in s["targets"]) for v in ("PASS", "MISS", "UNDECIDED")}
-    lines += ["", f"{count['PASS']} PASS, {count['MISS']} MISS, {count['UNDECIDED']} UNDECIDED of "
-              f"{len(s['targets'])} targets.", ""]
+    lines += [
+        "",
+        f"{count['PASS']} PASS, {count['MISS']} MISS, {count['UNDECIDED']} UNDECIDED of "
+        f"{len(s['targets'])} targets.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ parameters. Lanczos with full reorthogonalization: --iters Hessian-vector produc
 largest converge to the top eigenvalues first. Measured on a wrn10-1 checkpoint: with 20 products lambda_1..3
 agree with 40 products to 4 digits and lambda_5 to 2%; raise --iters when lambda_5 matters.
 """
+
 import argparse
 import json
 import os
@@ -48,12 +49,12 @@ def lanczos(hvp, n, iters, dtype=torch.float32, device="cpu", seed=0):
     for j in range(min(iters, n)):
         w = hvp(Q[j])
         alphas.append(torch.dot(w, Q[j]).item())
-        V = torch.stack(Q)                                   # [j+1, n]
-        for _ in range(2):                                   # w -= V^T (V w), twice ("twice is enough")
+        V = torch.stack(Q)  # [j+1, n]
+        for _ in range(2):  # w -= V^T (V w), twice ("twice is enough")
             w = w - V.t() @ (V @ w)
         beta = w.norm().item()
         if j == min(iters, n) - 1 or beta < 1e-8 * max(abs(a) for a in alphas):
-            break                                            # done, or an invariant subspace: T is exact
+            break  # done, or an invariant subspace: T is exact
         betas.append(beta)
         Q.append(w / beta)
     T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
@@ -70,7 +71,8 @@ def top_eigenvalues(model, x, y, k=5, iters=30, loss_fn=F.cross_entropy, seed=0)
 
 def load_run(path, device):
     """A train.py checkpoint -> (model in eval mode, its config). ckpt: {"model": state_dict, "config": {...}}."""
-    import train                                             # the repo's train.py: models and data
+    import train  # the repo's train.py: models and data
+
     ck = torch.load(path, map_location="cpu", weights_only=False)
     cfg = ck["config"]
     num_classes = {"cifar100": 100, "imagenet": 1000}.get(cfg["dataset"], 10)
@@ -84,11 +86,16 @@ def train_batch(cfg, n, device):
     random draw for every run of that set (the files are sorted by class: the first n would be one class),
     normalized, not augmented, and their labels: the loss the run minimized, without augmentation."""
     import train
+
     if cfg["dataset"] == "imagenet":
-        raise SystemExit("sharpness.py: ImageNet checkpoints are not supported (CIFAR data lives in memory here)")
+        raise SystemExit(
+            "sharpness.py: ImageNet checkpoints are not supported (CIFAR data lives in memory here)"
+        )
     data = train.CifarOnDevice(dict(cfg, batch_size=1), torch.device("cpu"), 0, 1)
     if n > len(data.train_y):
-        raise SystemExit(f"sharpness.py: --batch {n} is larger than the run's {len(data.train_y)} training images")
+        raise SystemExit(
+            f"sharpness.py: --batch {n} is larger than the run's {len(data.train_y)} training images"
+        )
     idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(0))[:n]
     return train.normalize(data.train_x[idx].to(device)), data.train_y[idx].to(device)
 
@@ -96,9 +103,13 @@ def train_batch(cfg, n, device):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoints", nargs="+", help="train.py ckpt.pt files")
-    ap.add_argument("--batch", type=int, default=128, help="training images the loss is taken over (default 128)")
+    ap.add_argument(
+        "--batch", type=int, default=128, help="training images the loss is taken over (default 128)"
+    )
     ap.add_argument("--k", type=int, default=5, help="eigenvalues to report (default 5: lambda_1/lambda_5)")
-    ap.add_argument("--iters", type=int, default=20, help="Lanczos iterations = Hessian-vector products (default 20)")
+    ap.add_argument(
+        "--iters", type=int, default=20, help="Lanczos iterations = Hessian-vector products (default 20)"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0, help="Lanczos start vector")
     ap.add_argument("--out", help="one JSON for all checkpoints (default: sharpness.json next to each)")
@@ -109,16 +120,28 @@ def main():
         model, cfg = load_run(path, args.device)
         x, y = train_batch(cfg, args.batch, args.device)
         eig = top_eigenvalues(model, x, y, args.k, args.iters, seed=args.seed)
-        r = dict(checkpoint=path, model=cfg["model"], optimizer=cfg["optimizer"], sparsity=cfg.get("sparsity"),
-                 eigenvalues=eig, lambda_1=eig[0], lambda_1_over_lambda_k=eig[0] / eig[-1], k=args.k,
-                 batch=args.batch, iters=args.iters, seconds=time.perf_counter() - t0)
+        r = dict(
+            checkpoint=path,
+            model=cfg["model"],
+            optimizer=cfg["optimizer"],
+            sparsity=cfg.get("sparsity"),
+            eigenvalues=eig,
+            lambda_1=eig[0],
+            lambda_1_over_lambda_k=eig[0] / eig[-1],
+            k=args.k,
+            batch=args.batch,
+            iters=args.iters,
+            seconds=time.perf_counter() - t0,
+        )
         results.append(r)
         if not args.out:
             with open(os.path.join(os.path.dirname(path), "sharpness.json"), "w") as f:
                 json.dump(r, f, indent=2)
-        print(f"{path}: {cfg['optimizer']}{'' if r['sparsity'] is None else ' s=%g' % r['sparsity']}  "
-              f"lambda_1 {eig[0]:.4g}  lambda_1/lambda_{args.k} {r['lambda_1_over_lambda_k']:.3g}  "
-              f"top {args.k}: {', '.join(f'{e:.4g}' for e in eig)}  ({r['seconds']:.0f} s)")
+        print(
+            f"{path}: {cfg['optimizer']}{'' if r['sparsity'] is None else ' s=%g' % r['sparsity']}  "
+            f"lambda_1 {eig[0]:.4g}  lambda_1/lambda_{args.k} {r['lambda_1_over_lambda_k']:.3g}  "
+            f"top {args.k}: {', '.join(f'{e:.4g}' for e in eig)}  ({r['seconds']:.0f} s)"
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=2)

@@ -18,14 +18,15 @@ non-update SSAM step differs from a SAM step; --bench-first-step-calls timed cal
 Group "mask update: <model>": SSAM-F's Fisher over N_F samples (ssam.empirical_fisher), SSAM-F's whole
 update_mask and SSAM-D's, once in each of --bench-update-rounds rounds.
 """
+
+import common
 import pytest
 import torch
 import torch.nn.functional as F
 
-import common
 import ssam
 
-LIVE = {}   # (what, model, method, device, batch, width) -> objects kept across rounds
+LIVE = {}  # (what, model, method, device, batch, width) -> objects kept across rounds
 TRAINED = {}
 
 
@@ -39,16 +40,23 @@ def model_for(model_name, weights, cfg):
     model = fresh_model(model_name, cfg)
     if weights == "trained":
         if model_name not in TRAINED:
-            TRAINED[model_name] = common.trained_model(model_name, cfg["width"], cfg["device"], cfg["train_steps"],
-                                                       cfg["batch"]).state_dict()
+            TRAINED[model_name] = common.trained_model(
+                model_name, cfg["width"], cfg["device"], cfg["train_steps"], cfg["batch"]
+            ).state_dict()
         model.load_state_dict(TRAINED[model_name])
     return model
 
 
 def info(benchmark, net, cfg, bench_round, **kw):
-    benchmark.extra_info.update(device=cfg["device"], batch=cfg["batch"], width=cfg["width"], bench_round=bench_round,
-                                params=sum(p.numel() for p in net.parameters()),
-                                param_bytes=common.param_bytes(net), **kw)
+    benchmark.extra_info.update(
+        device=cfg["device"],
+        batch=cfg["batch"],
+        width=cfg["width"],
+        bench_round=bench_round,
+        params=sum(p.numel() for p in net.parameters()),
+        param_bytes=common.param_bytes(net),
+        **kw,
+    )
 
 
 def run_sync(fn, device, *args):
@@ -59,6 +67,7 @@ def run_sync(fn, device, *args):
 
 # ----------------------------------------------------------------------------------------------------------
 # One training step
+
 
 @pytest.mark.parametrize("method", list(common.METHODS))
 def test_step(benchmark, bench_round, model_name, method, cfg):
@@ -73,19 +82,24 @@ def test_step(benchmark, bench_round, model_name, method, cfg):
         model = model_for(model_name, weights, cfg)
         x, y = common.batch(cfg["batch"], cfg["device"])
         opt, tcfg = common.make_optimizer(model, flags, num_samples=cfg["batch"])
-        if tcfg["optimizer"] == "ssamf":                # the mask, once: the timed steps are non-update steps
+        if tcfg["optimizer"] == "ssamf":  # the mask, once: the timed steps are non-update steps
             opt.update_mask(model, [common.batch(cfg["batch"], cfg["device"], start=cfg["batch"])])
         extra["flops_x_sgd"] = common.flops_x_sgd(model, opt, tcfg, x)
         if hasattr(opt, "density"):
             extra["density"] = opt.density()
         LIVE[key] = model, opt, tcfg, x, y
     model, opt, tcfg, x, y = LIVE[key]
-    benchmark.pedantic(common.train_step, args=(model, opt, tcfg, x, y), rounds=1, warmup_rounds=1 if first else 0,
-                       iterations=1)
+    benchmark.pedantic(
+        common.train_step,
+        args=(model, opt, tcfg, x, y),
+        rounds=1,
+        warmup_rounds=1 if first else 0,
+        iterations=1,
+    )
     if tcfg["optimizer"] in ("ssamf", "ssamd"):
         assert opt.last_mask_update == 0, "a timed step updated the mask"
-    if first:                                           # after steps: the momentum buffers exist
-        if isinstance(opt, ssam.SAM):                   # what is held between first_step and second_step
+    if first:  # after steps: the momentum buffers exist
+        if isinstance(opt, ssam.SAM):  # what is held between first_step and second_step
             F.cross_entropy(model(x), y).backward()
             opt.first_step(zero_grad=True)
             extra["memory"] = common.optimizer_state_bytes(opt)
@@ -93,16 +107,28 @@ def test_step(benchmark, bench_round, model_name, method, cfg):
             opt.zero_grad(set_to_none=True)
         else:
             extra["memory"] = common.optimizer_state_bytes(opt)
-    info(benchmark, model, cfg, bench_round, kind="step", model=model_name, method=method, flags=flags,
-         weights=weights, opt=tcfg["optimizer"], sparsity=tcfg.get("sparsity", 0.0),
-         ascent_fraction=tcfg.get("ascent_fraction", 1.0), **extra)
+    info(
+        benchmark,
+        model,
+        cfg,
+        bench_round,
+        kind="step",
+        model=model_name,
+        method=method,
+        flags=flags,
+        weights=weights,
+        opt=tcfg["optimizer"],
+        sparsity=tcfg.get("sparsity", 0.0),
+        ascent_fraction=tcfg.get("ascent_fraction", 1.0),
+        **extra,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
 # first_step alone: the only code a non-update element-wise SSAM step runs that a SAM step does not (eps ⊙ m),
 # so timing it measures SSAM's overhead over SAM far more precisely than whole steps can on a busy machine
 
-FIRST_STEP_METHODS = ["sam", "ssamf-s0.5", "ssamd-s0.9", "ssamd-s0.5-2:4"]   # element-wise and N:M masks
+FIRST_STEP_METHODS = ["sam", "ssamf-s0.5", "ssamd-s0.9", "ssamd-s0.5-2:4"]  # element-wise and N:M masks
 
 
 @pytest.mark.parametrize("method", FIRST_STEP_METHODS)
@@ -121,14 +147,20 @@ def test_first_step(benchmark, bench_round, model_name, method, cfg):
         LIVE[key] = model, opt, params, grads
     model, opt, params, grads = LIVE[key]
 
-    def setup():                                        # untimed: back to w, a fresh gradient in p.grad
+    def setup():  # untimed: back to w, a fresh gradient in p.grad
         opt.restore()
         for p, g in zip(params, grads):
             p.grad = g.clone()
         common.sync(cfg["device"])
 
-    benchmark.pedantic(run_sync, args=(opt.first_step, cfg["device"]), setup=setup, rounds=cfg["first_step_calls"],
-                       warmup_rounds=2 if first else 0, iterations=1)
+    benchmark.pedantic(
+        run_sync,
+        args=(opt.first_step, cfg["device"]),
+        setup=setup,
+        rounds=cfg["first_step_calls"],
+        warmup_rounds=2 if first else 0,
+        iterations=1,
+    )
     opt.restore()
     opt.zero_grad(set_to_none=True)
     info(benchmark, model, cfg, bench_round, kind="first_step", model=model_name, method=method)
@@ -136,6 +168,7 @@ def test_first_step(benchmark, bench_round, model_name, method, cfg):
 
 # ----------------------------------------------------------------------------------------------------------
 # Mask updates: SSAM-F's Fisher, and the two update_mask calls
+
 
 def fisher_data(cfg):
     return common.batch(cfg["fisher_samples"], cfg["device"])
@@ -145,8 +178,12 @@ def test_fisher(benchmark, update_round, model_name, cfg):
     benchmark.group = f"mask update: {model_name}"
     n = cfg["fisher_samples"]
     model = fresh_model(model_name, cfg)
-    benchmark.pedantic(run_sync, args=(ssam.empirical_fisher, cfg["device"], model, [fisher_data(cfg)], n), rounds=1,
-                       iterations=1)
+    benchmark.pedantic(
+        run_sync,
+        args=(ssam.empirical_fisher, cfg["device"], model, [fisher_data(cfg)], n),
+        rounds=1,
+        iterations=1,
+    )
     info(benchmark, model, cfg, update_round, kind="fisher", model=model_name, num_samples=n)
 
 
@@ -155,16 +192,30 @@ def test_ssamf_update_mask(benchmark, update_round, model_name, cfg):
     n = cfg["fisher_samples"]
     model = fresh_model(model_name, cfg)
     opt, _ = common.make_optimizer(model, "--optimizer ssamf --sparsity 0.5", num_samples=n)
-    benchmark.pedantic(run_sync, args=(opt.update_mask, cfg["device"], model, [fisher_data(cfg)]), rounds=1,
-                       iterations=1)
-    info(benchmark, model, cfg, update_round, kind="mask-update", model=model_name, opt="ssamf", sparsity=0.5,
-         num_samples=n)
+    benchmark.pedantic(
+        run_sync, args=(opt.update_mask, cfg["device"], model, [fisher_data(cfg)]), rounds=1, iterations=1
+    )
+    info(
+        benchmark,
+        model,
+        cfg,
+        update_round,
+        kind="mask-update",
+        model=model_name,
+        opt="ssamf",
+        sparsity=0.5,
+        num_samples=n,
+    )
 
 
 def test_ssamd_update_mask(benchmark, update_round, model_name, cfg):
     benchmark.group = f"mask update: {model_name}"
     model = fresh_model(model_name, cfg)
     opt, _ = common.make_optimizer(model, "--optimizer ssamd --sparsity 0.5")
-    grads = common.ssamd_grads(model, *common.batch(cfg["batch"], cfg["device"]))   # step 0: most drops (Eq. 9)
-    benchmark.pedantic(run_sync, args=(opt.update_mask, cfg["device"], grads), rounds=1, warmup_rounds=1, iterations=1)
+    grads = common.ssamd_grads(
+        model, *common.batch(cfg["batch"], cfg["device"])
+    )  # step 0: most drops (Eq. 9)
+    benchmark.pedantic(
+        run_sync, args=(opt.update_mask, cfg["device"], grads), rounds=1, warmup_rounds=1, iterations=1
+    )
     info(benchmark, model, cfg, update_round, kind="mask-update", model=model_name, opt="ssamd", sparsity=0.5)

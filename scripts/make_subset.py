@@ -8,9 +8,9 @@ np.savez_compressed squeeze out the headers the files share: ~310 bytes an image
 The choice is reproducible: file names are sorted, then each class is sampled with random.Random(SEED).
 train.py reads the file with --dataset cifar10-subset (its default) and needs no network.
 """
+
 import argparse
 import hashlib
-import io
 import random
 import tarfile
 from pathlib import Path
@@ -18,15 +18,19 @@ from pathlib import Path
 import numpy as np
 
 SEED = 0
-TRAIN_PER_CLASS = 500   # 5,000 train images: enough for a demo that learns something in a minute on a CPU
-TEST_PER_CLASS = 1000   # all 10,000 test images of CIFAR-10: one accuracy is ±1 point (95%), not ±3 as with 1,000
+TRAIN_PER_CLASS = 500  # 5,000 train images: enough for a demo that learns something in a minute on a CPU
+TEST_PER_CLASS = (
+    1000  # all 10,000 test images of CIFAR-10: one accuracy is ±1 point (95%), not ±3 as with 1,000
+)
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("archive", help="cifar10-jpeg.tar.gz")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "data" / "cifar10_subset.npz"))
+    ap.add_argument(
+        "--out", default=str(Path(__file__).resolve().parent.parent / "data" / "cifar10_subset.npz")
+    )
     args = ap.parse_args()
 
     sha = hashlib.sha256(Path(args.archive).read_bytes()).hexdigest()
@@ -44,14 +48,18 @@ def main():
         blobs, labels, names = [], [], []
         for label, cls in enumerate(CLASSES):
             for name in sorted(rng.sample(sorted(files[(split, cls)]), per_class)):
-                blobs.append(files[(split, cls)][name]); labels.append(label); names.append(f"{cls}/{name}")
+                blobs.append(files[(split, cls)][name])
+                labels.append(label)
+                names.append(f"{cls}/{name}")
         out[f"{split}_jpeg"] = np.frombuffer(b"".join(blobs), dtype=np.uint8)
         out[f"{split}_offsets"] = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
         out[f"{split}_labels"] = np.array(labels, dtype=np.uint8)
         out[f"{split}_names"] = np.array(names)
     np.savez_compressed(args.out, **out)
-    print(f"wrote {args.out}: {len(out['train_labels'])} train + {len(out['test_labels'])} test images, "
-          f"{Path(args.out).stat().st_size / 1e6:.2f} MB (source sha256 {sha[:12]}...)")
+    print(
+        f"wrote {args.out}: {len(out['train_labels'])} train + {len(out['test_labels'])} test images, "
+        f"{Path(args.out).stat().st_size / 1e6:.2f} MB (source sha256 {sha[:12]}...)"
+    )
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ about 8 minutes of one H100, not a measurement: one SGD epoch is 3 x 0.56 GFLOP 
 of the grid; at an assumed 10% of the H100's 989 bf16 TFLOP/s (small 32x32 convolutions at batch 128) that
 is 7 s per grid epoch, 1.9 min for 15, plus evaluation and about a minute of compilation per run.
 """
+
 import argparse
 import json
 import os
@@ -43,32 +44,68 @@ import train  # noqa: E402
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
 SHORT_EPOCHS = 15
 SHORT_FLAGS = "--amp bf16 --channels-last --compile"
-SHORT = [("sgd", None, None), ("sam", None, None), ("ssamf", 0.5, None), ("ssamd", 0.5, None),
-         ("ssamf", 0.9, "tensor")]
+SHORT = [
+    ("sgd", None, None),
+    ("sam", None, None),
+    ("ssamf", 0.5, None),
+    ("ssamd", 0.5, None),
+    ("ssamf", 0.9, "tensor"),
+]
 
 # Paper's test accuracy (%), by (model, dataset, optimizer, sparsity); sparsity None for SGD and SAM.
 PAPER = {}
 for model, rows in {
     "resnet18": [  # Table 1: (optimizer, sparsity, CIFAR-10, CIFAR-100)
-        ("sgd", None, 96.07, 77.80), ("sam", None, 96.83, 81.03),
-        ("ssamf", 0.5, 96.81, 81.24), ("ssamf", 0.8, 96.64, 80.47), ("ssamf", 0.9, 96.75, 80.02),
-        ("ssamf", 0.95, 96.66, 80.50), ("ssamf", 0.98, 96.55, 80.09), ("ssamf", 0.99, 96.52, 80.07),
-        ("ssamd", 0.5, 96.87, 80.59), ("ssamd", 0.8, 96.76, 80.43), ("ssamd", 0.9, 96.67, 80.39),
-        ("ssamd", 0.95, 96.56, 79.79), ("ssamd", 0.98, 96.61, 79.79), ("ssamd", 0.99, 96.59, 79.61)],
+        ("sgd", None, 96.07, 77.80),
+        ("sam", None, 96.83, 81.03),
+        ("ssamf", 0.5, 96.81, 81.24),
+        ("ssamf", 0.8, 96.64, 80.47),
+        ("ssamf", 0.9, 96.75, 80.02),
+        ("ssamf", 0.95, 96.66, 80.50),
+        ("ssamf", 0.98, 96.55, 80.09),
+        ("ssamf", 0.99, 96.52, 80.07),
+        ("ssamd", 0.5, 96.87, 80.59),
+        ("ssamd", 0.8, 96.76, 80.43),
+        ("ssamd", 0.9, 96.67, 80.39),
+        ("ssamd", 0.95, 96.56, 79.79),
+        ("ssamd", 0.98, 96.61, 79.79),
+        ("ssamd", 0.99, 96.59, 79.61),
+    ],
     "wrn28-10": [  # Table 2 (its SSAM-F 99% row is printed under the SSAM-D label; the deltas place it in SSAM-F)
-        ("sgd", None, 97.11, 81.93), ("sam", None, 97.48, 84.20),
-        ("ssamf", 0.5, 97.71, 85.16), ("ssamf", 0.8, 97.67, 84.57), ("ssamf", 0.9, 97.47, 84.76),
-        ("ssamf", 0.95, 97.42, 84.17), ("ssamf", 0.98, 97.32, 83.85), ("ssamf", 0.99, 97.59, 84.00),
-        ("ssamd", 0.5, 97.70, 84.99), ("ssamd", 0.8, 97.72, 84.36), ("ssamd", 0.9, 97.53, 84.16),
-        ("ssamd", 0.95, 97.52, 83.66), ("ssamd", 0.98, 97.30, 83.30), ("ssamd", 0.99, 97.27, 84.16)],
+        ("sgd", None, 97.11, 81.93),
+        ("sam", None, 97.48, 84.20),
+        ("ssamf", 0.5, 97.71, 85.16),
+        ("ssamf", 0.8, 97.67, 84.57),
+        ("ssamf", 0.9, 97.47, 84.76),
+        ("ssamf", 0.95, 97.42, 84.17),
+        ("ssamf", 0.98, 97.32, 83.85),
+        ("ssamf", 0.99, 97.59, 84.00),
+        ("ssamd", 0.5, 97.70, 84.99),
+        ("ssamd", 0.8, 97.72, 84.36),
+        ("ssamd", 0.9, 97.53, 84.16),
+        ("ssamd", 0.95, 97.52, 83.66),
+        ("ssamd", 0.98, 97.30, 83.30),
+        ("ssamd", 0.99, 97.27, 84.16),
+    ],
 }.items():
     for opt, sp, c10, c100 in rows:
         PAPER[model, "cifar10", opt, sp], PAPER[model, "cifar100", opt, sp] = c10, c100
-for opt, sp, acc in [("sgd", None, 76.67), ("sam", None, 77.25), ("ssamf", 0.5, 77.31), ("ssamf", 0.8, 76.81),
-                     ("ssamf", 0.9, 76.74), ("ssamd", 0.5, 77.25), ("ssamd", 0.8, 77.00), ("ssamd", 0.9, 77.00)]:
-    PAPER["resnet50", "imagenet", opt, sp] = acc                                    # Table 3
-TABLES = {"table1": ("resnet18", ("cifar10", "cifar100")), "table2": ("wrn28-10", ("cifar10", "cifar100")),
-          "table3": ("resnet50", ("imagenet",))}
+for opt, sp, acc in [
+    ("sgd", None, 76.67),
+    ("sam", None, 77.25),
+    ("ssamf", 0.5, 77.31),
+    ("ssamf", 0.8, 76.81),
+    ("ssamf", 0.9, 76.74),
+    ("ssamd", 0.5, 77.25),
+    ("ssamd", 0.8, 77.00),
+    ("ssamd", 0.9, 77.00),
+]:
+    PAPER["resnet50", "imagenet", opt, sp] = acc  # Table 3
+TABLES = {
+    "table1": ("resnet18", ("cifar10", "cifar100")),
+    "table2": ("wrn28-10", ("cifar10", "cifar100")),
+    "table3": ("resnet50", ("imagenet",)),
+}
 
 
 def option(flag_value, env, default, cast=str):
@@ -86,16 +123,23 @@ def grid(args):
         short += shlex.split(os.environ.get("SHORT_FLAGS", SHORT_FLAGS))
         short += ["--data-dir", data] if data else []
         optimizers = option(args.optimizers, "OPTIMIZERS", ["sgd", "sam", "ssamf", "ssamd"])
-        return [["--preset", "cifar10-resnet18", "--optimizer", o, "--seed", str(seed)]
-                + ([] if sp is None else ["--sparsity", str(sp)]) + ([] if st is None else ["--structure", st])
-                + short + extra for o, sp, st in SHORT if o in optimizers for seed in seeds]
+        return [
+            ["--preset", "cifar10-resnet18", "--optimizer", o, "--seed", str(seed)]
+            + ([] if sp is None else ["--sparsity", str(sp)])
+            + ([] if st is None else ["--structure", st])
+            + short
+            + extra
+            for o, sp, st in SHORT
+            if o in optimizers
+            for seed in seeds
+        ]
     imagenet = args.grid == "imagenet"
     models = option(args.models, "MODELS", ["resnet50"] if imagenet else ["resnet18", "wrn28-10"])
     datasets = option(args.datasets, "DATASETS", ["imagenet"] if imagenet else ["cifar10", "cifar100"])
     optimizers = option(args.optimizers, "OPTIMIZERS", ["sgd", "sam", "ssamf", "ssamd"])
     sparsities = option(args.sparsities, "SPARSITIES", list(SPARSITIES), float)
     runs = []
-    for (model, dataset, opt, sp) in PAPER:
+    for model, dataset, opt, sp in PAPER:
         if model in models and dataset in datasets and opt in optimizers and (sp is None or sp in sparsities):
             for seed in seeds:
                 flags = ["--preset", f"{dataset}-{model}", "--optimizer", opt, "--seed", str(seed)]
@@ -115,12 +159,23 @@ def finished_runs(runs_dir):
         c = r["config"]
         model, dataset = train.PRESETS[c["preset"]][1], train.PRESETS[c["preset"]][0]
         base = ["--preset", c["preset"], "--optimizer", c["optimizer"], "--seed", str(c["seed"])]
-        recipe, _ = train.grid_run(base + ([] if c.get("sparsity") is None else ["--sparsity", str(c["sparsity"])]),
-                                   runs_dir)
-        differ = [f"{k.replace('_', '-')} {c.get(k)}" for k in sorted(set(c) | set(recipe))
-                  if k not in train.RESUME_FREE and c.get(k) != recipe.get(k)]
-        out.append(dict(final=r, dir=f.parent, cell=(model, dataset, c["optimizer"], c.get("sparsity")),
-                        seed=c["seed"], differ=differ))
+        recipe, _ = train.grid_run(
+            base + ([] if c.get("sparsity") is None else ["--sparsity", str(c["sparsity"])]), runs_dir
+        )
+        differ = [
+            f"{k.replace('_', '-')} {c.get(k)}"
+            for k in sorted(set(c) | set(recipe))
+            if k not in train.RESUME_FREE and c.get(k) != recipe.get(k)
+        ]
+        out.append(
+            dict(
+                final=r,
+                dir=f.parent,
+                cell=(model, dataset, c["optimizer"], c.get("sparsity")),
+                seed=c["seed"],
+                differ=differ,
+            )
+        )
     return out
 
 
@@ -146,12 +201,21 @@ def write_tables(runs_dir):
         if not mine:
             continue
         recipe = [r for r in mine if not r["differ"]]
-        head = "| optimizer | sparsity | " + " | ".join(f"{d} paper | {d} ours | {d} diff" for d in datasets) + " |"
-        lines = [f"# {table}: {model}, test accuracy %", "",
-                 "ours = mean ± std over the runs with the paper's full recipe (the preset, nothing changed), and "
-                 "how many seeds; runs with anything changed are listed below the table, never in it.", "",
-                 head, "|" + "---|" * (2 + 3 * len(datasets))]
-        for (m, d0, opt, sp) in PAPER:
+        head = (
+            "| optimizer | sparsity | "
+            + " | ".join(f"{d} paper | {d} ours | {d} diff" for d in datasets)
+            + " |"
+        )
+        lines = [
+            f"# {table}: {model}, test accuracy %",
+            "",
+            "ours = mean ± std over the runs with the paper's full recipe (the preset, nothing changed), and "
+            "how many seeds; runs with anything changed are listed below the table, never in it.",
+            "",
+            head,
+            "|" + "---|" * (2 + 3 * len(datasets)),
+        ]
+        for m, d0, opt, sp in PAPER:
             if m != model or d0 != datasets[0]:
                 continue
             cells = []
@@ -166,19 +230,29 @@ def write_tables(runs_dir):
             lines.append(f"| {opt} | {'—' if sp is None else f'{sp:.0%}'} | " + " | ".join(cells) + " |")
         lines += ["", "Runs behind each cell (folders in " + str(runs_dir) + "):", ""]
         for cell in sorted({r["cell"] for r in recipe}, key=str):
-            lines.append(f"- {cell_name(*cell)}: " + ", ".join(r["dir"].name for r in recipe if r["cell"] == cell))
+            lines.append(
+                f"- {cell_name(*cell)}: " + ", ".join(r["dir"].name for r in recipe if r["cell"] == cell)
+            )
         if not recipe:
             lines.append("- none: no run with the paper's full recipe has finished yet")
         other = [r for r in mine if r["differ"]]
         if other:
-            lines += ["", "## Not the paper's recipe (not in the table above)", "",
-                      "| paper's cell | what differs from the recipe | ours | paper | runs |", "|---|---|---|---|---|"]
+            lines += [
+                "",
+                "## Not the paper's recipe (not in the table above)",
+                "",
+                "| paper's cell | what differs from the recipe | ours | paper | runs |",
+                "|---|---|---|---|---|",
+            ]
             groups = {}
             for r in other:
                 groups.setdefault((r["cell"], tuple(r["differ"])), []).append(r)
             for (cell, differ), rs in sorted(groups.items(), key=str):
-                lines.append(f"| {cell_name(*cell)} | {', '.join(differ)} | {ours(rs)[1]} | {PAPER[cell]:.2f} | "
-                             + ", ".join(r["dir"].name for r in rs) + " |")
+                lines.append(
+                    f"| {cell_name(*cell)} | {', '.join(differ)} | {ours(rs)[1]} | {PAPER[cell]:.2f} | "
+                    + ", ".join(r["dir"].name for r in rs)
+                    + " |"
+                )
         path = out_dir / f"reproduce_{table}.md"
         path.write_text("\n".join(lines) + "\n")
         written.append(path)
@@ -198,14 +272,20 @@ def short_table(done):
     sgd = rows.get(("sgd", None, "unstructured"))
     sgd_ms = statistics.mean(f["step_ms"] for f in sgd) if sgd else None
     c = next(cfg for cfg, f in done if f is not None)
-    lines = [f"# cifar-short: {c['model']} on {c['dataset']}, {c['epochs']} epochs (the paper trains 200: not its "
-             f"recipe), amp {c['amp']}, channels-last {c.get('channels_last')}, compile {c.get('compile')}", "",
-             "| method | test acc % | ms/step | x SGD | seeds | device |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# cifar-short: {c['model']} on {c['dataset']}, {c['epochs']} epochs (the paper trains 200: not its "
+        f"recipe), amp {c['amp']}, channels-last {c.get('channels_last')}, compile {c.get('compile')}",
+        "",
+        "| method | test acc % | ms/step | x SGD | seeds | device |",
+        "|---|---|---|---|---|---|",
+    ]
     for (o, sp, st), fs in rows.items():
         ms = statistics.mean(f["step_ms"] for f in fs)
         name = o + ("" if sp is None else f" {sp:g}") + ("" if st == "unstructured" else f" {st}")
-        lines.append(f"| {name} | {ours([dict(final=f, seed=f['config']['seed']) for f in fs])[1]} | {ms:.1f} | "
-                     f"{'–' if not sgd_ms else f'{ms / sgd_ms:.2f}'} | {len(fs)} | {fs[0]['device']} |")
+        lines.append(
+            f"| {name} | {ours([dict(final=f, seed=f['config']['seed']) for f in fs])[1]} | {ms:.1f} | "
+            f"{'–' if not sgd_ms else f'{ms / sgd_ms:.2f}'} | {len(fs)} | {fs[0]['device']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -214,8 +294,11 @@ def main():
     ap.add_argument("grid", choices=["cifar", "imagenet", "cifar-short"])
     ap.add_argument("--models"), ap.add_argument("--datasets"), ap.add_argument("--optimizers")
     ap.add_argument("--sparsities"), ap.add_argument("--seeds")
-    ap.add_argument("--runs-dir", default=str(ROOT / "runs" / "reproduce"), help="default runs/reproduce; the "
-                    "tables are written next to it")
+    ap.add_argument(
+        "--runs-dir",
+        default=str(ROOT / "runs" / "reproduce"),
+        help="default runs/reproduce; the tables are written next to it",
+    )
     ap.add_argument("--dry-run", action="store_true", help="list the runs and their state; train nothing")
     ap.add_argument("--report", action="store_true", help="only write the tables")
     ap.add_argument("--fresh", action="store_true", help="train every run of the grid again from scratch")
@@ -225,16 +308,25 @@ def main():
     runs_dir = Path(args.runs_dir) / ("short" if args.grid == "cifar-short" else "")
     runs = grid(args)
     if not runs:
-        raise SystemExit("the filters select no run of the paper's tables; check MODELS/DATASETS/OPTIMIZERS/SPARSITIES")
+        raise SystemExit(
+            "the filters select no run of the paper's tables; check MODELS/DATASETS/OPTIMIZERS/SPARSITIES"
+        )
     launch = shlex.split(os.environ.get("LAUNCH", "")) or [sys.executable]
     if args.report:
-        done = [(cfg, json.loads((Path(cfg["out_dir"]) / "final.json").read_text())
-                 if train.run_state(cfg) == "done" else None) for cfg, _ in (train.grid_run(f, runs_dir) for f in runs)]
+        done = [
+            (
+                cfg,
+                json.loads((Path(cfg["out_dir"]) / "final.json").read_text())
+                if train.run_state(cfg) == "done"
+                else None,
+            )
+            for cfg, _ in (train.grid_run(f, runs_dir) for f in runs)
+        ]
     elif args.dry_run:
         done = train.run_grid(runs, runs_dir, fresh=args.fresh, launch=launch, dry_run=True)
     else:
         done = []
-        for flags in runs:   # one at a time, so the tables are rewritten after every run
+        for flags in runs:  # one at a time, so the tables are rewritten after every run
             done += train.run_grid([flags], runs_dir, fresh=args.fresh, launch=launch, dry_run=args.dry_run)
             if args.grid != "cifar-short" and not args.dry_run:
                 write_tables(runs_dir)

@@ -1,5 +1,6 @@
 """Cheaper SAM-type steps: the ascent pass on part of the batch (train.py --ascent-fraction) and cost-aware
 whole-tensor masks. CPU only, tiny models."""
+
 import sys
 from pathlib import Path
 
@@ -18,16 +19,34 @@ NO_AMP = torch.autocast("cpu", enabled=False)
 
 def convnet():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-                         nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    )
 
 
 def make_opt(kind, model):
     sgd = dict(lr=0.1, momentum=0.9, weight_decay=1e-3)
     if kind == "sam":
         return ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.1, **sgd)
-    return ssam.SSAMD(model.parameters(), torch.optim.SGD, rho=0.1, sparsity=0.5, structure="tensor", total_steps=10,
-                      update_interval=2, seed=0, **sgd)
+    return ssam.SSAMD(
+        model.parameters(),
+        torch.optim.SGD,
+        rho=0.1,
+        sparsity=0.5,
+        structure="tensor",
+        total_steps=10,
+        update_interval=2,
+        seed=0,
+        **sgd,
+    )
 
 
 def reference_step(model, opt, x, y, k):
@@ -52,13 +71,13 @@ def test_ascent_fraction_runs_the_first_pass_on_the_first_f_of_the_batch(kind, f
     opt_a, opt_b = make_opt(kind, a), make_opt(kind, b)
     sizes = []
     hook = a[0].register_forward_hook(lambda m, inp, out: sizes.append(len(inp[0])))
-    for _ in range(3):                                  # SSAM-D updates its mask at steps 0 and 2
+    for _ in range(3):  # SSAM-D updates its mask at steps 0 and 2
         loss, out = train.train_step(a, opt_a, x, y, NO_AMP, ascent_fraction=f)
         reference_step(b, opt_b, x, y, round(f * 8))
     hook.remove()
-    assert sizes == [round(f * 8), 8] * 3               # ascent on the sub-batch, descent on the whole batch
-    assert out.shape == (round(f * 8), 10)              # train.py's accuracy counts the unperturbed pass's rows
-    for s, t in zip(state(a), state(b)):                # weights, momentum-driven updates and BN running stats
+    assert sizes == [round(f * 8), 8] * 3  # ascent on the sub-batch, descent on the whole batch
+    assert out.shape == (round(f * 8), 10)  # train.py's accuracy counts the unperturbed pass's rows
+    for s, t in zip(state(a), state(b)):  # weights, momentum-driven updates and BN running stats
         assert torch.equal(s, t)
 
 
@@ -76,16 +95,32 @@ def test_ascent_fraction_one_is_bit_identical_to_the_plain_step():
 def test_ascent_fraction_flag():
     cfg = train.resolve_config(train.get_args(["--optimizer", "sam", "--ascent-fraction", "0.25"]))
     assert cfg["ascent_fraction"] == 0.25 and "-f0.25-" in cfg["name"]
-    assert "ascent_fraction" not in train.resolve_config(train.get_args(["--optimizer", "sam"]))   # the default
-    assert "ascent_fraction" not in train.resolve_config(train.get_args([]))          # SGD: no ascent pass
+    assert "ascent_fraction" not in train.resolve_config(
+        train.get_args(["--optimizer", "sam"])
+    )  # the default
+    assert "ascent_fraction" not in train.resolve_config(train.get_args([]))  # SGD: no ascent pass
     for bad in ("0", "1.5", "-0.1"):
         with pytest.raises(SystemExit, match=rf"--ascent-fraction {float(bad)} is not in \(0, 1\]"):
             train.resolve_config(train.get_args(["--optimizer", "sam", "--ascent-fraction", bad]))
 
 
 def test_train_runs_with_ascent_fraction(tmp_path):
-    argv = ["--optimizer", "sam", "--ascent-fraction", "0.5", "--model", "wrn10-1", "--batch-size", "32",
-            "--train-size", "96", "--epochs", "1", "--out-dir", str(tmp_path)]
+    argv = [
+        "--optimizer",
+        "sam",
+        "--ascent-fraction",
+        "0.5",
+        "--model",
+        "wrn10-1",
+        "--batch-size",
+        "32",
+        "--train-size",
+        "96",
+        "--epochs",
+        "1",
+        "--out-dir",
+        str(tmp_path),
+    ]
     result = train.train(train.resolve_config(train.get_args(argv)), show_config=False)
     assert 0 <= result["train_acc"] <= 1 and result["config"]["ascent_fraction"] == 0.5
 
@@ -99,10 +134,10 @@ def test_ascent_costs_count_forward_input_and_weight_gradients():
     l1, bn, l2 = model
     assert c[l1.weight] == (80, 40, 40 * 20 / 25) and c[l1.bias] == (80, 40, 40 * 5 / 25)
     assert c[bn.weight] == (80, 30, 5) and c[l2.weight] == (80, 0, 30 * 15 / 18)
-    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), stats))        # running statistics untouched
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers(), stats))  # running statistics untouched
 
 
-class _PosThenTwoLinears(nn.Module):                       # a parameter held by the container, used first
+class _PosThenTwoLinears(nn.Module):  # a parameter held by the container, used first
     def __init__(self):
         super().__init__()
         self.pos = nn.Parameter(torch.zeros(1, 4))
@@ -116,21 +151,21 @@ def test_ascent_costs_place_a_container_parameter_where_its_module_starts():
     model = _PosThenTwoLinears()
     c = ssam.ascent_costs(model, torch.zeros(2, 4))
     # forward: the container 2*3 outputs (1 each), lin1 2*5*4 = 40, lin2 2*3*5 = 30
-    assert c[model.pos] == (76, 70, 6)                                   # below both Linears: their dX is paid
+    assert c[model.pos] == (76, 70, 6)  # below both Linears: their dX is paid
     assert c[model.lin1.weight][1] == 30 and c[model.lin2.weight][1] == 0
 
 
 def test_cost_masks_trade_score_against_cost_near_the_budget():
     ones = [torch.ones(10) for _ in range(3)]
-    costs = [(100, 100, 10), (100, 50, 10), (100, 0, 10)]                  # tensor 0 lowest, tensor 2 on top
+    costs = [(100, 100, 10), (100, 50, 10), (100, 0, 10)]  # tensor 0 lowest, tensor 2 on top
     keep = lambda scores, d=1 / 3: [bool(m.all()) for m in ssam.cost_tensor_masks(scores, d, costs)]
-    assert keep(ones) == [False, False, True]                             # equal scores: the cheap one on top
+    assert keep(ones) == [False, False, True]  # equal scores: the cheap one on top
     assert keep([3 * ones[0], ones[1], ones[2]]) == [True, False, False]  # 30/210 beats 10/110
     assert keep([ones[0], 1.2 * ones[1], ones[2]]) == [False, False, True]  # 12/160 loses to 10/110
     assert keep([ones[0], 1.5 * ones[1], ones[2]]) == [False, True, False]  # 15/160 beats 10/110
     assert keep(ones, 2 / 3) == [False, True, True]
     g = torch.Generator().manual_seed(0)
-    for _ in range(50):                                                    # random shapes, scores, costs, budgets
+    for _ in range(50):  # random shapes, scores, costs, budgets
         n = int(torch.randint(2, 8, (), generator=g))
         scores = [torch.rand(int(torch.randint(1, 50, (), generator=g)), generator=g) for _ in range(n)]
         costs = [(1000, *torch.randint(0, 500, (2,), generator=g).tolist()) for _ in range(n)]
@@ -139,26 +174,40 @@ def test_cost_masks_trade_score_against_cost_near_the_budget():
         assert all(m.all() or not m.any() for m in masks)
         budget, sizes = round(d * sum(s.numel() for s in scores)), [s.numel() for s in scores]
         count = sum(int(m.sum()) for m in masks)
-        room = budget                                  # the fill with every tensor allowed, by hand
+        room = budget  # the fill with every tensor allowed, by hand
         for i in sorted(range(n), key=lambda i: -scores[i].mean().item()):
             room -= sizes[i] if sizes[i] < 2 * room else 0
-        if abs(room) <= budget / 4:                    # a fill near the budget exists: the one chosen is near too
+        if abs(room) <= budget / 4:  # a fill near the budget exists: the one chosen is near too
             assert abs(count - budget) <= budget / 4, (count, budget)
         cut = max((costs[i][1] for i, m in enumerate(masks) if m.all()), default=0)
-        assert all(sizes[i] >= 2 * (budget - count) for i, m in enumerate(masks) if not m.any() and costs[i][1] <= cut)
+        assert all(
+            sizes[i] >= 2 * (budget - count)
+            for i, m in enumerate(masks)
+            if not m.any() and costs[i][1] <= cut
+        )
 
 
 def test_cost_masks_on_resnet18_pick_the_top_of_the_network_when_scores_are_equal():
     model = train.make_model("resnet18", 10, small_images=True)
     costs = ssam.ascent_costs(model, torch.zeros(1, 3, 32, 32))
     params = dict(model.named_parameters())
-    masks = ssam.cost_tensor_masks([torch.ones_like(p) for p in params.values()], 0.1, [costs[p] for p in params.values()])
+    masks = ssam.cost_tensor_masks(
+        [torch.ones_like(p) for p in params.values()], 0.1, [costs[p] for p in params.values()]
+    )
     chosen = [n for n, m in zip(params, masks) if m.all()]
     budget = 0.1 * sum(p.numel() for p in params.values())
-    assert abs(sum(params[n].numel() for n in chosen) - budget) <= budget / 4, chosen     # within 25% of the budget
-    assert all(n.startswith(("layer3", "layer4", "fc")) for n in chosen), chosen    # none of conv1, layer1-2
+    assert abs(sum(params[n].numel() for n in chosen) - budget) <= budget / 4, (
+        chosen
+    )  # within 25% of the budget
+    assert all(n.startswith(("layer3", "layer4", "fc")) for n in chosen), chosen  # none of conv1, layer1-2
     # the paper's ranking (mean score) takes tensors in parameter order on ties: the bottom of the network
-    paper = [n for n, m in zip(params, ssam.select_masks([torch.ones_like(p) for p in params.values()], 0.1, "tensor")) if m.all()]
+    paper = [
+        n
+        for n, m in zip(
+            params, ssam.select_masks([torch.ones_like(p) for p in params.values()], 0.1, "tensor")
+        )
+        if m.all()
+    ]
     assert paper[0] == "conv1.weight"
 
 
@@ -167,12 +216,22 @@ def test_ssam_with_costs_perturbs_what_the_cost_rule_picks(kind):
     model, x, y = convnet(), torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
     costs = ssam.ascent_costs(model, x[:1])
     extra = dict(num_samples=8) if kind == "ssamf" else dict(total_steps=10, seed=0)
-    opt = (ssam.SSAMF if kind == "ssamf" else ssam.SSAMD)(model.parameters(), torch.optim.SGD, rho=0.1, sparsity=0.5,
-                                                          structure="tensor", costs=costs, lr=0.1, **extra)
+    opt = (ssam.SSAMF if kind == "ssamf" else ssam.SSAMD)(
+        model.parameters(),
+        torch.optim.SGD,
+        rho=0.1,
+        sparsity=0.5,
+        structure="tensor",
+        costs=costs,
+        lr=0.1,
+        **extra,
+    )
     if kind == "ssamf":
         opt.update_mask(model, [(x, y)])
         scores = ssam.empirical_fisher(model, [(x, y)], 8)
-        expect = ssam.cost_tensor_masks([scores[p] for p in model.parameters()], 0.5, [costs[p] for p in model.parameters()])
+        expect = ssam.cost_tensor_masks(
+            [scores[p] for p in model.parameters()], 0.5, [costs[p] for p in model.parameters()]
+        )
         assert all(torch.equal(m, e) for m, e in zip(opt.masks(), expect))
     assert 0 < opt.density() <= 0.5
     train.train_step(model, opt, x, y, NO_AMP)
@@ -191,20 +250,22 @@ def test_mask_select_flag():
     with pytest.raises(SystemExit, match="unknown --mask-select 'cheap'"):
         train.resolve_config(train.get_args(argv[:-1] + ["cheap"]))
     with pytest.raises(SystemExit, match="needs --optimizer ssamf or ssamd and --structure tensor"):
-        train.resolve_config(train.get_args(argv[:4] + ["--mask-select", "cost"]))      # element-wise masks
+        train.resolve_config(train.get_args(argv[:4] + ["--mask-select", "cost"]))  # element-wise masks
 
 
 def _ddp_ascent_fraction_worker(rank, world, init_file, result_file):
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
     out = {}
     for sync in (False, True):
-        model = convnet()                                            # same seed-0 weights on both processes
+        model = convnet()  # same seed-0 weights on both processes
         ddp = nn.parallel.DistributedDataParallel(model)
         opt = make_opt("sam", model)
         sizes = []
         model[0].register_forward_hook(lambda m, inp, o: sizes.append(len(inp[0])))
-        g = torch.Generator().manual_seed(100 + rank)               # different data on each process
+        g = torch.Generator().manual_seed(100 + rank)  # different data on each process
         for _ in range(3):
             x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
             train.train_step(ddp, opt, x, y, NO_AMP, sync_ascent=sync, ascent_fraction=0.25)
@@ -214,10 +275,13 @@ def _ddp_ascent_fraction_worker(rank, world, init_file, result_file):
 
 
 def test_ddp_ascent_fraction_keeps_processes_identical(tmp_path):
-    torch.multiprocessing.spawn(_ddp_ascent_fraction_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")),
-                                nprocs=2)
+    torch.multiprocessing.spawn(
+        _ddp_ascent_fraction_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2
+    )
     r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in (0, 1))
     for sync in (False, True):
-        assert r0[sync]["sizes"] == r1[sync]["sizes"] == [2, 8] * 3     # each process: a quarter of its own share
-        assert torch.equal(r0[sync]["params"], r1[sync]["params"])      # the descent gradient is all-reduced
-    assert not torch.equal(r0[False]["params"], r0[True]["params"])     # --sync-ascent changes eps
+        assert (
+            r0[sync]["sizes"] == r1[sync]["sizes"] == [2, 8] * 3
+        )  # each process: a quarter of its own share
+        assert torch.equal(r0[sync]["params"], r1[sync]["params"])  # the descent gradient is all-reduced
+    assert not torch.equal(r0[False]["params"], r0[True]["params"])  # --sync-ascent changes eps

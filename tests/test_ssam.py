@@ -2,6 +2,7 @@
 (Mi et al., NeurIPS 2022, Eq. 2, 5-9, Alg. 1-2), the mask logic, exact restore, resume, errors, helpers.
 
 Everything runs on the CPU with tiny models in a few seconds per test."""
+
 import copy
 import io
 import math
@@ -26,6 +27,7 @@ SSAM_PY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # ----------------------------------------------------------------------------------------------------
 # tiny models, data, one training step
 
+
 def mlp(seed=0, dtype=torch.float32):
     """tanh MLP: no dead units, so gradients (and |g| rankings) have no exact ties."""
     torch.manual_seed(seed)
@@ -36,10 +38,17 @@ def convbn(seed=0, dtype=torch.float32):
     """Tiny convnet with BatchNorm2d on 5x5 features (batch-1 train-mode BN works)."""
     torch.manual_seed(seed)
     net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.Tanh(),
-        nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.Tanh(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
-    with torch.no_grad():                     # non-trivial BN affine params and running stats
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.Tanh(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.Tanh(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+    with torch.no_grad():  # non-trivial BN affine params and running stats
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.uniform_(0.5, 1.5)
@@ -53,9 +62,15 @@ def nm_net(seed=0):
     """Conv (out 8: 2:4-eligible), BN (1-D), conv (out 6: ineligible), Linear(6, 4) (eligible)."""
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Tanh(),
-        nn.Conv2d(8, 6, 3, padding=1), nn.Tanh(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 4))
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.Tanh(),
+        nn.Conv2d(8, 6, 3, padding=1),
+        nn.Tanh(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 4),
+    )
 
 
 def img_batch(seed, n=8, dtype=torch.float32, classes=4):
@@ -88,7 +103,9 @@ def assert_bitwise(a, b):
     assert len(a) == len(b)
     for i, (u, v) in enumerate(zip(a, b)):
         assert u.dtype == v.dtype and u.shape == v.shape, i
-        assert torch.equal(u, v), f"tensor {i} differs, max |diff| {(u.double() - v.double()).abs().max().item()}"
+        assert torch.equal(u, v), (
+            f"tensor {i} differs, max |diff| {(u.double() - v.double()).abs().max().item()}"
+        )
 
 
 def flat(ts):
@@ -97,6 +114,7 @@ def flat(ts):
 
 # ----------------------------------------------------------------------------------------------------
 # 1. equivalence with an independent re-implementation of Eq. 2 + masks + SGD(momentum, weight decay)
+
 
 class RefSGD:
     """torch.optim.SGD(momentum, weight_decay, dampening=0, nesterov=False), written out."""
@@ -123,7 +141,7 @@ def ref_sam_step(model, sgd, x, y, rho, masks=None, adaptive=False):
             norm = math.sqrt(sum(float(((p * gi) ** 2).sum()) for p, gi in zip(params, g)))
             eps = [rho * p * p * gi / (norm + 1e-12) for p, gi in zip(params, g)]
         else:
-            norm = math.sqrt(sum(float((gi ** 2).sum()) for gi in g))
+            norm = math.sqrt(sum(float((gi**2).sum()) for gi in g))
             eps = [rho * gi / (norm + 1e-12) for gi in g]
         if masks is not None:
             eps = [e * m.to(e.dtype) for e, m in zip(eps, masks)]
@@ -148,13 +166,22 @@ def make_opt(kind, params, **kw):
     if kind == "ssamf":
         return ssam.SSAMF(params, torch.optim.SGD, sparsity=0.6, num_samples=12, update_interval=2, **base)
     if kind == "ssamd":
-        return ssam.SSAMD(params, torch.optim.SGD, sparsity=0.6, update_interval=2, total_steps=10, drop_rate=0.5,
-                          seed=3, **base)
+        return ssam.SSAMD(
+            params,
+            torch.optim.SGD,
+            sparsity=0.6,
+            update_interval=2,
+            total_steps=10,
+            drop_rate=0.5,
+            seed=3,
+            **base,
+        )
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind,adaptive", [("sam", False), ("sam", True), ("ssamf", False), ("ssamd", False),
-                                           ("ssamd", True)])
+@pytest.mark.parametrize(
+    "kind,adaptive", [("sam", False), ("sam", True), ("ssamf", False), ("ssamd", False), ("ssamd", True)]
+)
 def test_matches_reference_implementation(kind, adaptive):
     model = convbn(0)
     ref = copy.deepcopy(model)
@@ -181,12 +208,12 @@ def test_matches_reference_implementation(kind, adaptive):
     assert opt.steps == 5
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-6)
-    for b, c in zip(model.buffers(), ref.buffers()):     # running stats follow the first pass only
+    for b, c in zip(model.buffers(), ref.buffers()):  # running stats follow the first pass only
         torch.testing.assert_close(b, c, rtol=0, atol=1e-6)
     moved = max((p - q).abs().max().item() for p, q in zip(model.parameters(), convbn(0).parameters()))
-    assert moved > 1e-2                                       # the run did something
+    assert moved > 1e-2  # the run did something
     if kind == "ssamd":
-        assert any(not torch.equal(used[0], u) for u in used[1:])   # drop-and-grow happened within the run
+        assert any(not torch.equal(used[0], u) for u in used[1:])  # drop-and-grow happened within the run
 
 
 def test_per_group_rho_and_unused_parameter_match_reference():
@@ -194,8 +221,10 @@ def test_per_group_rho_and_unused_parameter_match_reference():
     model = mlp(0)
     unused = nn.Parameter(torch.randn(3))
     ref = copy.deepcopy(model)
-    groups = [{"params": list(model[0].parameters()) + [unused], "rho": 0.5},
-              {"params": list(model[2].parameters()) + list(model[4].parameters())}]
+    groups = [
+        {"params": list(model[0].parameters()) + [unused], "rho": 0.5},
+        {"params": list(model[2].parameters()) + list(model[4].parameters())},
+    ]
     opt = ssam.SAM(groups, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, weight_decay=1e-3)
     u0 = unused.detach().clone()
     rp = list(ref.parameters())
@@ -208,7 +237,7 @@ def test_per_group_rho_and_unused_parameter_match_reference():
         opt.second_step(zero_grad=True)
         # reference with rho 0.5 on the first layer, 0.1 elsewhere
         g = torch.autograd.grad(loss_of(ref, x, y), rp)
-        norm = math.sqrt(sum(float((gi ** 2).sum()) for gi in g))
+        norm = math.sqrt(sum(float((gi**2).sum()) for gi in g))
         rhos = [0.5, 0.5, 0.1, 0.1, 0.1, 0.1]
         with torch.no_grad():
             w = [p.clone() for p in rp]
@@ -227,6 +256,7 @@ def test_per_group_rho_and_unused_parameter_match_reference():
 # ----------------------------------------------------------------------------------------------------
 # 2. sparsity 0 is SAM, sparsity 1 is the base optimizer, bit for bit
 
+
 def _run(model, opt, steps, kind=None, fisher_data=None):
     for t in range(steps):
         x, y = img_batch(t)
@@ -243,9 +273,13 @@ def test_sparsity_zero_is_sam_exactly(kind):
     _run(a, ssam.SAM(a.parameters(), torch.optim.SGD, **kw), 3)
     b = convbn(0)
     if kind == "ssamf":
-        opt = ssam.SSAMF(b.parameters(), torch.optim.SGD, sparsity=0.0, num_samples=12, update_interval=1, **kw)
+        opt = ssam.SSAMF(
+            b.parameters(), torch.optim.SGD, sparsity=0.0, num_samples=12, update_interval=1, **kw
+        )
     else:
-        opt = ssam.SSAMD(b.parameters(), torch.optim.SGD, sparsity=0.0, update_interval=1, total_steps=3, seed=0, **kw)
+        opt = ssam.SSAMD(
+            b.parameters(), torch.optim.SGD, sparsity=0.0, update_interval=1, total_steps=3, seed=0, **kw
+        )
     _run(b, opt, 3, kind, fisher_data)
     assert all(bool(m.all()) for m in opt.masks())
     assert_bitwise(snapshot(a), snapshot(b))
@@ -264,10 +298,20 @@ def test_sparsity_one_is_plain_sgd_exactly(kind):
         sgd.zero_grad()
     b = convbn(0)
     if kind == "ssamf":
-        opt = ssam.SSAMF(b.parameters(), torch.optim.SGD, rho=0.3, sparsity=1.0, num_samples=12, update_interval=1, **kw)
+        opt = ssam.SSAMF(
+            b.parameters(), torch.optim.SGD, rho=0.3, sparsity=1.0, num_samples=12, update_interval=1, **kw
+        )
     else:
-        opt = ssam.SSAMD(b.parameters(), torch.optim.SGD, rho=0.3, sparsity=1.0, update_interval=1, total_steps=3,
-                         seed=0, **kw)
+        opt = ssam.SSAMD(
+            b.parameters(),
+            torch.optim.SGD,
+            rho=0.3,
+            sparsity=1.0,
+            update_interval=1,
+            total_steps=3,
+            seed=0,
+            **kw,
+        )
     _run(b, opt, 3, kind, fisher_data)
     assert not any(bool(m.any()) for m in opt.masks())
     assert_bitwise(snapshot(a), snapshot(b))
@@ -275,6 +319,7 @@ def test_sparsity_one_is_plain_sgd_exactly(kind):
 
 # ----------------------------------------------------------------------------------------------------
 # 3. exact restore
+
 
 @pytest.mark.parametrize("kind", ["sam", "ssamd"])
 def test_restore_is_bit_exact(kind):
@@ -286,17 +331,19 @@ def test_restore_is_bit_exact(kind):
     opt.first_step(zero_grad=False)
     eps = [p.grad.clone() for p in model.parameters()]
     perturbed = [p.detach().clone() for p in model.parameters()]
-    masks = opt.masks() if kind == "ssamd" else [torch.ones_like(p, dtype=torch.bool) for p in model.parameters()]
+    masks = (
+        opt.masks() if kind == "ssamd" else [torch.ones_like(p, dtype=torch.bool) for p in model.parameters()]
+    )
     changed = 0
     for p, w0, m in zip(perturbed, w, masks):
-        assert torch.equal(p[~m], w0[~m])                      # unperturbed entries untouched
+        assert torch.equal(p[~m], w0[~m])  # unperturbed entries untouched
         changed += int((p != w0)[m].sum())
-    assert changed > 0.9 * int(flat(masks).sum())             # perturbed entries moved
+    assert changed > 0.9 * int(flat(masks).sum())  # perturbed entries moved
     # the test can tell an exact restore from (w + eps) - eps
     assert any(not torch.equal(p - e, w0) for p, e, w0 in zip(perturbed, eps, w))
     opt.restore()
     assert_bitwise([p.detach() for p in model.parameters()], w)
-    opt.restore()                                             # no-op when not perturbed
+    opt.restore()  # no-op when not perturbed
     assert_bitwise([p.detach() for p in model.parameters()], w)
 
     # second_step restores too: with lr=0 and no momentum / weight decay, w comes back exactly
@@ -308,6 +355,7 @@ def test_restore_is_bit_exact(kind):
 # ----------------------------------------------------------------------------------------------------
 # 4. empirical Fisher (Eq. 5) and the SSAM-F mask (Eq. 6)
 
+
 def loop_fisher(model, data, num_samples, loss_fn=F.cross_entropy):
     """The authors' loop: batch-1 forward/backward on a copy, sum of grad**2."""
     net = copy.deepcopy(model)
@@ -318,9 +366,9 @@ def loop_fisher(model, data, num_samples, loss_fn=F.cross_entropy):
         for i in range(len(x)):
             if seen == num_samples:
                 break
-            g = torch.autograd.grad(loss_fn(net(x[i:i + 1]), y[i:i + 1]), ps)
+            g = torch.autograd.grad(loss_fn(net(x[i : i + 1]), y[i : i + 1]), ps)
             for a, gi in zip(acc, g):
-                a += gi ** 2
+                a += gi**2
             seen += 1
     assert seen == num_samples
     return acc
@@ -329,13 +377,15 @@ def loop_fisher(model, data, num_samples, loss_fn=F.cross_entropy):
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_empirical_fisher_matches_batch1_loop_and_touches_nothing(mode):
     model = convbn(0, torch.float64).train(mode == "train")
-    data = [img_batch(s, 5, torch.float64) for s in (10, 11, 12)]            # 12 samples span 3 batches
-    loss_fn = F.cross_entropy if mode == "train" else (lambda out, y: 3 * F.nll_loss(F.log_softmax(out, -1), y))
+    data = [img_batch(s, 5, torch.float64) for s in (10, 11, 12)]  # 12 samples span 3 batches
+    loss_fn = (
+        F.cross_entropy if mode == "train" else (lambda out, y: 3 * F.nll_loss(F.log_softmax(out, -1), y))
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.grad = torch.randn_like(p)
     grads = [p.grad.clone() for p in model.parameters()]
-    state = snapshot(model)                                   # params + running_mean/var + num_batches_tracked
+    state = snapshot(model)  # params + running_mean/var + num_batches_tracked
 
     fisher = ssam.empirical_fisher(model, data, 12, loss_fn=loss_fn)
     expected = loop_fisher(model, data, 12, loss_fn)
@@ -353,7 +403,7 @@ def test_empirical_fisher_matches_batch1_loop_and_touches_nothing(mode):
 def test_empirical_fisher_stops_inside_a_batch():
     model = mlp(0, torch.float64)
     x, y = vec_batch(0, 40, torch.float64)
-    fisher = ssam.empirical_fisher(model, [(x, y)], 37)                         # 37 of the batch's 40
+    fisher = ssam.empirical_fisher(model, [(x, y)], 37)  # 37 of the batch's 40
     for p, e in zip(model.parameters(), loop_fisher(model, [(x, y)], 37)):
         torch.testing.assert_close(fisher[p], e, rtol=1e-9, atol=1e-15)
 
@@ -365,10 +415,12 @@ def test_empirical_fisher_of_softmax_regression_has_a_closed_form():
     model = nn.Linear(5, 3).double()
     x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
     with torch.no_grad():
-        r = torch.softmax(model(x), -1) - F.one_hot(y, 3).double()           # [8, 3]: p_i - e_yi
+        r = torch.softmax(model(x), -1) - F.one_hot(y, 3).double()  # [8, 3]: p_i - e_yi
     fisher = ssam.empirical_fisher(model, [(x[:3], y[:3]), (x[3:], y[3:])], 8)
-    torch.testing.assert_close(fisher[model.weight], torch.einsum("io,ij->oj", r ** 2, x ** 2), rtol=1e-12, atol=0)
-    torch.testing.assert_close(fisher[model.bias], (r ** 2).sum(0), rtol=1e-12, atol=0)
+    torch.testing.assert_close(
+        fisher[model.weight], torch.einsum("io,ij->oj", r**2, x**2), rtol=1e-12, atol=0
+    )
+    torch.testing.assert_close(fisher[model.bias], (r**2).sum(0), rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("frozen", ["bn_eval_in_train_model", "bn_train_in_eval_model"])
@@ -398,32 +450,66 @@ class _ToSeq(nn.Module):
 def fisher_arch(name):
     torch.manual_seed(0)
     if name == "conv_stride_dilation_groupnorm":
-        return nn.Sequential(nn.Conv2d(3, 6, 3, stride=2, padding=1), nn.ReLU(inplace=True),
-                             nn.Conv2d(6, 4, 2, dilation=2, padding=1), nn.GroupNorm(2, 4), nn.Tanh(), nn.Flatten(),
-                             nn.Linear(36, 4))
-    if name == "sequence_linear_layernorm":                  # Linear on [b, seq, features]
-        return nn.Sequential(_ToSeq(), nn.Linear(15, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 4), nn.Flatten(),
-                             nn.Linear(20, 4))
+        return nn.Sequential(
+            nn.Conv2d(3, 6, 3, stride=2, padding=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(6, 4, 2, dilation=2, padding=1),
+            nn.GroupNorm(2, 4),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(36, 4),
+        )
+    if name == "sequence_linear_layernorm":  # Linear on [b, seq, features]
+        return nn.Sequential(
+            _ToSeq(),
+            nn.Linear(15, 8),
+            nn.LayerNorm(8),
+            nn.Tanh(),
+            nn.Linear(8, 4),
+            nn.Flatten(),
+            nn.Linear(20, 4),
+        )
     if name == "grouped_conv_batchnorm":
-        return nn.Sequential(nn.Conv2d(3, 6, 3, groups=3), nn.BatchNorm2d(6), nn.Tanh(), nn.AdaptiveAvgPool2d(1),
-                             nn.Flatten(), nn.Linear(6, 4))
-    if name == "linear_called_twice":                         # one module applied twice in forward (tied weights)
+        return nn.Sequential(
+            nn.Conv2d(3, 6, 3, groups=3),
+            nn.BatchNorm2d(6),
+            nn.Tanh(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(6, 4),
+        )
+    if name == "linear_called_twice":  # one module applied twice in forward (tied weights)
         shared = nn.Linear(6, 6)
-        return nn.Sequential(nn.Flatten(), nn.Linear(75, 6), nn.Tanh(), shared, nn.Tanh(), shared, nn.Tanh(),
-                             nn.Linear(6, 4))
+        return nn.Sequential(
+            nn.Flatten(), nn.Linear(75, 6), nn.Tanh(), shared, nn.Tanh(), shared, nn.Tanh(), nn.Linear(6, 4)
+        )
     if name == "batchnorm_without_running_stats":
-        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.Tanh(),
-                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 4))
+        return nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.BatchNorm2d(4, track_running_stats=False),
+            nn.Tanh(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, 4),
+        )
     raise AssertionError(name)
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
-@pytest.mark.parametrize("name", ["conv_stride_dilation_groupnorm", "sequence_linear_layernorm", "grouped_conv_batchnorm",
-                                  "linear_called_twice", "batchnorm_without_running_stats"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "conv_stride_dilation_groupnorm",
+        "sequence_linear_layernorm",
+        "grouped_conv_batchnorm",
+        "linear_called_twice",
+        "batchnorm_without_running_stats",
+    ],
+)
 def test_empirical_fisher_matches_batch1_loop_on_more_architectures(name, mode):
     model = fisher_arch(name).double()
     with torch.no_grad():
-        model(img_batch(99, 4, torch.float64)[0])            # BN running stats away from 0 / 1
+        model(img_batch(99, 4, torch.float64)[0])  # BN running stats away from 0 / 1
     model.train(mode == "train")
     data = [img_batch(s, 5, torch.float64) for s in (40, 41)]
     state = snapshot(model)
@@ -466,13 +552,21 @@ def test_ssamf_mask_is_global_topk_of_fisher(s):
 # ----------------------------------------------------------------------------------------------------
 # 5. SSAM-D drop and grow (Eq. 7-9)
 
+
 def test_drop_count_follows_eq9():
     model = mlp(0)
     d = sum(p.numel() for p in model.parameters())
     for s, alpha, T in [(0.5, 0.5, 30), (0.8, 0.3, 7), (0.1, 1.0, 100)]:
-        opt = ssam.SSAMD(model.parameters(), torch.optim.SGD, sparsity=s, drop_rate=alpha, total_steps=T, seed=0, lr=0.1)
+        opt = ssam.SSAMD(
+            model.parameters(), torch.optim.SGD, sparsity=s, drop_rate=alpha, total_steps=T, seed=0, lr=0.1
+        )
         for t in list(range(T + 1)) + [T // 3, 2 * T]:
-            assert opt.drop_count(t) == int(alpha / 2 * (1 + math.cos(math.pi * t / T)) * (1 - s) * d), (s, alpha, T, t)
+            assert opt.drop_count(t) == int(alpha / 2 * (1 + math.cos(math.pi * t / T)) * (1 - s) * d), (
+                s,
+                alpha,
+                T,
+                t,
+            )
         assert opt.drop_count(0) == int(alpha * (1 - s) * d)
         assert opt.drop_count(T) == 0
 
@@ -482,8 +576,18 @@ def test_ssamd_drops_smallest_gradients_and_keeps_density():
     params = list(model.parameters())
     d = sum(p.numel() for p in params)
     s, T = 0.5, 30
-    opt = ssam.SSAMD(params, torch.optim.SGD, rho=0.1, sparsity=s, drop_rate=0.5, update_interval=1, total_steps=T,
-                     seed=7, lr=0.05, momentum=0.9)
+    opt = ssam.SSAMD(
+        params,
+        torch.optim.SGD,
+        rho=0.1,
+        sparsity=s,
+        drop_rate=0.5,
+        update_interval=1,
+        total_steps=T,
+        seed=7,
+        lr=0.05,
+        momentum=0.9,
+    )
     k = round((1 - s) * d)
     assert int(flat(opt.masks()).sum()) == k
     total_removed = 0
@@ -495,27 +599,29 @@ def test_ssamd_drops_smallest_gradients_and_keeps_density():
         steps_before = opt.steps
         opt.first_step(zero_grad=True)
         new = flat(opt.masks())
-        assert int(new.sum()) == k                            # exact count at every step
+        assert int(new.sum()) == k  # exact count at every step
         if t == 0:
-            assert torch.equal(old, new)                      # the initial mask is used at step 0
+            assert torch.equal(old, new)  # the initial mask is used at step 0
         else:
-            assert opt.last_mask_update == steps_before       # update_interval=1: a round every step
+            assert opt.last_mask_update == steps_before  # update_interval=1: a round every step
             n_drop = opt.drop_count(steps_before)
             assert n_drop == int(0.5 / 2 * (1 + math.cos(math.pi * steps_before / T)) * (1 - s) * d)
             score = torch.where(old, g.abs(), torch.tensor(math.inf))
             dropped = torch.zeros(d, dtype=torch.bool)
-            dropped[torch.argsort(score)[:n_drop]] = True     # Eq. 7: n_drop smallest |g| among perturbed
+            dropped[torch.argsort(score)[:n_drop]] = True  # Eq. 7: n_drop smallest |g| among perturbed
             assert not (dropped & ~old).any()
             kept = old & ~dropped
             removed = old & ~new
-            assert not (removed & ~dropped).any(), "removed an entry that is not among the n_drop smallest |g|"
+            assert not (removed & ~dropped).any(), (
+                "removed an entry that is not among the n_drop smallest |g|"
+            )
             assert not (kept & ~new).any(), "lost an entry that should have been kept"
             assert int(removed.sum()) <= n_drop
             assert int((new & ~old).sum()) == int(removed.sum())
             total_removed += int(removed.sum())
         loss_of(model, x, y).backward()
         opt.second_step(zero_grad=True)
-    assert total_removed > 0.3 * sum(opt.drop_count(t) for t in range(1, T))   # masks really move
+    assert total_removed > 0.3 * sum(opt.drop_count(t) for t in range(1, T))  # masks really move
     assert opt.density() == k / d
 
 
@@ -526,11 +632,15 @@ def test_ssamd_growth_is_random_and_seeded():
     x, y = vec_batch(0)
     loss_of(model, x, y).backward()
     grads = [p.grad.clone() for p in params]
-    start = [m.clone() for m in ssam.SSAMD(params, torch.optim.SGD, sparsity=0.5, total_steps=10, seed=0,
-                                           lr=0.1).masks()]
+    start = [
+        m.clone()
+        for m in ssam.SSAMD(params, torch.optim.SGD, sparsity=0.5, total_steps=10, seed=0, lr=0.1).masks()
+    ]
 
     def one_round(seed):
-        opt = ssam.SSAMD(params, torch.optim.SGD, sparsity=0.5, drop_rate=0.5, total_steps=10, seed=seed, lr=0.1)
+        opt = ssam.SSAMD(
+            params, torch.optim.SGD, sparsity=0.5, drop_rate=0.5, total_steps=10, seed=seed, lr=0.1
+        )
         for p, m in zip(params, start):
             opt.state[p]["mask"] = m.clone()
         opt.update_mask(grads)
@@ -542,19 +652,20 @@ def test_ssamd_growth_is_random_and_seeded():
         new, n_drop = one_round(seed)
         assert int(new.sum()) == int(old.sum()) and n_drop > 0
         picks.append(new)
-    assert torch.equal(one_round(5)[0], picks[5])             # same seed, same growth
+    assert torch.equal(one_round(5)[0], picks[5])  # same seed, same growth
     picks = torch.stack(picks)
-    always = picks.all(0)                                     # the kept entries (same grads, same old mask)
+    always = picks.all(0)  # the kept entries (same grads, same old mask)
     assert int(always.sum()) == int(old.sum()) - n_drop
     candidates = ~always
     freq = picks[:, candidates].float().mean(0)
-    assert len({tuple(p.nonzero().flatten().tolist()) for p in picks}) == 30     # every seed grows differently
-    assert float((freq > 0).float().mean()) > 0.95            # growth reaches (almost) every candidate
-    assert float(freq.max()) < 0.9                            # and favours none
+    assert len({tuple(p.nonzero().flatten().tolist()) for p in picks}) == 30  # every seed grows differently
+    assert float((freq > 0).float().mean()) > 0.95  # growth reaches (almost) every candidate
+    assert float(freq.max()) < 0.9  # and favours none
 
 
 # ----------------------------------------------------------------------------------------------------
 # 6. N:M masks and the sparse backward
+
 
 def check_24(params, masks):
     pooled_on = pooled_n = 0
@@ -563,7 +674,7 @@ def check_24(params, masks):
         assert m.dtype == torch.bool and m.shape == p.shape
         if p.dim() >= 2 and p.shape[0] % 4 == 0:
             eligible += 1
-            rows = m.reshape(p.shape[0], -1)                  # [out, in*k*k]; a group: 4 consecutive outputs
+            rows = m.reshape(p.shape[0], -1)  # [out, in*k*k]; a group: 4 consecutive outputs
             assert (rows.reshape(p.shape[0] // 4, 4, -1).sum(1) == 2).all()
         else:
             pooled_on += int(m.sum())
@@ -573,22 +684,22 @@ def check_24(params, masks):
 
 
 def test_nm_mask_on_hand_made_tensors():
-    score = torch.tensor([[9., 0., 5.],
-                          [1., 8., 6.],
-                          [7., 2., 4.],
-                          [3., 7., 8.],
-                          [0., 1., 2.],
-                          [5., 9., 3.],
-                          [6., 3., 1.],
-                          [2., 4., 0.]])
-    expected = torch.tensor([[1, 0, 0],
-                             [0, 1, 1],
-                             [1, 0, 0],
-                             [0, 1, 1],
-                             [0, 0, 1],
-                             [1, 1, 1],
-                             [1, 0, 0],
-                             [0, 1, 0]], dtype=torch.bool)
+    score = torch.tensor(
+        [
+            [9.0, 0.0, 5.0],
+            [1.0, 8.0, 6.0],
+            [7.0, 2.0, 4.0],
+            [3.0, 7.0, 8.0],
+            [0.0, 1.0, 2.0],
+            [5.0, 9.0, 3.0],
+            [6.0, 3.0, 1.0],
+            [2.0, 4.0, 0.0],
+        ]
+    )
+    expected = torch.tensor(
+        [[1, 0, 0], [0, 1, 1], [1, 0, 0], [0, 1, 1], [0, 0, 1], [1, 1, 1], [1, 0, 0], [0, 1, 0]],
+        dtype=torch.bool,
+    )
     assert torch.equal(ssam.nm_mask(score, 2, 4), expected)
     # 4-D conv weight [out, in, kh, kw]: groups of 4 consecutive outputs at every (in, kh, kw)
     g = torch.Generator().manual_seed(0)
@@ -599,22 +710,26 @@ def test_nm_mask_on_hand_made_tensors():
         for a in range(3):
             for b in range(3):
                 for grp in range(2):
-                    col = score[grp * 4:(grp + 1) * 4, i, a, b]
+                    col = score[grp * 4 : (grp + 1) * 4, i, a, b]
                     want = torch.zeros(4, dtype=torch.bool)
                     want[sorted(range(4), key=lambda j: -float(col[j]))[:2]] = True
-                    assert torch.equal(got[grp * 4:(grp + 1) * 4, i, a, b], want)
-    assert torch.equal(ssam.nm_mask(score, 1, 4).reshape(2, 4, -1).sum(1), torch.ones(2, 18, dtype=torch.long))
+                    assert torch.equal(got[grp * 4 : (grp + 1) * 4, i, a, b], want)
+    assert torch.equal(
+        ssam.nm_mask(score, 1, 4).reshape(2, 4, -1).sum(1), torch.ones(2, 18, dtype=torch.long)
+    )
 
 
 def test_ssamf_24_masks():
     model = nm_net(0).double()
     data = [img_batch(30, 8, torch.float64)]
-    opt = ssam.SSAMF(model.parameters(), torch.optim.SGD, sparsity=0.5, structure="2:4", num_samples=8, lr=0.1)
+    opt = ssam.SSAMF(
+        model.parameters(), torch.optim.SGD, sparsity=0.5, structure="2:4", num_samples=8, lr=0.1
+    )
     opt.update_mask(model, data)
     params = list(model.parameters())
     check_24(params, opt.masks())
     fisher = ssam.empirical_fisher(model, data, 8)
-    for p, m in zip(params, opt.masks()):                     # in each group, the 2 kept have the highest Fisher
+    for p, m in zip(params, opt.masks()):  # in each group, the 2 kept have the highest Fisher
         if p.dim() >= 2 and p.shape[0] % 4 == 0:
             f = fisher[p].reshape(p.shape[0] // 4, 4, -1)
             mm = m.reshape(p.shape[0] // 4, 4, -1)
@@ -624,7 +739,7 @@ def test_ssamf_24_masks():
     pooled = [p for p in params if not (p.dim() >= 2 and p.shape[0] % 4 == 0)]
     fp = flat([fisher[p] for p in pooled])
     mp = flat([opt.state[p]["mask"] for p in pooled])
-    assert fp[mp].min() >= fp[~mp].max()                      # global top-k among the ineligible
+    assert fp[mp].min() >= fp[~mp].max()  # global top-k among the ineligible
     sam_step(model, opt, *img_batch(0, dtype=torch.float64))
     check_24(params, opt.masks())
 
@@ -632,8 +747,18 @@ def test_ssamf_24_masks():
 def test_ssamd_24_masks_initially_and_after_updates():
     model = nm_net(0)
     params = list(model.parameters())
-    opt = ssam.SSAMD(params, torch.optim.SGD, sparsity=0.5, structure="2:4", update_interval=1, total_steps=20,
-                     drop_rate=0.8, seed=1, lr=0.05, momentum=0.9)
+    opt = ssam.SSAMD(
+        params,
+        torch.optim.SGD,
+        sparsity=0.5,
+        structure="2:4",
+        update_interval=1,
+        total_steps=20,
+        drop_rate=0.8,
+        seed=1,
+        lr=0.05,
+        momentum=0.9,
+    )
     check_24(params, opt.masks())
     first = flat(opt.masks()).clone()
     for t in range(6):
@@ -646,7 +771,10 @@ def test_ssamd_24_masks_initially_and_after_updates():
 def test_sparse_input_grad_is_masked_matmul():
     """dX[b, i] = sum over the kept outputs o of dY[b, o] W[o, i], written as loops over the mask's True entries."""
     g = torch.Generator().manual_seed(0)
-    gy, w = torch.randn(5, 8, generator=g, dtype=torch.float64), torch.randn(8, 12, generator=g, dtype=torch.float64)
+    gy, w = (
+        torch.randn(5, 8, generator=g, dtype=torch.float64),
+        torch.randn(8, 12, generator=g, dtype=torch.float64),
+    )
     mask = ssam.nm_mask(torch.rand(8, 12, generator=g), 2, 4)
     expected = torch.zeros(5, 12, dtype=torch.float64)
     for o, i in mask.nonzero().tolist():
@@ -658,14 +786,17 @@ def test_sparse_input_grad_is_masked_matmul():
 
 def test_sparse_ascent_masks_input_grads_of_linear_layers_only_inside():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4), nn.Linear(4, 6))   # last: out 6, not 2:4
-    opt = ssam.SSAMD(model.parameters(), torch.optim.SGD, sparsity=0.5, structure="2:4", total_steps=10, seed=0,
-                     lr=0.1)
+    model = nn.Sequential(
+        nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4), nn.Linear(4, 6)
+    )  # last: out 6, not 2:4
+    opt = ssam.SSAMD(
+        model.parameters(), torch.optim.SGD, sparsity=0.5, structure="2:4", total_steps=10, seed=0, lr=0.1
+    )
     l1, l2, l3 = model[0], model[2], model[3]
     m1, m2 = opt.state[l1.weight]["mask"], opt.state[l2.weight]["mask"]
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 5, 6, generator=g)                     # 3-D input: the reshape path
-    c = torch.randn(3, 5, 6, generator=g)                     # dLoss/dOutput
+    x = torch.randn(3, 5, 6, generator=g)  # 3-D input: the reshape path
+    c = torch.randn(3, 5, 6, generator=g)  # dLoss/dOutput
 
     def forward_backward():
         xx = x.clone().requires_grad_(True)
@@ -685,9 +816,9 @@ def test_sparse_ascent_masks_input_grads_of_linear_layers_only_inside():
         h2 = a1 @ l2.weight.T + l2.bias
         h3 = h2 @ l3.weight.T + l3.bias
         d3 = c
-        d2 = d3 @ l3.weight                                   # dense: layer 3 is not patched
+        d2 = d3 @ l3.weight  # dense: layer 3 is not patched
         da1 = d2 @ (l2.weight * m2)
-        dh1 = da1 * (1 - a1 ** 2)
+        dh1 = da1 * (1 - a1**2)
         dx = dh1 @ (l1.weight * m1)
         fl = lambda t: t.reshape(-1, t.shape[-1])
     torch.testing.assert_close(out, h3, rtol=1e-6, atol=1e-6)
@@ -702,13 +833,19 @@ def test_sparse_ascent_masks_input_grads_of_linear_layers_only_inside():
     assert all("forward" not in vars(m) for m in model.modules())
     out, gx = forward_backward()
     with torch.no_grad():
-        dense_dx = (((c @ l3.weight) @ l2.weight) * (1 - a1 ** 2)) @ l1.weight
-    torch.testing.assert_close(out, F.linear(F.linear(torch.tanh(F.linear(x, l1.weight, l1.bias)), l2.weight,
-                                                       l2.bias), l3.weight, l3.bias), rtol=1e-6, atol=1e-6)
+        dense_dx = (((c @ l3.weight) @ l2.weight) * (1 - a1**2)) @ l1.weight
+    torch.testing.assert_close(
+        out,
+        F.linear(
+            F.linear(torch.tanh(F.linear(x, l1.weight, l1.bias)), l2.weight, l2.bias), l3.weight, l3.bias
+        ),
+        rtol=1e-6,
+        atol=1e-6,
+    )
     torch.testing.assert_close(gx, dense_dx, rtol=1e-5, atol=1e-6)
-    assert not torch.allclose(gx, dx, atol=1e-4)             # the masked and dense input grads differ
+    assert not torch.allclose(gx, dx, atol=1e-4)  # the masked and dense input grads differ
 
-    with pytest.raises(RuntimeError, match="boom"):           # restored on an exception too
+    with pytest.raises(RuntimeError, match="boom"):  # restored on an exception too
         with ssam.sparse_ascent(model, opt):
             raise RuntimeError("boom")
     assert all("forward" not in vars(m) for m in model.modules())
@@ -720,16 +857,27 @@ def test_sparse_ascent_masks_input_grads_of_linear_layers_only_inside():
 # ----------------------------------------------------------------------------------------------------
 # 7. state_dict round trip: a resumed run equals a run straight through, bit for bit
 
+
 def build(kind, seed):
     model = convbn(seed)
     kw = dict(rho=0.2, lr=0.05, momentum=0.9, weight_decay=1e-3)
     if kind == "sam":
         opt = ssam.SAM(model.parameters(), torch.optim.SGD, **kw)
     elif kind == "ssamf":
-        opt = ssam.SSAMF(model.parameters(), torch.optim.SGD, sparsity=0.7, num_samples=8, update_interval=2, **kw)
+        opt = ssam.SSAMF(
+            model.parameters(), torch.optim.SGD, sparsity=0.7, num_samples=8, update_interval=2, **kw
+        )
     else:
-        opt = ssam.SSAMD(model.parameters(), torch.optim.SGD, sparsity=0.7, update_interval=1, total_steps=12,
-                         drop_rate=0.6, seed=seed + 100, **kw)
+        opt = ssam.SSAMD(
+            model.parameters(),
+            torch.optim.SGD,
+            sparsity=0.7,
+            update_interval=1,
+            total_steps=12,
+            drop_rate=0.6,
+            seed=seed + 100,
+            **kw,
+        )
     return model, opt
 
 
@@ -753,17 +901,19 @@ def test_resume_equals_straight_run(kind):
     torch.save({"model": b.state_dict(), "opt": ob.state_dict()}, buf)
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=False)
-    c, oc = build(kind, 1)                                    # different init, different mask seed
+    c, oc = build(kind, 1)  # different init, different mask seed
     c.load_state_dict(ckpt["model"])
     oc.load_state_dict(ckpt["opt"])
     assert oc.param_groups is oc.base_optimizer.param_groups
     assert oc.steps == k
     train(kind, c, oc, k, N)
 
-    assert_bitwise(snapshot(a), snapshot(c))                  # parameters and BN buffers
+    assert_bitwise(snapshot(a), snapshot(c))  # parameters and BN buffers
     assert oa.steps == oc.steps == N
     for p, q in zip(a.parameters(), c.parameters()):
-        assert torch.equal(oa.base_optimizer.state[p]["momentum_buffer"], oc.base_optimizer.state[q]["momentum_buffer"])
+        assert torch.equal(
+            oa.base_optimizer.state[p]["momentum_buffer"], oc.base_optimizer.state[q]["momentum_buffer"]
+        )
     if kind != "sam":
         assert oa.last_mask_update == oc.last_mask_update
         for ma, mc in zip(oa.masks(), oc.masks()):
@@ -800,7 +950,7 @@ def test_lr_scheduler_drives_the_base_optimizer():
     model = mlp(0)
     opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.2)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")                       # "scheduler.step() before optimizer.step()"
+        warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()"
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)
         sched.step()
     lr = 0.2 * (1 + math.cos(math.pi / 4)) / 2
@@ -822,6 +972,7 @@ def test_lr_scheduler_drives_the_base_optimizer():
 # ----------------------------------------------------------------------------------------------------
 # 8. bad input -> ValueError naming the bad value
 
+
 def v(name, value):
     return re.escape(name) + ".*" + re.escape(repr(value))
 
@@ -836,7 +987,10 @@ def test_constructor_errors_name_the_bad_value():
         (lambda: ssam.SSAMF(ps(), SGD, sparsity=1.5, lr=0.1), v("sparsity", 1.5)),
         (lambda: ssam.SSAMD(ps(), SGD, sparsity=-0.2, total_steps=10, lr=0.1), v("sparsity", -0.2)),
         (lambda: ssam.SSAMF(ps(), SGD, update_interval=0, lr=0.1), v("update_interval", 0)),
-        (lambda: ssam.SSAMD(ps(), SGD, update_interval=2.5, total_steps=10, lr=0.1), v("update_interval", 2.5)),
+        (
+            lambda: ssam.SSAMD(ps(), SGD, update_interval=2.5, total_steps=10, lr=0.1),
+            v("update_interval", 2.5),
+        ),
         (lambda: ssam.SSAMF(ps(), SGD, sparsity=0.0, structure="5:4", lr=0.1), v("structure", "5:4")),
         (lambda: ssam.SSAMD(ps(), SGD, structure="foo", total_steps=10, lr=0.1), v("structure", "foo")),
         (lambda: ssam.SSAMF(ps(), SGD, sparsity=0.9, structure="2:4", lr=0.1), v("sparsity", 0.9)),
@@ -866,13 +1020,13 @@ def test_state_errors():
     eps = [p.grad.clone() for p in model.parameters()]
     with pytest.raises(ValueError, match="first_step"):
         opt.first_step()
-    assert_bitwise([p.detach() for p in model.parameters()], perturbed)   # not perturbed twice
+    assert_bitwise([p.detach() for p in model.parameters()], perturbed)  # not perturbed twice
     assert_bitwise([p.grad for p in model.parameters()], eps)
     with pytest.raises(ValueError, match="perturbed"):
         opt.state_dict()
     opt.restore()
     assert_bitwise([p.detach() for p in model.parameters()], w)
-    opt.state_dict()                                          # fine once restored
+    opt.state_dict()  # fine once restored
 
 
 def test_ssamf_step_without_mask_raises_and_changes_nothing():
@@ -888,7 +1042,7 @@ def test_ssamf_step_without_mask_raises_and_changes_nothing():
     assert_bitwise([p.detach() for p in model.parameters()], w)
     assert_bitwise([p.grad for p in model.parameters()], g)
     assert opt.steps == 0
-    opt.update_mask(model, [(x, y)] * 10)                     # then it works
+    opt.update_mask(model, [(x, y)] * 10)  # then it works
     opt.first_step(zero_grad=True)
     opt.restore()
 
@@ -906,6 +1060,7 @@ def test_fisher_with_too_few_samples_raises():
 
 # ----------------------------------------------------------------------------------------------------
 # 9. non-finite first-pass gradients; a closure that raises
+
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("kind", ["sam", "ssamd"])
@@ -942,7 +1097,7 @@ def test_step_closure_raising_restores_weights():
     def closure():
         calls.append(1)
         if len(calls) == 2:
-            assert any(not torch.equal(p, w0) for p, w0 in zip(model.parameters(), w))   # perturbed now
+            assert any(not torch.equal(p, w0) for p, w0 in zip(model.parameters(), w))  # perturbed now
             raise RuntimeError("second pass blew up")
         loss = loss_of(model, x, y)
         loss.backward()
@@ -953,8 +1108,8 @@ def test_step_closure_raising_restores_weights():
     assert_bitwise([p.detach() for p in model.parameters()], w)
     assert opt.steps == 0
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
-    calls.append(1)                                           # third call onward: normal
-    loss = opt.step(closure, both_passes=True)               # usable again
+    calls.append(1)  # third call onward: normal
+    loss = opt.step(closure, both_passes=True)  # usable again
     assert torch.is_tensor(loss) and opt.steps == 1
 
 
@@ -984,28 +1139,42 @@ def test_step_closure_equals_manual_passes():
 # ----------------------------------------------------------------------------------------------------
 # 10. frozen_bn_stats
 
+
 def test_frozen_bn_stats():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(36, 6), nn.BatchNorm1d(6),
-                          nn.BatchNorm1d(6, momentum=None), nn.BatchNorm1d(6, track_running_stats=False),
-                          nn.BatchNorm1d(6))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.Flatten(),
+        nn.Linear(36, 6),
+        nn.BatchNorm1d(6),
+        nn.BatchNorm1d(6, momentum=None),
+        nn.BatchNorm1d(6, track_running_stats=False),
+        nn.BatchNorm1d(6),
+    )
     model[7].eval()
     x = torch.randn(8, 3, 5, 5)
-    model(x)                                                  # non-trivial running stats
+    model(x)  # non-trivial running stats
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     flags = [m.track_running_stats for m in bns]
     x2 = torch.randn(8, 3, 5, 5)
-    normal = copy.deepcopy(model)(x2)                         # train-mode output with batch statistics
+    normal = copy.deepcopy(model)(x2)  # train-mode output with batch statistics
     buffers = snapshot(model)
     with ssam.frozen_bn_stats(model):
         out = model(x2)
         out.sum().backward()
-        assert [m.track_running_stats for m in bns] == [False, False, False, False, True]   # eval BN left alone
+        assert [m.track_running_stats for m in bns] == [
+            False,
+            False,
+            False,
+            False,
+            True,
+        ]  # eval BN left alone
     torch.testing.assert_close(out, normal, rtol=0, atol=0)
-    assert_bitwise(snapshot(model), buffers)                  # running_mean, running_var, num_batches_tracked
+    assert_bitwise(snapshot(model), buffers)  # running_mean, running_var, num_batches_tracked
     assert [m.track_running_stats for m in bns] == flags == [True, True, True, False, True]
     assert [m.training for m in bns] == [True, True, True, True, False]
-    model(x2)                                                 # stats update again afterwards
+    model(x2)  # stats update again afterwards
     after = snapshot(model)
     changed = [not torch.equal(a, b) for a, b in zip(after, buffers)]
     names = list(model.state_dict())
@@ -1022,10 +1191,21 @@ def test_frozen_bn_stats():
 # ----------------------------------------------------------------------------------------------------
 # 11. base optimizer instance
 
+
 def test_base_optimizer_instance():
     a, b = convbn(0), convbn(0)
-    oa = ssam.SSAMD(a.parameters(), torch.optim.SGD, rho=0.2, sparsity=0.5, update_interval=1, total_steps=5, seed=2,
-                    lr=0.1, momentum=0.9, weight_decay=1e-3)
+    oa = ssam.SSAMD(
+        a.parameters(),
+        torch.optim.SGD,
+        rho=0.2,
+        sparsity=0.5,
+        update_interval=1,
+        total_steps=5,
+        seed=2,
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=1e-3,
+    )
     base = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     ob = ssam.SSAMD(b.parameters(), base, rho=0.2, sparsity=0.5, update_interval=1, total_steps=5, seed=2)
     assert ob.base_optimizer is base and ob.param_groups is base.param_groups
@@ -1047,10 +1227,12 @@ def test_base_optimizer_instance():
 # ----------------------------------------------------------------------------------------------------
 # 12. ssam.py is vendorable alone
 
+
 def test_vendored_copy_trains(tmp_path):
     with open(SSAM_PY) as f:
         (tmp_path / "ssam.py").write_text(f.read())
-    script = textwrap.dedent("""
+    script = textwrap.dedent(
+        """
         import torch, torch.nn as nn, torch.nn.functional as F
         import ssam
         assert ssam.__file__.startswith(%r), ssam.__file__
@@ -1078,20 +1260,27 @@ def test_vendored_copy_trains(tmp_path):
             last = F.cross_entropy(model(x), y).item()
             assert last < 0.7 * first, (name, first, last)
             print(name, first, last)
-    """ % str(tmp_path))
+    """
+        % str(tmp_path)
+    )
     (tmp_path / "train_tiny.py").write_text(script)
     env = {k: val for k, val in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
     env["PYTHONPATH"] = str(tmp_path)
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run([sys.executable, "train_tiny.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "train_tiny.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ssamd" in proc.stdout and "ssamf" in proc.stdout
-    assert sorted(os.listdir(tmp_path)) in (["ssam.py", "train_tiny.py"], ["__pycache__", "ssam.py", "train_tiny.py"])
+    assert sorted(os.listdir(tmp_path)) in (
+        ["ssam.py", "train_tiny.py"],
+        ["__pycache__", "ssam.py", "train_tiny.py"],
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
 # 13. masks and density
+
 
 @pytest.mark.parametrize("s", [0.0, 0.37, 0.5, 0.9, 1.0])
 def test_masks_are_bool_and_density_is_exact(s):
@@ -1120,18 +1309,24 @@ def test_masks_are_bool_and_density_is_exact(s):
 # 13. models a vendoring user brings (issue 8): tied weights, BatchNorm1d, frozen parameters, davda54's loop
 #     and checkpoints, autocast
 
+
 class _TiedDecoder(nn.Module):
     """An encoder Linear whose weight the decoder reuses transposed, F.linear(h, enc.weight.t()), and one
     Parameter shared by two Linear modules."""
 
     def __init__(self):
         super().__init__()
-        self.enc, self.a, self.b, self.head = nn.Linear(6, 5), nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 4)
+        self.enc, self.a, self.b, self.head = (
+            nn.Linear(6, 5),
+            nn.Linear(6, 6),
+            nn.Linear(6, 6),
+            nn.Linear(6, 4),
+        )
         self.b.weight = self.a.weight
 
     def forward(self, x):
         h = torch.tanh(self.enc(x))
-        h = torch.tanh(F.linear(h, self.enc.weight.t()))                   # 5 -> 6 through the tied matrix
+        h = torch.tanh(F.linear(h, self.enc.weight.t()))  # 5 -> 6 through the tied matrix
         return self.head(torch.tanh(self.b(torch.tanh(self.a(h)))))
 
 
@@ -1140,7 +1335,7 @@ def test_empirical_fisher_is_exact_with_tied_weights():
     model = _TiedDecoder().double()
     data = [vec_batch(s, 5, torch.float64) for s in (1, 2)]
     fisher = ssam.empirical_fisher(model, data, 9)
-    params = list(model.parameters())                                        # the shared weight once
+    params = list(model.parameters())  # the shared weight once
     assert len(params) == 7 and set(map(id, fisher)) == set(map(id, params))
     for p, e in zip(params, loop_fisher(model, data, 9)):
         torch.testing.assert_close(fisher[p], e, rtol=1e-9, atol=1e-15)
@@ -1151,19 +1346,27 @@ def test_batchnorm1d_on_vectors_uses_running_stats_for_one_sample():
     """[B, C] input has no per-sample statistics: the Fisher's batch of one uses the running statistics there
     (the layer as in eval mode), and BatchNorm2d beside it still normalizes each sample alone."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(), nn.Linear(36, 6),
-                          nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 4)).double()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(36, 6),
+        nn.BatchNorm1d(6),
+        nn.Tanh(),
+        nn.Linear(6, 4),
+    ).double()
     with torch.no_grad():
-        model(img_batch(3, 8, torch.float64)[0])                            # running stats away from 0 / 1
+        model(img_batch(3, 8, torch.float64)[0])  # running stats away from 0 / 1
     model.train()
     data = [img_batch(4, 7, torch.float64)]
     state = snapshot(model)
     opt = ssam.SSAMF(model.parameters(), torch.optim.SGD, sparsity=0.5, num_samples=7, lr=0.1)
-    opt.update_mask(model, data)                                             # crashed inside torch before
+    opt.update_mask(model, data)  # crashed inside torch before
     assert opt.density() == 0.5 and model.training
     assert_bitwise(snapshot(model), state)
     reference = copy.deepcopy(model)
-    reference[5].eval()                                                      # what the batch of one uses
+    reference[5].eval()  # what the batch of one uses
     fisher = ssam.empirical_fisher(model, data, 7)
     for p, e in zip(model.parameters(), loop_fisher(reference, data, 7)):
         torch.testing.assert_close(fisher[p], e, rtol=1e-9, atol=1e-15)
@@ -1175,7 +1378,7 @@ def test_batchnorm1d_on_vectors_uses_running_stats_for_one_sample():
 @pytest.mark.parametrize("kind", ["ssamf", "ssamd", "ssamf-tensor", "samon"])
 def test_frozen_parameters_get_no_mask_and_stay_unperturbed(kind):
     model = convbn(0, torch.float64)
-    frozen = [model[0].weight, model[1].weight, model[1].bias]             # a conv and a BatchNorm, fine-tuning style
+    frozen = [model[0].weight, model[1].weight, model[1].bias]  # a conv and a BatchNorm, fine-tuning style
     for p in frozen:
         p.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -1185,40 +1388,47 @@ def test_frozen_parameters_get_no_mask_and_stay_unperturbed(kind):
     elif kind == "ssamd":
         opt = ssam.SSAMD(model.parameters(), torch.optim.SGD, sparsity=0.5, total_steps=10, seed=0, **kw)
     else:
-        opt = ssam.SSAMF(model.parameters(), torch.optim.SGD, sparsity=0.5, num_samples=6,
-                         structure="tensor" if kind == "ssamf-tensor" else None, **kw)
+        opt = ssam.SSAMF(
+            model.parameters(),
+            torch.optim.SGD,
+            sparsity=0.5,
+            num_samples=6,
+            structure="tensor" if kind == "ssamf-tensor" else None,
+            **kw,
+        )
         fisher = ssam.empirical_fisher(model, [img_batch(5, 6, torch.float64)], 6)
         assert set(map(id, fisher)) == set(map(id, trainable))
         opt.update_mask(model, [img_batch(5, 6, torch.float64)])
     assert [id(p) for p in opt.masked] == [id(p) for p in trainable]
     assert all("mask" not in opt.state.get(p, {}) for p in frozen)
     if kind in ("ssamf", "ssamd"):
-        assert opt.density() == 0.5                                          # exactly 1 - s over trainable entries
+        assert opt.density() == 0.5  # exactly 1 - s over trainable entries
         assert sum(int(m.sum()) for m in opt.masks()) == sum(p.numel() for p in trainable) // 2
     if kind == "samon":
         assert all(not opt.state[p]["mask"].any() for p in trainable if p.dim() > 1)
-        assert any(opt.state[p]["mask"].all() for p in trainable)          # the trainable BatchNorm
+        assert any(opt.state[p]["mask"].all() for p in trainable)  # the trainable BatchNorm
     w = [p.detach().clone() for p in frozen]
     x, y = img_batch(6, 6, torch.float64)
     with opt.ascent_pass():
         loss_of(model, x, y).backward()
     opt.first_step(zero_grad=True)
-    assert_bitwise([p.detach() for p in frozen], w)                          # never perturbed
+    assert_bitwise([p.detach() for p in frozen], w)  # never perturbed
     loss_of(model, x, y).backward()
     opt.second_step(zero_grad=True)
     assert_bitwise([p.detach() for p in frozen], w)
-    model[0].weight.requires_grad_(True)                                     # unfrozen after the optimizer was built
+    model[0].weight.requires_grad_(True)  # unfrozen after the optimizer was built
     loss_of(model, x, y).backward()
     with pytest.raises(ValueError, match="unfreezing"):
         opt.first_step()
 
 
 def _davda_closure(model, x, y, calls):
-    def closure():                                                           # davda54's README closure
+    def closure():  # davda54's README closure
         calls.append(1)
         loss = loss_of(model, x, y)
         loss.backward()
         return loss
+
     return closure
 
 
@@ -1241,11 +1451,11 @@ def test_davda54_loop_runs_unchanged_two_passes_a_step(kind):
         assert len(calls) == 1 and len(forwards) == 2 * (t + 1)
         loss_of(b, x, y).backward()
         ob.first_step(zero_grad=True)
-        expected = loss_of(b, x, y)                                          # BN stats not frozen, as davda54
+        expected = loss_of(b, x, y)  # BN stats not frozen, as davda54
         expected.backward()
         ob.second_step(zero_grad=True)
         assert torch.equal(loss2.detach(), expected.detach())
-    assert_bitwise(snapshot(a), snapshot(b))                                 # weights and BatchNorm buffers
+    assert_bitwise(snapshot(a), snapshot(b))  # weights and BatchNorm buffers
 
 
 def test_davda54_loop_equals_the_reference_sam_step():
@@ -1270,7 +1480,7 @@ def test_step_without_a_first_backward_says_what_to_do():
     with pytest.raises(ValueError, match="both_passes=True"):
         opt.step(_davda_closure(model, x, y, calls))
     assert calls == [] and opt.steps == 0
-    opt.step(_davda_closure(model, x, y, calls), both_passes=True)           # the one-closure form: two calls
+    opt.step(_davda_closure(model, x, y, calls), both_passes=True)  # the one-closure form: two calls
     assert len(calls) == 2 and opt.steps == 1
 
 
@@ -1296,7 +1506,7 @@ def test_davda54_checkpoint_loads_with_a_warning(kind):
     assert opt.param_groups[0]["lr"] == 0.03 and opt.param_groups[0]["rho"] == 0.3
     assert not opt.base_optimizer.state and all("old_p" not in s for s in opt.state.values())
     assert all(torch.equal(m, n) for m, n in zip(masks, opt.masks() if masks else []))
-    sam_step(model, opt, *img_batch(0))                                      # trains on
+    sam_step(model, opt, *img_batch(0))  # trains on
     assert opt.steps == 1
     with pytest.raises(ValueError, match="param_groups"):
         opt.load_state_dict({"model": {}})
@@ -1306,7 +1516,9 @@ def test_sparse_ascent_under_autocast_bf16():
     """Forward under torch.autocast (bf16 on the CPU), backward outside it, as the AMP recipe does."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
-    opt = ssam.SSAMD(model.parameters(), torch.optim.SGD, sparsity=0.5, structure="2:4", total_steps=10, seed=0, lr=0.1)
+    opt = ssam.SSAMD(
+        model.parameters(), torch.optim.SGD, sparsity=0.5, structure="2:4", total_steps=10, seed=0, lr=0.1
+    )
     m1, m2 = opt.state[model[0].weight]["mask"], opt.state[model[2].weight]["mask"]
     x = torch.randn(5, 6).requires_grad_(True)
     with ssam.sparse_ascent(model, opt) as patched:
@@ -1316,14 +1528,16 @@ def test_sparse_ascent_under_autocast_bf16():
         assert out.dtype == torch.bfloat16
         out.float().sum().backward()
     bf = lambda t: t.to(torch.bfloat16).double()
-    with torch.no_grad():                                                    # the same in float64 from bf16 operands
+    with torch.no_grad():  # the same in float64 from bf16 operands
         a1 = torch.tanh(bf(x) @ bf(model[0].weight).T + bf(model[0].bias))
-        dh = (torch.ones(5, 4, dtype=torch.float64) @ (bf(model[2].weight) * m2)) * (1 - a1 ** 2)
+        dh = (torch.ones(5, 4, dtype=torch.float64) @ (bf(model[2].weight) * m2)) * (1 - a1**2)
         dx = dh @ (bf(model[0].weight) * m1)
     assert x.grad.dtype == torch.float32 and model[0].weight.grad.dtype == torch.float32
     torch.testing.assert_close(x.grad.double(), dx, rtol=0.05, atol=0.02)
     torch.testing.assert_close(model[0].weight.grad.double(), dh.T @ bf(x), rtol=0.05, atol=0.02)
-    torch.testing.assert_close(model[2].weight.grad.double(), torch.ones(4, 5, dtype=torch.float64) @ a1, rtol=0.05, atol=0.02)
+    torch.testing.assert_close(
+        model[2].weight.grad.double(), torch.ones(4, 5, dtype=torch.float64) @ a1, rtol=0.05, atol=0.02
+    )
 
 
 def test_nonfinite_guard_is_multi_tensor_in_every_float_dtype():
@@ -1335,5 +1549,5 @@ def test_nonfinite_guard_is_multi_tensor_in_every_float_dtype():
         list(model.parameters())[0].grad[0, 0] = math.nan
         opt.first_step()
         assert_bitwise([p.detach() for p in model.parameters()], w)
-        assert all(not p.grad.any() for p in model.parameters())            # eps = +0 everywhere, no NaN left
+        assert all(not p.grad.any() for p in model.parameters())  # eps = +0 everywhere, no NaN left
         opt.restore()

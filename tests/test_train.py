@@ -3,6 +3,7 @@ fp16 step skipping, and DDP over gloo (weights and SSAM masks identical on both 
 Issue 9 (no wrong result with exit 0): divergence, bad numbers, ignored flags, ImageFolder classes, cache key
 and location, unreadable files, the out-dir lock, cut log lines, finished runs. The CUDA paths on the CPU:
 fp16 GradScaler steps, --compile, --channels-last."""
+
 import json
 import math
 import os
@@ -24,13 +25,20 @@ sys.path.insert(0, str(ROOT))
 import ssam  # noqa: E402
 import train  # noqa: E402
 
-TINY = ["--model", "wrn10-1", "--batch-size", "32", "--train-size", "384"]   # 12 steps an epoch, ~0.1 s a step
+TINY = ["--model", "wrn10-1", "--batch-size", "32", "--train-size", "384"]  # 12 steps an epoch, ~0.1 s a step
 
 
 def run_train(*args, env=None, **kw):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=300, **kw)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+        **kw,
+    )
 
 
 def said(r):
@@ -47,38 +55,51 @@ def test_augment_is_a_crop_flip_and_cutout_of_the_input():
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8)
     out = train.augment(x, g, cutout=0)
-    assert torch.equal(out, train.augment(x, torch.Generator().manual_seed(1), cutout=0))     # reproducible
+    assert torch.equal(out, train.augment(x, torch.Generator().manual_seed(1), cutout=0))  # reproducible
     assert not torch.equal(out, train.augment(x, torch.Generator().manual_seed(2), cutout=0))
     xp = train.normalize(torch.nn.functional.pad(x, (4, 4, 4, 4)))
     flips = 0
-    for i in range(len(x)):   # every output image is one of the 81 shifts of the padded input, maybe mirrored
-        hits = [(dy, dx, f) for dy in range(9) for dx in range(9) for f in (0, 1)
-                if torch.equal(out[i], (xp[i, :, dy:dy + 32, dx:dx + 32].flip(-1) if f else xp[i, :, dy:dy + 32, dx:dx + 32]))]
+    for i in range(len(x)):  # every output image is one of the 81 shifts of the padded input, maybe mirrored
+        hits = [
+            (dy, dx, f)
+            for dy in range(9)
+            for dx in range(9)
+            for f in (0, 1)
+            if torch.equal(
+                out[i],
+                (
+                    xp[i, :, dy : dy + 32, dx : dx + 32].flip(-1)
+                    if f
+                    else xp[i, :, dy : dy + 32, dx : dx + 32]
+                ),
+            )
+        ]
         assert hits, f"image {i} is not a crop of its input"
         flips += hits[0][2]
-    assert 10 < flips < 38                                                                      # p = 0.5
+    assert 10 < flips < 38  # p = 0.5
 
     cut = train.augment(x, torch.Generator().manual_seed(1), cutout=16)
-    holes = (cut == 0).all(1) & ~(out == 0).all(1)                  # pixels zeroed by Cutout only
+    holes = (cut == 0).all(1) & ~(out == 0).all(1)  # pixels zeroed by Cutout only
     n = holes.flatten(1).sum(1)
-    assert 10 < (n > 0).sum() < 38                                  # p = 0.5
-    assert n.max() <= 256 and n.max() >= 64                         # at most 16x16, clipped at the borders
-    assert torch.equal(cut[n == 0], out[n == 0])                    # otherwise the same draws as without Cutout
+    assert 10 < (n > 0).sum() < 38  # p = 0.5
+    assert n.max() <= 256 and n.max() >= 64  # at most 16x16, clipped at the borders
+    assert torch.equal(cut[n == 0], out[n == 0])  # otherwise the same draws as without Cutout
 
 
 def test_subset_ships_and_is_class_balanced():
     tx, ty, vx, vy = train.load_subset()
     assert tx.shape == (5000, 3, 32, 32) and tx.dtype == torch.uint8 and vx.shape == (10000, 3, 32, 32)
     assert torch.equal(torch.bincount(ty), torch.full((10,), 500))
-    assert torch.equal(torch.bincount(vy), torch.full((10,), 1000))            # the whole CIFAR-10 test split
+    assert torch.equal(torch.bincount(vy), torch.full((10,), 1000))  # the whole CIFAR-10 test split
     assert (ROOT / "data" / "cifar10_subset.npz").stat().st_size < 5e6
-    mean = tx.float().mean((0, 2, 3))                               # real CIFAR-10 statistics, roughly
+    mean = tx.float().mean((0, 2, 3))  # real CIFAR-10 statistics, roughly
     assert torch.allclose(mean, torch.tensor([125.3, 123.0, 113.9]), atol=6)
 
 
 def make_tree(root, per_class=(4, 2), classes=range(10)):
     """An ImageFolder tree <root>/{train,test}/<class>/*.jpg of real subset JPEGs: per_class images per class."""
     import numpy as np
+
     z = np.load(ROOT / "data" / "cifar10_subset.npz")
     for split, per in zip(("train", "test"), per_class):
         off, buf, names = z[f"{split}_offsets"], z[f"{split}_jpeg"], z[f"{split}_names"]
@@ -86,7 +107,7 @@ def make_tree(root, per_class=(4, 2), classes=range(10)):
             for j in range((c % 10) * (len(off) - 1) // 10, (c % 10) * (len(off) - 1) // 10 + per):
                 f = root / split / f"c{c:03d}" / Path(str(names[j])).name
                 f.parent.mkdir(parents=True, exist_ok=True)
-                f.write_bytes(buf[off[j]:off[j + 1]].tobytes())
+                f.write_bytes(buf[off[j] : off[j + 1]].tobytes())
     return root
 
 
@@ -95,11 +116,15 @@ def test_image_folder_tree_is_decoded_once_and_cached_outside_the_repo(tmp_path,
     tree = make_tree(tmp_path / "tree")
     cfg = {"dataset": "cifar10", "data_dir": str(tree), "cache_dir": str(tmp_path / "cache")}
     tx, ty, vx, vy = train.load_cifar(cfg)
-    assert tx.shape == (40, 3, 32, 32) and torch.equal(torch.bincount(ty), torch.full((10,), 4)) and len(vy) == 20
+    assert (
+        tx.shape == (40, 3, 32, 32)
+        and torch.equal(torch.bincount(ty), torch.full((10,), 4))
+        and len(vy) == 20
+    )
     assert torch.equal(tx[:4], sx[:4]) and torch.equal(tx[4:8], sx[500:504])
     cache = list((tmp_path / "cache").glob("*.pt"))
     assert len(cache) == 1
-    torch.save([t[:1] for t in (tx, ty, vx, vy)], cache[0])         # the second load reads the cache, not the JPEGs
+    torch.save([t[:1] for t in (tx, ty, vx, vy)], cache[0])  # the second load reads the cache, not the JPEGs
     assert len(train.load_cifar(cfg)[0]) == 1
     # the default cache directory: $SSAM_CACHE_DIR, else $XDG_CACHE_HOME/ssam, else ~/.cache/ssam; never the repo
     for k in ("SSAM_CACHE_DIR", "XDG_CACHE_HOME"):
@@ -110,7 +135,10 @@ def test_image_folder_tree_is_decoded_once_and_cached_outside_the_repo(tmp_path,
     assert train.cache_dir({}) == tmp_path / "xdg" / "ssam"
     monkeypatch.setenv("SSAM_CACHE_DIR", str(tmp_path / "env"))
     assert train.cache_dir({}) == tmp_path / "env"
-    assert train.cache_dir(cfg_for(["--dataset", "cifar10", "--cache-dir", str(tmp_path / "flag")])) == tmp_path / "flag"
+    assert (
+        train.cache_dir(cfg_for(["--dataset", "cifar10", "--cache-dir", str(tmp_path / "flag")]))
+        == tmp_path / "flag"
+    )
     train.load_cifar({"dataset": "cifar10", "data_dir": str(tree)})
     assert len(list((tmp_path / "env").glob("*.pt"))) == 1 and not (ROOT / "data" / "cache").exists()
 
@@ -121,32 +149,41 @@ def test_cache_key_follows_the_files_and_their_labels(tmp_path):
     tx, ty, _, _ = train.load_cifar(cfg)
     a, b = sorted((tree / "train" / "c000").iterdir())[0], sorted((tree / "train" / "c001").iterdir())[0]
     img_b = tx[sorted((tree / "train").glob("*/*")).index(b)]
-    a.rename(tree / "train" / "c001" / a.name)                      # swap one image between two classes:
-    b.rename(tree / "train" / "c000" / b.name)                      # same counts, same file names
+    a.rename(tree / "train" / "c001" / a.name)  # swap one image between two classes:
+    b.rename(tree / "train" / "c000" / b.name)  # same counts, same file names
     tx2, ty2, _, _ = train.load_cifar(cfg)
     assert not torch.equal(tx, tx2) and torch.equal(torch.bincount(ty2), torch.full((10,), 4))
     i = sorted((tree / "train").glob("*/*")).index(tree / "train" / "c000" / b.name)
-    assert torch.equal(tx2[i], img_b) and ty2[i] == 0               # the moved image has its new label
+    assert torch.equal(tx2[i], img_b) and ty2[i] == 0  # the moved image has its new label
     f = sorted((tree / "test" / "c005").iterdir())[0]
-    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))    # touched: decoded again
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))  # touched: decoded again
     train.load_cifar(cfg)
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 3
 
 
 def test_image_folder_errors_name_the_problem(tmp_path, capsys):
-    for n, dataset in ((3, "cifar10"), (10, "cifar100"), (11, "cifar10")):   # class count checked before decoding
+    for n, dataset in (
+        (3, "cifar10"),
+        (10, "cifar100"),
+        (11, "cifar10"),
+    ):  # class count checked before decoding
         tree = make_tree(tmp_path / f"t{n}", (1, 1), classes=range(n))
-        with pytest.raises(SystemExit, match=f"has {n} class folders .* --dataset {dataset} has "
-                           f"{100 if dataset == 'cifar100' else 10} classes"):
-            train.load_cifar({"dataset": dataset, "data_dir": str(tree), "cache_dir": str(tmp_path / "cache")})
+        with pytest.raises(
+            SystemExit,
+            match=f"has {n} class folders .* --dataset {dataset} has "
+            f"{100 if dataset == 'cifar100' else 10} classes",
+        ):
+            train.load_cifar(
+                {"dataset": dataset, "data_dir": str(tree), "cache_dir": str(tmp_path / "cache")}
+            )
     tree = make_tree(tmp_path / "bad", (2, 1))
     good = sorted((tree / "train" / "c003").iterdir())[0]
-    good.write_bytes(good.read_bytes()[:300])                       # a truncated JPEG
+    good.write_bytes(good.read_bytes()[:300])  # a truncated JPEG
     cfg = {"dataset": "cifar10", "data_dir": str(tree), "cache_dir": str(tmp_path / "cache")}
     with pytest.raises(SystemExit, match=f"{good}: not a readable image"):
         train.load_cifar(cfg)
     good.unlink()
-    (tree / "test" / "c007" / "notes.txt").write_text("not an image")   # a stray non-image file
+    (tree / "test" / "c007" / "notes.txt").write_text("not an image")  # a stray non-image file
     with pytest.raises(SystemExit, match=f"{tree / 'test' / 'c007' / 'notes.txt'}: not a readable image"):
         train.load_cifar(cfg)
     (tree / "test" / "c007" / "notes.txt").unlink()
@@ -155,16 +192,22 @@ def test_image_folder_errors_name_the_problem(tmp_path, capsys):
     tx, ty, vx, vy = train.load_cifar({**cfg, "cache_dir": str(tmp_path / "file" / "cache")})
     assert len(tx) == 19 and len(vx) == 10
     assert "could not write the decoded cache" in capsys.readouterr().err
-    r = run_train("--dataset", "cifar10", "--data-dir", str(tmp_path / "t3"), "--cache-dir", str(tmp_path / "cache"))
+    r = run_train(
+        "--dataset", "cifar10", "--data-dir", str(tmp_path / "t3"), "--cache-dir", str(tmp_path / "cache")
+    )
     assert r.returncode != 0 and "has 3 class folders" in r.stderr and "Traceback" not in r.stderr
     # ImageNet reads its files in DataLoader workers: the error names the file there too
     (tree / "val").mkdir()
     for d in (tree / "test").iterdir():
         d.rename(tree / "val" / d.name)
     (tree / "train" / "c002" / "broken.JPEG").write_bytes(b"\xff\xd8\xff not really a jpeg")
-    cfg = cfg_for(["--preset", "imagenet-resnet50", "--data-dir", str(tree), "--batch-size", "20", "--workers", "0"])
+    cfg = cfg_for(
+        ["--preset", "imagenet-resnet50", "--data-dir", str(tree), "--batch-size", "20", "--workers", "0"]
+    )
     loader = train.ImageNetLoader(cfg, torch.device("cpu"), 0, 1)
-    with pytest.raises(RuntimeError, match=f"{tree / 'train' / 'c002' / 'broken.JPEG'}: not a readable image"):
+    with pytest.raises(
+        RuntimeError, match=f"{tree / 'train' / 'c002' / 'broken.JPEG'}: not a readable image"
+    ):
         next(loader.batches(None))
 
 
@@ -185,31 +228,38 @@ def test_clear_errors_for_bad_data_models_and_optimizers(tmp_path):
         cfg_for(["--optimizer", "adam"])
     with pytest.raises(SystemExit, match="unknown --preset"):
         train.get_args(["--preset", "mnist"])
-    r = run_train("--model", "resnet99")                            # a message, not a traceback
+    r = run_train("--model", "resnet99")  # a message, not a traceback
     assert r.returncode != 0 and "unknown --model 'resnet99'" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_bad_numbers_are_one_line_errors_naming_the_value(tmp_path):
-    for argv, msg in ((["--batch-size", "-64"], "--batch-size -64: must be an integer >= 1"),
-                      (["--batch-size", "0"], "--batch-size 0: must be an integer >= 1"),
-                      (["--epochs", "0"], "--epochs 0: must be an integer >= 1"),
-                      (["--train-size", "-5"], r"--train-size -5: must be 0 \(all images\) or a number of images >= 1"),
-                      (["--lr", "nan"], "--lr nan: must be a finite number > 0"),
-                      (["--lr", "-0.1"], "--lr -0.1: must be a finite number > 0"),
-                      (["--weight-decay", "inf"], "--weight-decay inf: must be a finite number >= 0"),
-                      (["--optimizer", "sam", "--rho", "-1"], "--rho -1.0: must be a finite number >= 0"),
-                      (["--optimizer", "ssamf", "--sparsity", "1.5"], r"--sparsity 1.5: must be a fraction in \[0, 1\]"),
-                      (["--optimizer", "ssamd", "--update-interval", "-1"], r"--update-interval -1: must be 0 \(once"),
-                      (["--optimizer", "ssamf", "--num-samples", "0"], "--num-samples 0: must be an integer >= 1"),
-                      (["--optimizer", "ssamd", "--drop-rate", "2"], r"--drop-rate 2.0: must be a fraction in \[0, 1\]"),
-                      (["--cutout", "-1"], "--cutout -1: must be 0"), (["--seed", "-3"], "--seed -3: must be"),
-                      (["--preset", "imagenet-resnet50", "--workers", "-1"], "--workers -1: must be an integer >= 0")):
+    for argv, msg in (
+        (["--batch-size", "-64"], "--batch-size -64: must be an integer >= 1"),
+        (["--batch-size", "0"], "--batch-size 0: must be an integer >= 1"),
+        (["--epochs", "0"], "--epochs 0: must be an integer >= 1"),
+        (["--train-size", "-5"], r"--train-size -5: must be 0 \(all images\) or a number of images >= 1"),
+        (["--lr", "nan"], "--lr nan: must be a finite number > 0"),
+        (["--lr", "-0.1"], "--lr -0.1: must be a finite number > 0"),
+        (["--weight-decay", "inf"], "--weight-decay inf: must be a finite number >= 0"),
+        (["--optimizer", "sam", "--rho", "-1"], "--rho -1.0: must be a finite number >= 0"),
+        (["--optimizer", "ssamf", "--sparsity", "1.5"], r"--sparsity 1.5: must be a fraction in \[0, 1\]"),
+        (["--optimizer", "ssamd", "--update-interval", "-1"], r"--update-interval -1: must be 0 \(once"),
+        (["--optimizer", "ssamf", "--num-samples", "0"], "--num-samples 0: must be an integer >= 1"),
+        (["--optimizer", "ssamd", "--drop-rate", "2"], r"--drop-rate 2.0: must be a fraction in \[0, 1\]"),
+        (["--cutout", "-1"], "--cutout -1: must be 0"),
+        (["--seed", "-3"], "--seed -3: must be"),
+        (["--preset", "imagenet-resnet50", "--workers", "-1"], "--workers -1: must be an integer >= 0"),
+    ):
         with pytest.raises(SystemExit, match=msg):
             cfg_for(argv)
     # limits that depend on the data: checked once it is loaded, before anything is written
-    for argv, msg in ((["--train-size", "6000"], "--train-size 6000: must be at most the 5000 training images"),
-                      (["--optimizer", "ssamf", "--train-size", "64", "--num-samples", "128"],
-                       "--num-samples 128: must be at most the 64 training images")):
+    for argv, msg in (
+        (["--train-size", "6000"], "--train-size 6000: must be at most the 5000 training images"),
+        (
+            ["--optimizer", "ssamf", "--train-size", "64", "--num-samples", "128"],
+            "--num-samples 128: must be at most the 64 training images",
+        ),
+    ):
         with pytest.raises(SystemExit, match=msg):
             train.train(cfg_for([*argv, "--out-dir", str(tmp_path / "x")]), show_config=False)
         assert not (tmp_path / "x" / "ckpt.pt").exists() and not (tmp_path / "x" / "lock").exists()
@@ -218,38 +268,49 @@ def test_bad_numbers_are_one_line_errors_naming_the_value(tmp_path):
 
 
 def test_flags_that_would_be_ignored_are_errors():
-    for argv, msg in ((["--data-dir", "/data/cifar10"], "--data-dir would be ignored: --dataset cifar10-subset is the "
-                       "subset shipped in data/; to train on a tree of your own, pass --dataset cifar10"),
-                      (["--cache-dir", "/tmp/c"], "--cache-dir would be ignored"),
-                      (["--rho", "0.2"], "--rho would be ignored: it is used by --optimizer sam / ssamf / ssamd / samon "
-                       "only, not sgd"),
-                      (["--optimizer", "sam", "--sparsity", "0.9"], "--sparsity would be ignored"),
-                      (["--optimizer", "samon", "--structure", "2:4"], "--structure would be ignored"),
-                      (["--optimizer", "ssamd", "--num-samples", "64"], "--num-samples would be ignored: .* ssamf only"),
-                      (["--optimizer", "ssamf", "--drop-rate", "0.3"], "--drop-rate would be ignored: .* ssamd only"),
-                      (["--optimizer", "ssamf", "--adaptive"], "--adaptive would be ignored: .* sam only"),
-                      (["--optimizer", "sgd", "--sync-ascent"], "--sync-ascent would be ignored"),
-                      (["--workers", "4"], "--workers would be ignored: CIFAR sits on the device"),
-                      (["--preset", "imagenet-resnet50", "--cutout", "8"], "--cutout would be ignored: ImageNet"),
-                      (["--preset", "imagenet-resnet50", "--train-size", "100"], "--train-size would be ignored"),
-                      (["--resume", "--fresh"], "--resume and --fresh contradict each other")):
+    for argv, msg in (
+        (
+            ["--data-dir", "/data/cifar10"],
+            "--data-dir would be ignored: --dataset cifar10-subset is the "
+            "subset shipped in data/; to train on a tree of your own, pass --dataset cifar10",
+        ),
+        (["--cache-dir", "/tmp/c"], "--cache-dir would be ignored"),
+        (
+            ["--rho", "0.2"],
+            "--rho would be ignored: it is used by --optimizer sam / ssamf / ssamd / samon only, not sgd",
+        ),
+        (["--optimizer", "sam", "--sparsity", "0.9"], "--sparsity would be ignored"),
+        (["--optimizer", "samon", "--structure", "2:4"], "--structure would be ignored"),
+        (["--optimizer", "ssamd", "--num-samples", "64"], "--num-samples would be ignored: .* ssamf only"),
+        (["--optimizer", "ssamf", "--drop-rate", "0.3"], "--drop-rate would be ignored: .* ssamd only"),
+        (["--optimizer", "ssamf", "--adaptive"], "--adaptive would be ignored: .* sam only"),
+        (["--optimizer", "sgd", "--sync-ascent"], "--sync-ascent would be ignored"),
+        (["--workers", "4"], "--workers would be ignored: CIFAR sits on the device"),
+        (["--preset", "imagenet-resnet50", "--cutout", "8"], "--cutout would be ignored: ImageNet"),
+        (["--preset", "imagenet-resnet50", "--train-size", "100"], "--train-size would be ignored"),
+        (["--resume", "--fresh"], "--resume and --fresh contradict each other"),
+    ):
         with pytest.raises(SystemExit, match=msg):
             cfg_for(argv)
     # what stays allowed: the demo passes one set of flags to every optimizer; torchvision's folder gets no cache
     assert cfg_for(["--demo", "--sparsity", "0.9"])["optimizer"] == "sgd"
-    plans = []                                                                 # each optimizer gets the flags it reads
+    plans = []  # each optimizer gets the flags it reads
     monkey = pytest.MonkeyPatch()
     monkey.setattr(train, "run_grid", lambda grid, *a, **k: plans.extend(grid) or [])
     monkey.setattr(train, "Console", lambda: type("C", (), {"print": lambda *a: None})())
     try:
         train.demo(["--demo", "--sparsity", "0.9", "--rho", "0.05", "--epochs", "1"])
     except (IndexError, TypeError):
-        pass                                                                    # no runs came back: nothing to print
+        pass  # no runs came back: nothing to print
     finally:
         monkey.undo()
     assert [("--sparsity" in p, "--rho" in p, "--epochs" in p) for p in plans] == [
-        (False, False, True), (False, True, True), (True, True, True), (True, True, True)]
-    for flag in (["--optimizer", "sam"], ["--name", "x"], ["--resume"]):     # ...but not a flag it would ignore
+        (False, False, True),
+        (False, True, True),
+        (True, True, True),
+        (True, True, True),
+    ]
+    for flag in (["--optimizer", "sam"], ["--name", "x"], ["--resume"]):  # ...but not a flag it would ignore
         with pytest.raises(SystemExit, match=f"--demo trains sgd, sam, ssamf and ssamd .*: drop {flag[0]}"):
             train.demo(["--demo", *flag])
     assert cfg_for(["--optimizer", "sam", "--sync-ascent"])["sync_ascent"] is True
@@ -264,7 +325,7 @@ def test_presets_follow_the_paper():
     c = cfg_for(["--preset", "cifar100-resnet18", "--optimizer", "ssamf", "--sparsity", "0.9"])
     assert (c["epochs"], c["batch_size"], c["lr"], c["weight_decay"], c["rho"]) == (200, 128, 0.05, 1e-3, 0.2)
     assert c["num_samples"] == 128 and c["update_interval"] == 0 and c["cutout"] == 16
-    assert cfg_for(["--preset", "cifar10-resnet18"])["weight_decay"] == 5e-4           # SGD
+    assert cfg_for(["--preset", "cifar10-resnet18"])["weight_decay"] == 5e-4  # SGD
     assert cfg_for(["--preset", "cifar10-wrn28-10", "--optimizer", "sam"])["rho"] == 0.1
     c = cfg_for(["--preset", "imagenet-resnet50", "--optimizer", "ssamd", "--lr", "0.2"])
     assert (c["epochs"], c["batch_size"], c["lr"], c["weight_decay"], c["rho"]) == (90, 256, 0.2, 1e-4, 0.07)
@@ -276,7 +337,7 @@ def test_models():
     assert m.conv1.kernel_size == (3, 3) and m.conv1.stride == (1, 1) and isinstance(m.maxpool, nn.Identity)
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 100)
     wrn = train.make_model("wrn28-10", 10, small_images=True)
-    assert abs(sum(p.numel() for p in wrn.parameters()) / 1e6 - 36.48) < 0.05           # WRN-28-10: 36.5M
+    assert abs(sum(p.numel() for p in wrn.parameters()) / 1e6 - 36.48) < 0.05  # WRN-28-10: 36.5M
     assert train.make_model("wrn16-1", 10, True)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     r50 = train.make_model("resnet50", 1000, small_images=False)
     assert r50.conv1.kernel_size == (7, 7) and isinstance(r50.maxpool, nn.MaxPool2d)
@@ -289,18 +350,20 @@ def test_fp16_step_with_inf_restores_weights_and_skips_sgd():
     opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, weight_decay=1e-3)
     x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
     autocast = torch.autocast("cpu", dtype=torch.float16)
-    calls = []                                                      # inf in the 2nd (descent) backward only
-    hook = model[0].weight.register_hook(lambda g: (calls.append(1), g * float("inf") if len(calls) == 2 else g)[1])
+    calls = []  # inf in the 2nd (descent) backward only
+    hook = model[0].weight.register_hook(
+        lambda g: (calls.append(1), g * float("inf") if len(calls) == 2 else g)[1]
+    )
     w0 = [p.detach().clone() for p in model.parameters()]
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     train.train_step(model, opt, x, y, autocast, scaler)
     assert len(calls) == 2
-    assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))                 # w restored, no step
-    assert not opt.base_optimizer.state                                                  # no momentum started
+    assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))  # w restored, no step
+    assert not opt.base_optimizer.state  # no momentum started
     assert scaler.get_scale() == 512.0 and opt.steps == 1
     hook.remove()
     train.train_step(model, opt, x, y, autocast, scaler)
-    assert not all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))             # a real step
+    assert not all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))  # a real step
     assert all(torch.isfinite(p).all() for p in model.parameters()) and scaler.get_scale() == 512.0
 
 
@@ -315,19 +378,22 @@ def test_fp16_sgd_step_with_inf_is_skipped_with_weights_and_momentum_untouched()
     w0 = [p.detach().clone() for p in model.parameters()]
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     train.train_step(model, opt, x, y, autocast, scaler)
-    assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))                 # skipped: no decay
-    assert not any("momentum_buffer" in s for s in opt.state.values())                   # no momentum started
+    assert all(torch.equal(a, b) for a, b in zip(w0, model.parameters()))  # skipped: no decay
+    assert not any("momentum_buffer" in s for s in opt.state.values())  # no momentum started
     assert scaler.get_scale() == 512.0 and all(p.grad is None for p in model.parameters())
     hook.remove()
     train.train_step(model, opt, x, y, autocast, scaler)
-    assert all(not torch.equal(a, b) for a, b in zip(w0, model.parameters()))             # a real step
+    assert all(not torch.equal(a, b) for a, b in zip(w0, model.parameters()))  # a real step
     assert scaler.get_scale() == 512.0 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_channels_last_gives_the_default_result(tmp_path, monkeypatch):
     # the step itself, in float64: channels-last changes the memory layout only, so the same numbers to 1e-12
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(16, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (16,), generator=g)
+    x, y = (
+        torch.randn(16, 3, 32, 32, generator=g, dtype=torch.float64),
+        torch.randint(0, 10, (16,), generator=g),
+    )
     for o in ("sgd", "sam", "ssamd"):
         weights = []
         for cl in (False, True):
@@ -336,53 +402,72 @@ def test_channels_last_gives_the_default_result(tmp_path, monkeypatch):
             model = model.to(memory_format=torch.channels_last) if cl else model
             opt = train.make_optimizer({**cfg_for([*TINY, "--optimizer", o]), "update_interval": 2}, model, 4)
             for _ in range(3):
-                train.train_step(model, opt, x.contiguous(memory_format=torch.channels_last) if cl else x, y,
-                                 torch.autocast("cpu", enabled=False))
+                train.train_step(
+                    model,
+                    opt,
+                    x.contiguous(memory_format=torch.channels_last) if cl else x,
+                    y,
+                    torch.autocast("cpu", enabled=False),
+                )
             weights.append(list(model.state_dict().values()))
         assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(*weights)), o
     # the flag through train(): batches and weights really are channels-last; float32 results agree closely
     real_step, seen = train.train_step, []
 
     def recording_step(model, opt, x, *args, **kw):
-        seen.append((x.is_contiguous(memory_format=torch.channels_last),
-                     model.conv.weight.is_contiguous(memory_format=torch.channels_last)))
+        seen.append(
+            (
+                x.is_contiguous(memory_format=torch.channels_last),
+                model.conv.weight.is_contiguous(memory_format=torch.channels_last),
+            )
+        )
         return real_step(model, opt, x, *args, **kw)
+
     monkeypatch.setattr(train, "train_step", recording_step)
     argv = [*TINY, "--train-size", "64", "--epochs", "1", "--optimizer", "sam"]
     a = train.train(cfg_for([*argv, "--out-dir", str(tmp_path / "a")]), show_config=False)
     b = train.train(cfg_for([*argv, "--channels-last", "--out-dir", str(tmp_path / "b")]), show_config=False)
     assert seen == [(False, False)] * 2 + [(True, True)] * 2
     ca, cb = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in "ab")
-    for k in ca["model"]:   # float32 rounding, amplified by 2 SAM steps: measured up to 7e-4
+    for k in ca["model"]:  # float32 rounding, amplified by 2 SAM steps: measured up to 7e-4
         assert torch.allclose(ca["model"][k].float(), cb["model"][k].float(), rtol=0, atol=3e-3), k
-    assert abs(a["test_acc"] - b["test_acc"]) <= 0.003              # a few of 1,000 test images may flip
+    assert abs(a["test_acc"] - b["test_acc"]) <= 0.003  # a few of 1,000 test images may flip
 
 
 def test_compiled_model_steps_like_the_eager_one():
     """--compile on the CPU (inductor; needs a C++ compiler): a tiny convnet, two SAM steps through train_step
     (the second pass recompiles for the frozen BN statistics), the same weights as eager to float precision."""
     from torch._dynamo.utils import counters
+
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 3, (8,))
     weights = []
     torch._dynamo.reset()
     counters.clear()
     for compiled in (False, True):
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+        model = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1, bias=False),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, 3),
+        )
         opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
         w0 = [t.detach().clone() for t in model.state_dict().values()]
         for _ in range(2):
-            train.train_step(torch.compile(model) if compiled else model, opt, x, y, torch.autocast("cpu", enabled=False))
+            train.train_step(
+                torch.compile(model) if compiled else model, opt, x, y, torch.autocast("cpu", enabled=False)
+            )
         weights.append([t.detach().clone() for t in model.state_dict().values()])
     assert all(torch.allclose(a.float(), b.float(), atol=1e-6) for a, b in zip(*weights))
-    assert not any(torch.equal(a, b) for a, b in zip(weights[1], w0))          # every tensor moved (BN stats too)
-    assert counters["stats"]["unique_graphs"] >= 2                 # really compiled: two BN modes, two graphs
+    assert not any(torch.equal(a, b) for a, b in zip(weights[1], w0))  # every tensor moved (BN stats too)
+    assert counters["stats"]["unique_graphs"] >= 2  # really compiled: two BN modes, two graphs
 
 
 def test_cuda_only_flags_run_on_the_cpu_and_missing_pieces_are_errors(monkeypatch):
     cfg = cfg_for(["--amp", "fp16", "--compile", "--channels-last", "--device", "cpu"])
-    assert train.setup_distributed(cfg)[0] == torch.device("cpu")      # accepted on the CPU (tested above)
+    assert train.setup_distributed(cfg)[0] == torch.device("cpu")  # accepted on the CPU (tested above)
     monkeypatch.setenv("CXX", "no-such-compiler")
     with pytest.raises(SystemExit, match="--compile on the CPU needs a C\\+\\+ compiler \\(no-such-compiler"):
         train.setup_distributed(cfg)
@@ -398,7 +483,7 @@ def test_second_pass_leaves_bn_running_stats_alone():
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     ref = train.make_model("wrn10-1", 10, True)
     ref.load_state_dict(model.state_dict())
-    ref(x)                                                          # one forward: what the stats should become
+    ref(x)  # one forward: what the stats should become
     train.train_step(model, opt, x, y, torch.autocast("cpu", enabled=False))
     assert torch.equal(model.bn.running_mean, ref.bn.running_mean)
     assert int(model.bn.num_batches_tracked) == 1
@@ -412,13 +497,18 @@ def test_kill9_mid_epoch_then_resume_is_bit_exact(tmp_path):
 
     out = tmp_path / "killed"
     log = out / "metrics.jsonl"
-    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, "--out-dir", str(out)], cwd=ROOT,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args, "--out-dir", str(out)],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 240
-    while not (out / "ckpt.pt").exists():                           # epoch 1 done and checkpointed (atomically)
+    while not (out / "ckpt.pt").exists():  # epoch 1 done and checkpointed (atomically)
         assert p.poll() is None and time.time() < deadline, p.stderr.read().decode()[-3000:]
         time.sleep(0.01)
-    time.sleep(0.2 * json.loads(log.read_text().splitlines()[0])["time"])      # a few steps into epoch 2
+    time.sleep(0.2 * json.loads(log.read_text().splitlines()[0])["time"])  # a few steps into epoch 2
     p.send_signal(signal.SIGKILL)
     p.wait()
     p.stderr.close()
@@ -435,23 +525,38 @@ def test_kill9_mid_epoch_then_resume_is_bit_exact(tmp_path):
     ma = [s["mask"] for s in a["optimizer"]["state"].values()]
     mb = [s["mask"] for s in b["optimizer"]["state"].values()]
     assert len(ma) == len(mb) > 0 and all(torch.equal(x, y) for x, y in zip(ma, mb))
-    assert a["optimizer"]["counters"]["last_mask_update"] == b["optimizer"]["counters"]["last_mask_update"] > 0
-    assert [json.loads(l)["test_acc"] for l in log.read_text().splitlines()] == \
-           [json.loads(l)["test_acc"] for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert (
+        a["optimizer"]["counters"]["last_mask_update"] == b["optimizer"]["counters"]["last_mask_update"] > 0
+    )
+    assert [json.loads(l)["test_acc"] for l in log.read_text().splitlines()] == [
+        json.loads(l)["test_acc"] for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 def test_crash_then_resume_in_process_is_bit_exact(tmp_path, monkeypatch):
     """SSAM-F (its Fisher images come from the data generator) crashing inside epoch 2, then --resume."""
-    argv = [*TINY, "--train-size", "256", "--epochs", "2", "--optimizer", "ssamf", "--update-interval", "6",
-            "--num-samples", "32"]
+    argv = [
+        *TINY,
+        "--train-size",
+        "256",
+        "--epochs",
+        "2",
+        "--optimizer",
+        "ssamf",
+        "--update-interval",
+        "6",
+        "--num-samples",
+        "32",
+    ]
     a = train.train(cfg_for([*argv, "--out-dir", str(tmp_path / "a")]), show_config=False)
     real_step, calls = train.train_step, []
 
     def crashing_step(*args, **kw):
         calls.append(1)
-        if len(calls) == 8 + 5:                                     # step 5 of epoch 2
+        if len(calls) == 8 + 5:  # step 5 of epoch 2
             raise KeyboardInterrupt
         return real_step(*args, **kw)
+
     monkeypatch.setattr(train, "train_step", crashing_step)
     with pytest.raises(KeyboardInterrupt):
         train.train(cfg_for([*argv, "--out-dir", str(tmp_path / "b")]), show_config=False)
@@ -469,21 +574,23 @@ def test_bad_checkpoints_are_errors_not_restarts(tmp_path):
     train.train(cfg_for(argv), show_config=False)
     ck = tmp_path / "ckpt.pt"
     with pytest.raises(SystemExit, match="pass --resume to continue that run, or --fresh"):
-        train.train(cfg_for(argv), show_config=False)               # no silent overwrite either
+        train.train(cfg_for(argv), show_config=False)  # no silent overwrite either
     with pytest.raises(SystemExit, match=r"different config: lr=0.05 \(now 0.1\)"):
         train.train(cfg_for([*argv, "--lr", "0.1", "--resume"]), show_config=False)
-    (tmp_path / "final.json").unlink()                              # as if killed before it was written
+    (tmp_path / "final.json").unlink()  # as if killed before it was written
     good = ck.read_bytes()
-    ck.write_bytes(good[: len(good) // 2])                          # truncated, as by a full disk
+    ck.write_bytes(good[: len(good) // 2])  # truncated, as by a full disk
     with pytest.raises(SystemExit, match="unreadable"):
         train.train(cfg_for([*argv, "--resume"]), show_config=False)
-    assert ck.read_bytes() == good[: len(good) // 2]                # nothing was overwritten
+    assert ck.read_bytes() == good[: len(good) // 2]  # nothing was overwritten
     r = run_train(*argv[:-2], "--epochs", "1", "--out-dir", str(tmp_path), "--resume")
-    assert r.returncode != 0 and "unreadable" in r.stderr and "Traceback" not in r.stderr   # a message on the CLI
+    assert (
+        r.returncode != 0 and "unreadable" in r.stderr and "Traceback" not in r.stderr
+    )  # a message on the CLI
 
 
 def test_diverging_runs_stop_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
-    argv = [*TINY, "--train-size", "64", "--epochs", "3"]          # 2 steps an epoch (here: NaN in epoch 2)
+    argv = [*TINY, "--train-size", "64", "--epochs", "3"]  # 2 steps an epoch (here: NaN in epoch 2)
     r = run_train(*argv, "--lr", "1e6", "--out-dir", str(tmp_path / "sgd"))
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "NaN or inf" in said(r) and "Lower --lr" in said(r)
@@ -491,14 +598,21 @@ def test_diverging_runs_stop_and_keep_the_last_good_checkpoint(tmp_path, monkeyp
         message = said(r)
         if o != "sgd":
             with pytest.raises(train.Diverged) as e:
-                train.train(cfg_for([*argv, "--lr", "1e6", "--optimizer", o, "--out-dir", str(tmp_path / o)] +
-                                    (["--num-samples", "32"] if o == "ssamf" else [])), show_config=False)
+                train.train(
+                    cfg_for(
+                        [*argv, "--lr", "1e6", "--optimizer", o, "--out-dir", str(tmp_path / o)]
+                        + (["--num-samples", "32"] if o == "ssamf" else [])
+                    ),
+                    show_config=False,
+                )
             message = str(e.value)
-        good = int(re.search(r"training diverged in epoch (\d+)", message)[1]) - 1   # epochs before it: kept
+        good = int(re.search(r"training diverged in epoch (\d+)", message)[1]) - 1  # epochs before it: kept
         assert (tmp_path / o / "ckpt.pt").exists() == (good > 0)
         if good:
             ck = torch.load(tmp_path / o / "ckpt.pt", weights_only=False)
-            assert ck["epoch"] == good and all(torch.isfinite(t).all() for t in ck["model"].values() if t.is_floating_point())
+            assert ck["epoch"] == good and all(
+                torch.isfinite(t).all() for t in ck["model"].values() if t.is_floating_point()
+            )
             assert f"(epoch {good}) is kept as the last good checkpoint" in message
         assert len((tmp_path / o / "metrics.jsonl").read_text().splitlines()) == good
         assert not (tmp_path / o / "final.json").exists() and not (tmp_path / o / "lock").exists()
@@ -509,18 +623,24 @@ def test_diverging_runs_stop_and_keep_the_last_good_checkpoint(tmp_path, monkeyp
     def poisoned_step(model, *args, **kw):
         calls.append(1)
         result = real_step(model, *args, **kw)
-        if len(calls) == 3:                                         # epoch 2, step 1 of 2
+        if len(calls) == 3:  # epoch 2, step 1 of 2
             with torch.no_grad():
                 model.bn.running_var[0] = float("nan")
         return result
+
     monkeypatch.setattr(train, "train_step", poisoned_step)
     out = tmp_path / "bn"
-    with pytest.raises(train.Diverged, match="diverged in epoch 2 .* a weight or BatchNorm statistic is NaN or inf"
-                       ".* Stopped: .* \\(epoch 1\\) is kept as the last good checkpoint, no final.json"):
+    with pytest.raises(
+        train.Diverged,
+        match="diverged in epoch 2 .* a weight or BatchNorm statistic is NaN or inf"
+        ".* Stopped: .* \\(epoch 1\\) is kept as the last good checkpoint, no final.json",
+    ):
         train.train(cfg_for([*argv, "--optimizer", "sam", "--out-dir", str(out)]), show_config=False)
     assert torch.load(out / "ckpt.pt", weights_only=False)["epoch"] == 1 and not (out / "final.json").exists()
     monkeypatch.setattr(train, "train_step", real_step)
-    done = train.train(cfg_for([*argv, "--optimizer", "sam", "--out-dir", str(out), "--resume"]), show_config=False)
+    done = train.train(
+        cfg_for([*argv, "--optimizer", "sam", "--out-dir", str(out), "--resume"]), show_config=False
+    )
     assert done["epochs"] == 3 and len((out / "metrics.jsonl").read_text().splitlines()) == 3
 
 
@@ -533,11 +653,17 @@ def test_fp16_steps_with_a_non_finite_loss_are_skipped_not_fatal(tmp_path, monke
         calls.append(1)
         loss, out = real_step(*args, **kw)
         return (loss * float("inf") if len(calls) == 2 else loss), out
+
     monkeypatch.setattr(train, "train_step", overflowing_step)
-    monkeypatch.setattr(train.CifarOnDevice, "test_batches", lambda self: iter([(train.normalize(self.test_x[:8]),
-                                                                                 self.test_y[:8])]))  # fp16 CPU: slow
+    monkeypatch.setattr(
+        train.CifarOnDevice,
+        "test_batches",
+        lambda self: iter([(train.normalize(self.test_x[:8]), self.test_y[:8])]),
+    )  # fp16 CPU: slow
     argv = [*TINY, "--train-size", "64", "--epochs", "1", "--optimizer", "sam"]
-    done = train.train(cfg_for([*argv, "--amp", "fp16", "--out-dir", str(tmp_path / "fp16")]), show_config=False)
+    done = train.train(
+        cfg_for([*argv, "--amp", "fp16", "--out-dir", str(tmp_path / "fp16")]), show_config=False
+    )
     log = json.loads((tmp_path / "fp16" / "metrics.jsonl").read_text())
     assert done["epochs"] == 1 and log["nonfinite_loss_steps"] == 1 and math.isfinite(log["loss"])
     calls.clear()
@@ -547,21 +673,26 @@ def test_fp16_steps_with_a_non_finite_loss_are_skipped_not_fatal(tmp_path, monke
 
 def test_one_run_per_out_dir(tmp_path):
     out = tmp_path / "run"
-    argv = [*TINY, "--epochs", "30", "--out-dir", str(out)]                # killed long before it ends
-    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    argv = [*TINY, "--epochs", "30", "--out-dir", str(out)]  # killed long before it ends
+    p = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *argv],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.time() + 120
     while not (out / "lock").exists():
         assert p.poll() is None and time.time() < deadline
         time.sleep(0.01)
     r = run_train(*argv[:-2], "--out-dir", str(out), "--fresh")
     assert r.returncode != 0 and f"{out} is in use by another train.py run (process {p.pid}" in said(r)
-    p.send_signal(signal.SIGKILL)                                   # leaves its lock behind: stale
+    p.send_signal(signal.SIGKILL)  # leaves its lock behind: stale
     p.wait()
     assert (out / "lock").exists()
     r = run_train(*argv[:-4], "--epochs", "1", "--train-size", "64", "--out-dir", str(out), "--fresh")
     assert r.returncode == 0 and "removing the stale lock" in said(r), r.stderr[-2000:]
-    assert not (out / "lock").exists()                              # released on exit
+    assert not (out / "lock").exists()  # released on exit
     assert json.loads((out / "final.json").read_text())["epochs"] == 1
 
 
@@ -571,29 +702,30 @@ def test_resume_drops_a_cut_log_line_and_a_finished_run_stays_as_it_is(tmp_path,
 
     def crashing_step(*args, **kw):
         calls.append(1)
-        if len(calls) == 3:                                         # in epoch 2
+        if len(calls) == 3:  # in epoch 2
             raise KeyboardInterrupt
         return real_step(*args, **kw)
+
     monkeypatch.setattr(train, "train_step", crashing_step)
     with pytest.raises(KeyboardInterrupt):
         train.train(cfg_for(argv), show_config=False)
     monkeypatch.setattr(train, "train_step", real_step)
     log = tmp_path / "metrics.jsonl"
     line = log.read_text()
-    log.write_text(line + line[:25])                                # epoch 2's line, cut by a kill mid-write
+    log.write_text(line + line[:25])  # epoch 2's line, cut by a kill mid-write
     done = train.train(cfg_for([*argv, "--resume"]), show_config=False)
     lines = [json.loads(l) for l in log.read_text().splitlines()]
     assert [l["epoch"] for l in lines] == [1, 2] and done["train_acc"] == lines[1]["acc"]
-    assert done["step_ms"] == pytest.approx((lines[0]["step_ms"] + lines[1]["step_ms"]) / 2)      # both epochs
+    assert done["step_ms"] == pytest.approx((lines[0]["step_ms"] + lines[1]["step_ms"]) / 2)  # both epochs
 
     final, ck = tmp_path / "final.json", tmp_path / "ckpt.pt"
     before = {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in (final, ck, log)}
-    r = run_train(*argv, "--resume")                                # finished: nothing to do, nothing touched
+    r = run_train(*argv, "--resume")  # finished: nothing to do, nothing touched
     assert r.returncode == 0 and f"{tmp_path} is finished (2 epochs, test accuracy" in said(r)
     assert before == {f: (f.read_bytes(), f.stat().st_mtime_ns) for f in (final, ck, log)}
     r = run_train(*argv, "--resume", "--lr", "0.1")
     assert r.returncode != 0 and "different config: lr=0.05 (now 0.1)" in said(r)
-    log.write_text('{"epoch": 1, "lo\n' + line)                    # a broken line that is not the last: an error
+    log.write_text('{"epoch": 1, "lo\n' + line)  # a broken line that is not the last: an error
     final.unlink()
     with pytest.raises(SystemExit, match="metrics.jsonl: line 1 is not JSON"):
         train.train(cfg_for([*argv, "--resume"]), show_config=False)
@@ -605,13 +737,25 @@ def _ddp_worker(rank, world, init_file, result_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     results = {}
     for optimizer in ("ssamd", "ssamf"):
-        torch.manual_seed(0)                                        # same initial weights on both processes
+        torch.manual_seed(0)  # same initial weights on both processes
         model = train.make_model("wrn10-1", 10, True)
         ddp = nn.parallel.DistributedDataParallel(model)
-        cfg = dict(optimizer=optimizer, lr=0.05, weight_decay=1e-3, rho=0.1, adaptive=False, sparsity=0.8,
-                   structure="unstructured", update_interval=2, num_samples=16, drop_rate=0.5, epochs=1, seed=0)
+        cfg = dict(
+            optimizer=optimizer,
+            lr=0.05,
+            weight_decay=1e-3,
+            rho=0.1,
+            adaptive=False,
+            sparsity=0.8,
+            structure="unstructured",
+            update_interval=2,
+            num_samples=16,
+            drop_rate=0.5,
+            epochs=1,
+            seed=0,
+        )
         opt = train.make_optimizer(cfg, model, steps_per_epoch=8)
-        g = torch.Generator().manual_seed(100 + rank)               # different data on each process
+        g = torch.Generator().manual_seed(100 + rank)  # different data on each process
         local_masks_differed = False
         for step in range(5):
             x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
@@ -619,16 +763,19 @@ def _ddp_worker(rank, world, init_file, result_file):
             if optimizer == "ssamf" and opt.mask_update_due:
                 opt.update_mask(model, [(x, y), (torch.randn(8, 3, 32, 32, generator=g), y)])
             train.train_step(ddp, opt, x, y, torch.autocast("cpu", enabled=False))
-            if opt.last_mask_update != before:                      # a new mask: rank-local until broadcast
+            if opt.last_mask_update != before:  # a new mask: rank-local until broadcast
                 flat = torch.cat([m.flatten() for m in opt.masks()]).to(torch.uint8)
                 other = [torch.zeros_like(flat) for _ in range(world)]
                 dist.all_gather(other, flat)
                 local_masks_differed |= not torch.equal(other[0], other[1])
                 train.broadcast_masks(opt)
         # BN running stats are not compared: DDP copies rank 0's at the start of each forward, so they lag
-        results[optimizer] = dict(params=torch.cat([p.detach().flatten() for p in model.parameters()]),
-                                  masks=torch.cat([m.flatten() for m in opt.masks()]).to(torch.uint8),
-                                  differed=local_masks_differed, steps=opt.steps)
+        results[optimizer] = dict(
+            params=torch.cat([p.detach().flatten() for p in model.parameters()]),
+            masks=torch.cat([m.flatten() for m in opt.masks()]).to(torch.uint8),
+            differed=local_masks_differed,
+            steps=opt.steps,
+        )
     torch.save(results, f"{result_file}.{rank}")
     dist.destroy_process_group()
 
@@ -638,17 +785,42 @@ def test_ddp_two_processes_keep_weights_and_masks_identical(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in (0, 1))
     for o in ("ssamd", "ssamf"):
         assert r0[o]["steps"] == r1[o]["steps"] == 5
-        assert r0[o]["differed"], f"{o}: the processes' own masks should differ (different data), or this proves nothing"
+        assert r0[o]["differed"], (
+            f"{o}: the processes' own masks should differ (different data), or this proves nothing"
+        )
         assert torch.equal(r0[o]["params"], r1[o]["params"]), o
         assert torch.equal(r0[o]["masks"], r1[o]["masks"]), o
-        assert 0.15 < r0[o]["masks"].float().mean() < 0.25          # density 1 - 0.8
+        assert 0.15 < r0[o]["masks"].float().mean() < 0.25  # density 1 - 0.8
 
 
 def test_torchrun_two_cpu_processes_end_to_end(tmp_path):
     out = tmp_path / "ddp"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(ROOT / "train.py"), *TINY, "--epochs", "1", "--optimizer", "ssamd", "--update-interval", "3",
-                        "--device", "cpu", "--out-dir", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "train.py"),
+            *TINY,
+            "--epochs",
+            "1",
+            "--optimizer",
+            "ssamd",
+            "--update-interval",
+            "3",
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     final = json.loads((out / "final.json").read_text())
     line = json.loads((out / "metrics.jsonl").read_text())
@@ -660,13 +832,36 @@ def test_torchrun_diverged_run_stops_every_process(tmp_path):
     """The NaN check is all-reduced: both processes stop at the same step (no process left waiting in a
     collective), torchrun exits non-zero, nothing is written."""
     out = tmp_path / "ddp"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(ROOT / "train.py"), *TINY, "--epochs", "2", "--lr", "1e6", "--device", "cpu",
-                        "--out-dir", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "train.py"),
+            *TINY,
+            "--epochs",
+            "2",
+            "--lr",
+            "1e6",
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     stops = re.findall(r"training diverged in epoch (\d+) \(by step (\d+) of 12\)", said(r))
-    assert r.returncode != 0 and len(stops) == 2 and stops[0] == stops[1], r.stderr[-3000:]    # the same step
-    assert not (out / "ckpt.pt").exists() and not (out / "final.json").exists() and not (out / "lock").exists()
+    assert r.returncode != 0 and len(stops) == 2 and stops[0] == stops[1], r.stderr[-3000:]  # the same step
+    assert (
+        not (out / "ckpt.pt").exists() and not (out / "final.json").exists() and not (out / "lock").exists()
+    )
 
 
 # -------------------------------------------------------------------------------------------- structured masks
@@ -674,7 +869,10 @@ def test_tensor_masks_and_samon_skip_ascent_gradients_in_train_step():
     """train_step wraps the first pass in opt.ascent_pass(): unperturbed tensors get no ascent gradient there,
     and the flags come back on for the descent pass."""
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    for argv in (["--optimizer", "samon"], ["--optimizer", "ssamd", "--structure", "tensor", "--sparsity", "0.9"]):
+    for argv in (
+        ["--optimizer", "samon"],
+        ["--optimizer", "ssamd", "--structure", "tensor", "--sparsity", "0.9"],
+    ):
         cfg = cfg_for(argv + TINY)
         torch.manual_seed(0)
         model = train.make_model("wrn10-1", 10, True)
@@ -688,7 +886,7 @@ def test_tensor_masks_and_samon_skip_ascent_gradients_in_train_step():
         for h in hooks:
             h.remove()
         n = len(list(model.parameters()))
-        ascent_ids = set(seen[: len(seen) - n])                    # the descent pass grads every parameter
+        ascent_ids = set(seen[: len(seen) - n])  # the descent pass grads every parameter
         assert not ascent_ids & {id(p) for p in frozen}
         assert all(p.requires_grad for p in model.parameters())
         assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), w0))
@@ -696,16 +894,32 @@ def test_tensor_masks_and_samon_skip_ascent_gradients_in_train_step():
 
 # -------------------------------------------------------------------------------------------- issue 8: --sparse-ascent, --sync-ascent
 def test_sparse_ascent_flag_is_refused_where_it_cannot_apply():
-    for argv, says in ((["--optimizer", "sam"], "--optimizer sam --structure"),
-                       (["--optimizer", "ssamd", "--structure", "tensor"], "--structure tensor"),
-                       (["--optimizer", "ssamf"], "--structure unstructured")):
+    for argv, says in (
+        (["--optimizer", "sam"], "--optimizer sam --structure"),
+        (["--optimizer", "ssamd", "--structure", "tensor"], "--structure tensor"),
+        (["--optimizer", "ssamf"], "--structure unstructured"),
+    ):
         with pytest.raises(SystemExit, match="--sparse-ascent needs .*" + says):
             cfg_for(argv + ["--sparse-ascent"] + TINY)
-    assert "sparse_ascent" not in cfg_for(["--optimizer", "ssamd"] + TINY)    # off: not in the config
-    cfg = cfg_for(["--optimizer", "ssamd", "--structure", "2:4", "--sparse-ascent", "--epochs", "1", "--device", "cpu",
-                   "--out-dir", "/nonexistent/never-written"] + TINY)
+    assert "sparse_ascent" not in cfg_for(["--optimizer", "ssamd"] + TINY)  # off: not in the config
+    cfg = cfg_for(
+        [
+            "--optimizer",
+            "ssamd",
+            "--structure",
+            "2:4",
+            "--sparse-ascent",
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--out-dir",
+            "/nonexistent/never-written",
+        ]
+        + TINY
+    )
     with pytest.raises(SystemExit, match="wrn10-1 has no nn.Linear with a multiple of 4 outputs"):
-        train.train(cfg, show_config=False)                                  # CIFAR-10's 10-way head: no 2:4 fits
+        train.train(cfg, show_config=False)  # CIFAR-10's 10-way head: no 2:4 fits
 
 
 def test_train_step_sparse_ascent_under_bf16_autocast(monkeypatch):
@@ -719,22 +933,51 @@ def test_train_step_sparse_ascent_under_bf16_autocast(monkeypatch):
     x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 10, (6,))
     w0 = [p.detach().clone() for p in model.parameters()]
     train.train_step(model, opt, x, y, torch.autocast("cpu", dtype=torch.bfloat16), sparse_ascent=True)
-    assert calls == [torch.bfloat16]                  # the upper Linear's dX, in the ascent pass only (not the input's)
+    assert calls == [torch.bfloat16]  # the upper Linear's dX, in the ascent pass only (not the input's)
     assert opt.steps == 1 and all(torch.isfinite(p).all() for p in model.parameters())
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), w0))
     assert all("forward" not in vars(m) for m in model.modules())
 
 
-@pytest.mark.parametrize("optimizer", [["--optimizer", "samon"], ["--optimizer", "ssamd", "--structure", "tensor",
-                                                                  "--sparsity", "0.9"]])
+@pytest.mark.parametrize(
+    "optimizer",
+    [["--optimizer", "samon"], ["--optimizer", "ssamd", "--structure", "tensor", "--sparsity", "0.9"]],
+)
 def test_torchrun_sync_ascent_with_tensor_masks_and_samon(tmp_path, optimizer):
     """The ascent pass skips tensors (requires_grad off); a synchronized backward over them used to crash DDP."""
     out = tmp_path / "ddp"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(ROOT / "train.py"), "--model", "wrn10-1", "--batch-size", "32", "--train-size", "128",
-                        "--epochs", "1", *optimizer, "--sync-ascent", "--device", "cpu", "--out-dir", str(out)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "train.py"),
+            "--model",
+            "wrn10-1",
+            "--batch-size",
+            "32",
+            "--train-size",
+            "128",
+            "--epochs",
+            "1",
+            *optimizer,
+            "--sync-ascent",
+            "--device",
+            "cpu",
+            "--out-dir",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     final = json.loads((out / "final.json").read_text())
     line = json.loads((out / "metrics.jsonl").read_text())
-    assert final["processes"] == 2 and line["ranks_in_sync"] is True and final["config"]["sync_ascent"] is True
+    assert (
+        final["processes"] == 2 and line["ranks_in_sync"] is True and final["config"]["sync_ascent"] is True
+    )
