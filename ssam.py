@@ -15,6 +15,7 @@ import torch.nn.functional as F
 _INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}   # first_step's bitwise eps = 0
 _BN = nn.modules.batchnorm
 _REFUSED = set()                   # (shapes, dtype, device) the 2:4 kernel refused: dense from then on
+def _full(t): return t.full_tensor() if hasattr(t, "full_tensor") else t   # FSDP2: a DTensor's whole tensor
 
 
 # ---- SAM (Foret et al. 2021), the frame SSAM's masks plug into -------------------------------------
@@ -34,6 +35,8 @@ class SAM(torch.optim.Optimizer):
                 id(p) for g in base_optimizer.param_groups for p in g["params"]}:
             raise ValueError(f"base_optimizer must be an Optimizer class, or one over the same parameters (not other "
                              f"parameters) without extra arguments; got {base_optimizer!r}, {sorted(kwargs)}")
+        if len({hasattr(p, "device_mesh") for g in self.param_groups for p in g["params"]}) > 1:
+            raise ValueError("FSDP2 (DTensor) and plain parameters in one optimizer: shard all or none")
         self.base_optimizer = base_optimizer
         self.param_groups = self.base_optimizer.param_groups          # one set of groups: schedulers just work
         for group in self.param_groups:                # rho and adaptive per group, as davda54's
@@ -72,7 +75,8 @@ class SAM(torch.optim.Optimizer):
             torch._foreach_mul_(grads, masks)               # eps ⊙ m (Alg. 1, line 9)
         # non-finite ||g||: eps = 0. A float times 0 stays NaN, so multiply the bits (an integer view) by 0 or 1
         torch._foreach_mul_([e.view(_INT[e.element_size()]) for e in grads], torch.isfinite(norm).long())
-        self._w = (params, torch._foreach_clone(params))
+        w = [p.to_local() for p in params] if hasattr(params[0], "to_local") else params   # FSDP2: the shards
+        self._w = (w, torch._foreach_clone(w))     # (DTensors have no foreach copy)
         torch._foreach_add_(params, grads)                  # climb to w + eps
         if zero_grad:
             self.zero_grad()
@@ -246,15 +250,17 @@ class _SparseSAM(SAM):
         return [self.state[p]["mask"] for p in self.masked]
 
     def density(self):                 # fraction of the trainable entries perturbed (1 - s); syncs: for logging
-        return sum(int(m.sum()) for m in self.masks()) / self.size
+        return sum(int(_full(m).sum()) for m in self.masks()) / self.size
 
     def set_masks(self, masks, count_update=True):     # bool, one per opt.masked; also masks of your own
-        for p, mk in zip(self.masked, masks):
+        if self.nm == "tensor":
+            self._unperturbed = [p for p, mk in zip(self.masked, masks) if not mk.any()]   # sync: per update
+        for p, mk in zip(self.masked, masks):   # FSDP2: every rank has the whole mask and keeps its shard
+            if hasattr(p, "device_mesh") and not hasattr(mk, "device_mesh"):
+                mk = torch.distributed.tensor.distribute_tensor(mk, p.device_mesh, p.placements)   # rank 0's
             self.state[p]["mask"] = mk
         if count_update:
             self.last_mask_update = self.steps
-        if self.nm == "tensor":
-            self._unperturbed = [p for p, mk in zip(self.masked, masks) if not mk.any()]   # sync: per update
 
     def _mask_for_step(self, params, grads):
         if self.last_mask_update < 0:
@@ -287,15 +293,21 @@ def empirical_fisher(model, data, num_samples, loss_fn=F.cross_entropy):
     every trainable parameter (the 1/N_F does not change the ranking). One sample at a time, as the authors' loop:
     exact for any model. Train-mode BatchNorm normalizes each sample alone and updates no running statistic."""
     params = [p for p in model.parameters() if p.requires_grad]
-    device = params[0].device
-    fisher, seen = [torch.zeros_like(p) for p in params], 0
+    device, fsdp, grads = params[0].device, hasattr(params[0], "device_mesh"), [p.grad for p in params]
+    fisher, seen, check = [torch.zeros_like(p) for p in params], 0, torch.zeros((), device=device)
     bns = [m for m in model.modules() if isinstance(m, _BN._BatchNorm) and (m.training or m.running_mean is None)]
     for m in bns:
         m.forward = (lambda a, m=m: _bn_one_sample(m, a))
     try:
         for x, y in data:
             for xi, yi in zip(x[: num_samples - seen].to(device), y[: num_samples - seen].to(device)):
-                g = torch.autograd.grad(loss_fn(model(xi[None]), yi[None]), params, materialize_grads=True)
+                check += (loss := loss_fn(model(xi[None]), yi[None])).detach() * (seen + 1)   # for FSDP2
+                if fsdp:            # FSDP2: backward adds to p.grad the mean over ranks: this sample's
+                    for p in params:                # gradient if all ranks have the same sample (checked)
+                        p.grad = torch.zeros_like(p)
+                    loss.backward()
+                g = ([p.grad for p in params] if fsdp
+                     else torch.autograd.grad(loss, params, materialize_grads=True))
                 torch._foreach_addcmul_(fisher, g, g)                              # Eq. 5: sum_i g_i^2
                 seen += 1
             if seen >= num_samples:
@@ -303,9 +315,15 @@ def empirical_fisher(model, data, num_samples, loss_fn=F.cross_entropy):
     finally:
         for m in bns:
             del m.forward                                  # back to the class's forward
+        for p, gr in zip(params, grads):
+            p.grad = gr
+    if fsdp:                                           # every rank the same losses: max - min over ranks = 0
+        torch.distributed.all_reduce(span := torch.stack([check, -check]), torch.distributed.ReduceOp.MAX)
+        if span.sum() > 1e-6 * span[0].abs():
+            raise ValueError("FSDP2: the Fisher samples differ between ranks: pass the same data to all")
     if seen < num_samples:
         raise ValueError(f"data gave {seen} samples but num_samples={num_samples}: pass more data or lower num_samples")
-    return dict(zip(params, fisher))
+    return {p: _full(f) for p, f in zip(params, fisher)}       # FSDP2: whole tensors, the same on every rank
 
 
 def _bn_one_sample(m, a):
@@ -367,8 +385,8 @@ class SSAMD(_SparseSAM):
     @torch.no_grad()
     def update_mask(self, grads):
         """One drop-and-grow round with `grads`, one per parameter of opt.masked (None: zero)."""
-        masks = self.masks()
-        g = [torch.zeros_like(p) if gr is None else gr for p, gr in zip(self.masked, grads)]
+        masks = [_full(m) for m in self.masks()]         # FSDP2: whole tensors, as below
+        g = [_full(torch.zeros_like(p) if gr is None else gr) for p, gr in zip(self.masked, grads)]
         # Eq. 7: drop the n_drop perturbed entries of smallest |g|: keep the others (whole tensors: by mean |g|)
         keep = (int(sum(m.sum() for m in masks)) - self.drop_count(self.steps)) / self.size
         keep_scores = [torch.where(m, gr.abs(), -math.inf) for m, gr in zip(masks, g)]

@@ -1,0 +1,338 @@
+"""ssam.py under FSDP2 (torch.distributed.fsdp.fully_shard, DTensor parameters), issue 15.
+
+One spawn of 2 gloo processes on the CPU runs every check (`_worker`); each check compares the sharded run
+with the SAME optimizer on the unsharded model fed the full batch (the union of both ranks' batches), in
+float64. The parent collects each check's result, and one test per check asserts it."""
+
+import math
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+import ssam
+
+WORLD = 2
+RHO = 0.3
+CHECKS = [
+    "sam",
+    "asam",
+    "ssamf_unstructured",
+    "ssamf_2:4",
+    "ssamf_tensor",
+    "ssamd_unstructured",
+    "ssamd_tensor",
+    "resume",
+    "bf16",
+    "bad_input",
+]
+
+
+def mlp(seed=0):
+    """Out-dims 16 and 8 (divisible by 4 and by 2), 5 (uneven: shards of 3 and 2 rows), a LayerNorm."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(6, 16), nn.LayerNorm(16), nn.Tanh(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 5)
+    ).double()
+
+
+def shard(model, mp_policy=None):
+    kw = {} if mp_policy is None else {"mp_policy": mp_policy}
+    for m in model:
+        if isinstance(m, nn.Linear):
+            fully_shard(m, **kw)
+    return fully_shard(model, **kw)
+
+
+def batch(step, n=8):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, 5, (n,), generator=g)
+
+
+def mine(x, rank):  # this rank's half of the full batch
+    n = len(x) // WORLD
+    return x[rank * n : (rank + 1) * n]
+
+
+def full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def close(a, b):
+    return torch.allclose(full(a), full(b), rtol=1e-10, atol=1e-12)
+
+
+def sgd_kw():
+    return dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+
+def train_step(model, opt, x, y, tensor=False):
+    with opt.ascent_pass() if tensor else torch.enable_grad():
+        F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    F.cross_entropy(model(x), y).backward()
+    opt.second_step(zero_grad=True)
+
+
+def run_pair(make_opt, rank, steps=3, fisher=False, tensor=False, each=None):
+    """The same optimizer on the unsharded model (full batch) and the sharded one (this rank's half)."""
+    ref, sharded = mlp(), shard(mlp())
+    opts = make_opt(ref), make_opt(sharded)
+    for t in range(steps):
+        x, y = batch(t)
+        if fisher and opts[0].mask_update_due:
+            data = [batch(50 + t, n=6)]  # the same Fisher samples on every rank, and for the reference
+            for model, opt in zip((ref, sharded), opts):
+                opt.update_mask(model, data)
+        train_step(ref, opts[0], x, y, tensor)
+        train_step(sharded, opts[1], mine(x, rank), mine(y, rank), tensor)
+        if each:
+            each(t, opts)
+    for p, q in zip(ref.parameters(), sharded.parameters()):
+        assert isinstance(q, torch.distributed.tensor.DTensor)
+        assert close(p, q), (p, full(q))
+    return ref, sharded, opts
+
+
+# ---- the checks (each runs on both ranks) -----------------------------------------------------------
+def check_sam(rank, adaptive=False):
+    norms = []
+
+    def opt(m):
+        return ssam.SAM(m.parameters(), torch.optim.SGD, rho=RHO, adaptive=adaptive, **sgd_kw())
+
+    ref, sharded = mlp(), shard(mlp())
+    opts = opt(ref), opt(sharded)
+    for t in range(3):
+        x, y = batch(t)
+        for model, o, xs, ys in ((ref, opts[0], x, y), (sharded, opts[1], mine(x, rank), mine(y, rank))):
+            F.cross_entropy(model(xs), ys).backward()
+            o.first_step(zero_grad=False)  # p.grad is eps now
+            eps = torch.cat([full(p.grad).reshape(-1) for p in model.parameters()])
+            w = torch.cat([full(p).reshape(-1) for p in model.parameters()])
+            if adaptive:  # ASAM: eps = rho w^2 g / ||w g||, so ||eps / |w| || = rho over the entries w != 0
+                w = w - eps  # w before the climb
+                eps = eps[w != 0] / w[w != 0].abs()
+            norms.append(float(eps.norm()))
+            o.zero_grad()
+            F.cross_entropy(model(xs), ys).backward()
+            o.second_step(zero_grad=True)
+    for p, q in zip(ref.parameters(), sharded.parameters()):
+        assert close(p, q), (p, full(q))
+    assert all(math.isclose(n, RHO, rel_tol=1e-8) for n in norms), norms
+
+
+def check_ssamf(rank, structure):
+    s = 0.5 if structure == "2:4" else 0.6
+
+    def opt(m):
+        return ssam.SSAMF(
+            m.parameters(), torch.optim.SGD, rho=RHO, sparsity=s, num_samples=6, update_interval=2,
+            structure=structure, **sgd_kw(),
+        )  # fmt: skip
+
+    masks = []
+
+    def each(t, opts):
+        if t % 2 == 0:  # just after an update
+            masks.append([(full(a), full(b)) for a, b in zip(opts[0].masks(), opts[1].masks())])
+
+    ref, sharded, opts = run_pair(opt, rank, steps=4, fisher=True, tensor=structure == "tensor", each=each)
+    size = sum(p.numel() for p in ref.parameters())
+    for pairs in masks:
+        for a, b in pairs:
+            assert torch.equal(a, b)
+        if structure != "tensor":  # a whole-tensor choice cannot hit 1-s exactly
+            assert sum(int(b.sum()) for _, b in pairs) == round((1 - s) * size)
+    assert opts[1].density() == opts[0].density()
+    if structure == "2:4":  # a pattern held by every 4-row group of the whole tensor, across the shard border
+        w = sharded[0].weight
+        assert w.to_local().shape[0] == 8 and full(opts[1].state[w]["mask"]).reshape(4, 4, 6).sum(1).eq(2).all()
+
+
+def check_ssamd(rank, structure):
+    s, alpha, T = 0.5, 0.5, 4
+
+    def opt(m):
+        return ssam.SSAMD(
+            m.parameters(), torch.optim.SGD, rho=RHO, sparsity=s, drop_rate=alpha, update_interval=1,
+            total_steps=T, structure=structure, seed=7, **sgd_kw(),
+        )  # fmt: skip
+
+    size = sum(p.numel() for p in mlp().parameters())
+    prev = [None]
+
+    def each(t, opts):
+        new = [full(m) for m in opts[1].masks()]
+        everyone = [None] * WORLD
+        dist.all_gather_object(everyone, new)  # the same mask on every rank after each update
+        assert all(all(torch.equal(a, b) for a, b in zip(new, other)) for other in everyone)
+        assert all(torch.equal(a, full(b)) for a, b in zip(opts[0].masks(), new))
+        if structure is None:
+            assert sum(int(m.sum()) for m in new) == round((1 - s) * size)  # density exact, whole model
+            if prev[0] is not None and t > 0:  # Eq. 9 at step t: f_decay(t) (1-s) |w| dropped at most
+                n_drop = int(alpha / 2 * (1 + math.cos(t * math.pi / T)) * (1 - s) * size)
+                gone = sum(int((a & ~b).sum()) for a, b in zip(prev[0], new))
+                assert 0 < gone <= n_drop, (gone, n_drop)
+        prev[0] = new
+
+    run_pair(opt, rank, steps=T, tensor=structure == "tensor", each=each)
+
+
+def check_resume(rank, tmp):
+    """SSAM-D (masks, generator, momentum, counters) saved by DCP after 2 steps, loaded into a fresh sharded
+    model + optimizer: 2 more steps equal 4 uninterrupted ones bit for bit."""
+
+    def opt(m):
+        return ssam.SSAMD(
+            m.parameters(), torch.optim.SGD, rho=RHO, sparsity=0.5, update_interval=1, total_steps=4, seed=3,
+            **sgd_kw(),
+        )  # fmt: skip
+
+    def steps(model, o, ts):
+        for t in ts:
+            x, y = batch(t)
+            train_step(model, o, mine(x, rank), mine(y, rank))
+
+    a = shard(mlp())
+    oa = opt(a)
+    steps(a, oa, range(2))
+    dcp.save(save_state(a, oa), checkpoint_id=f"{tmp}/ckpt")
+    steps(a, oa, range(2, 4))
+    b = shard(mlp(seed=1))  # other weights: the checkpoint must overwrite everything
+    ob = ssam.SSAMD(b.parameters(), torch.optim.SGD, rho=RHO, sparsity=0.5, update_interval=1, total_steps=4,
+                    seed=99, **sgd_kw())  # fmt: skip
+    load_state(b, ob, f"{tmp}/ckpt")
+    steps(b, ob, range(2, 4))
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p.to_local(), q.to_local())
+    for p, q in zip(oa.masked, ob.masked):
+        assert torch.equal(oa.state[p]["mask"].to_local(), ob.state[q]["mask"].to_local())
+        assert torch.equal(
+            oa.base_optimizer.state[p]["momentum_buffer"].to_local(),
+            ob.base_optimizer.state[q]["momentum_buffer"].to_local(),
+        )
+    assert ob.steps == 4 and torch.equal(oa.generator.get_state(), ob.generator.get_state())
+
+
+def save_state(model, opt):
+    """What train.py --fsdp saves: sharded, keyed by parameter name (DCP reshards on load)."""
+    names = {p: n for n, p in model.named_parameters()}
+    return {
+        "model": model.state_dict(),
+        "base": get_optimizer_state_dict(model, opt.base_optimizer),
+        "masks": {names[p]: opt.state[p]["mask"] for p in opt.masked if "mask" in opt.state[p]},
+        "counters": {k: v for k, v in opt.state_dict()["counters"].items()},
+    }
+
+
+def load_state(model, opt, path):
+    sd = save_state(model, opt)
+    dcp.load(sd, checkpoint_id=path)
+    model.load_state_dict(sd["model"])
+    set_optimizer_state_dict(model, opt.base_optimizer, sd["base"])
+    names = {p: n for n, p in model.named_parameters()}
+    opt.set_masks([sd["masks"][names[p]] for p in opt.masked], count_update=False)
+    for k, v in sd["counters"].items():
+        getattr(opt, k).set_state(v) if isinstance(getattr(opt, k), torch.Generator) else setattr(opt, k, v)
+
+
+def check_bf16(rank):
+    """bf16 compute (fp32 shards): SAM and SSAM-D step; with lr = 0 the step must leave w bit-exact."""
+    pol = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for make in (
+        lambda m: ssam.SAM(m.parameters(), torch.optim.SGD, rho=RHO, lr=0.0),
+        lambda m: ssam.SSAMD(m.parameters(), torch.optim.SGD, rho=RHO, lr=0.0, update_interval=1, total_steps=3),
+    ):
+        model = shard(mlp().float(), pol)
+        opt = make(model)
+        w = [p.to_local().clone() for p in model.parameters()]
+        for t in range(2):
+            x, y = batch(t)
+            loss = F.cross_entropy(model(mine(x, rank).float()), mine(y, rank))
+            loss.backward()
+            opt.first_step(zero_grad=True)
+            assert not all(torch.equal(p.to_local(), v) for p, v in zip(model.parameters(), w))  # perturbed
+            F.cross_entropy(model(mine(x, rank).float()), mine(y, rank)).backward()
+            opt.second_step(zero_grad=True)
+            assert torch.isfinite(loss)
+        assert all(torch.equal(p.to_local(), v) for p, v in zip(model.parameters(), w))
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def check_bad_input(rank):
+    def raises(fn, words):
+        try:
+            fn()
+        except ValueError as e:
+            assert words in str(e), e
+        else:
+            raise AssertionError(f"no ValueError ({words})")
+
+    sharded, plain = shard(mlp()), mlp()
+    data = [batch(9, n=4)]
+    kw = dict(sparsity=0.5, num_samples=4, lr=0.1)
+    o = ssam.SSAMF(sharded.parameters(), torch.optim.SGD, **kw)
+    raises(lambda: o.update_mask(plain, data), "not trainable ones of `model`")  # sharded opt, plain model
+    o = ssam.SSAMF(plain.parameters(), torch.optim.SGD, **kw)
+    raises(lambda: o.update_mask(sharded, data), "not trainable ones of `model`")  # and the reverse
+    late = mlp()
+    o = ssam.SSAMF(late.parameters(), torch.optim.SGD, **kw)  # built before fully_shard swapped the parameters
+    shard(late)
+    raises(lambda: o.update_mask(late, data), "not trainable ones of `model`")
+    mixed = list(sharded.parameters()) + list(plain.parameters())
+    raises(lambda: ssam.SAM(mixed, torch.optim.SGD, lr=0.1), "DTensor")
+    o = ssam.SSAMF(sharded.parameters(), torch.optim.SGD, **kw)
+    w = [p.to_local().clone() for p in sharded.parameters()]
+    sharded[0].weight.grad = None
+    raises(lambda: o.update_mask(sharded, [batch(9 + rank, n=4)]), "differ between ranks")  # other samples
+    assert all(torch.equal(p.to_local(), v) for p, v in zip(sharded.parameters(), w))
+    assert o.last_mask_update < 0 and all(p.grad is None for p in sharded.parameters())
+
+
+def _worker(rank, tmp):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD)
+    runs = {
+        "sam": lambda: check_sam(rank),
+        "asam": lambda: check_sam(rank, adaptive=True),
+        "ssamf_unstructured": lambda: check_ssamf(rank, None),
+        "ssamf_2:4": lambda: check_ssamf(rank, "2:4"),
+        "ssamf_tensor": lambda: check_ssamf(rank, "tensor"),
+        "ssamd_unstructured": lambda: check_ssamd(rank, None),
+        "ssamd_tensor": lambda: check_ssamd(rank, "tensor"),
+        "resume": lambda: check_resume(rank, tmp),
+        "bf16": lambda: check_bf16(rank),
+        "bad_input": lambda: check_bad_input(rank),
+    }
+    results = {}
+    for name in CHECKS:
+        try:
+            runs[name]()
+            results[name] = "ok"
+        except Exception:
+            results[name] = traceback.format_exc()
+        dist.barrier()
+    torch.save(results, f"{tmp}/results{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(_worker, args=(str(tmp),), nprocs=WORLD)
+    return [torch.load(os.path.join(tmp, f"results{r}.pt")) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("name", CHECKS)
+def test_fsdp_matches_unsharded(results, name):
+    for rank, res in enumerate(results):
+        assert res[name] == "ok", f"rank {rank}:\n{res[name]}"
