@@ -451,8 +451,8 @@ def sparse_input_grad(gy, weight, mask):
 def sparse_ascent(model, opt):
     """Around the FIRST pass: nn.Linear layers with an N:M mask in `opt` take dX = dY·(W ⊙ M), so the layers
     below see dY through W ⊙ M (the TPAMI follow-up's "implicit" SSAM). Yields the patched layers."""
-    if not isinstance(getattr(opt, "nm", None), tuple):
-        raise ValueError("sparse_ascent needs an SSAMF/SSAMD optimizer built with structure='N:M' ('2:4')")
+    if not isinstance(getattr(opt, "nm", None), tuple) or hasattr(opt.masked[0], "device_mesh"):
+        raise ValueError("sparse_ascent needs SSAMF/SSAMD, structure='N:M' ('2:4'), unsharded (not FSDP2)")
     state = opt.state
     masked = [m for m in model.modules() if isinstance(m, nn.Linear) and "mask" in state.get(m.weight, ())]
     patched = [m for m in masked if m.weight.shape[0] % opt.nm[1] == 0]  # N:M masks, not the pooled top-k

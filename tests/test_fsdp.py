@@ -290,6 +290,10 @@ def check_bad_input(rank):
     o = ssam.SSAMF(late.parameters(), torch.optim.SGD, **kw)  # built before fully_shard swaps the parameters
     shard(late)
     raises(lambda: o.update_mask(late, data), "not trainable ones of `model`")
+    o = ssam.SSAMF(
+        sharded.parameters(), torch.optim.SGD, structure="2:4", **kw
+    )  # 2:4 backward: unsharded only
+    raises(lambda: ssam.sparse_ascent(sharded, o).__enter__(), "not FSDP2")
     mixed = list(sharded.parameters()) + list(plain.parameters())
     raises(lambda: ssam.SAM(mixed, torch.optim.SGD, lr=0.1), "DTensor")
     o = ssam.SSAMF(sharded.parameters(), torch.optim.SGD, **kw)
