@@ -1,0 +1,173 @@
+"""Issue 16: ssam.py in the loops people already train with. Each test runs an example of examples/ with the
+real package (torch.amp, accelerate, timm, Lightning, transformers) and checks its numbers against a plain
+loop written here: first_step / second_step by hand, the README's fp32 loop."""
+
+import copy
+import functools
+import pathlib
+import runpy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import ssam
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+@functools.cache
+def example(name):
+    return runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name=f"examples.{name}")
+
+
+def mlp(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+
+
+def batch(seed=0, n=16, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 8, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+def make_opt(kind, params, **kw):
+    kw = dict(dict(lr=0.1, momentum=0.9, weight_decay=5e-3, rho=0.05), **kw)
+    if kind == "sam":
+        return ssam.SAM(params, torch.optim.SGD, **kw)
+    if kind == "ssamf":
+        return ssam.SSAMF(params, torch.optim.SGD, **dict(dict(num_samples=8, update_interval=2), **kw))
+    return ssam.SSAMD(params, torch.optim.SGD, **dict(dict(total_steps=10, update_interval=2, seed=0), **kw))
+
+
+def plain_step(model, opt, x, y, clip=None, fisher=None):
+    """The README's fp32 loop: the oracle. Clipping, if any, of the descent gradient."""
+    if isinstance(opt, ssam.SSAMF) and opt.mask_update_due:
+        opt.update_mask(model, fisher or [(x, y)])
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    with ssam.frozen_bn_stats(model):
+        F.cross_entropy(model(x), y).backward()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.second_step(zero_grad=True)
+
+
+def weights(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_bitwise(a, b):
+    assert len(a) == len(b)
+    for u, v in zip(a, b):
+        assert u.dtype == v.dtype and torch.equal(u, v), (u - v).abs().max()
+
+
+def fixed_scaler(scale=2.0**12):
+    return torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=10**9)
+
+
+# ---- torch.amp: GradScaler (fp16 logic on the CPU), bf16 autocast, clipping ------------------------
+@pytest.mark.parametrize("clip", [None, 0.05])
+@pytest.mark.parametrize("kind", ["sam", "ssamf", "ssamd"])
+def test_gradscaler_fixed_scale_equals_fp32_bitwise(kind, clip):
+    """fp32 compute, a fixed power-of-2 scale: scaling and unscaling are exact, so the example's GradScaler loop
+    (its unscale of pass 1, its clipping after unscale_) gives the fp32 loop's weights bit for bit. Tolerance 0."""
+    sam_step = example("amp")["sam_step"]
+    a, b = mlp(), mlp()
+    oa, ob = make_opt(kind, a.parameters()), make_opt(kind, b.parameters())
+    scaler = fixed_scaler()
+    for s in range(4):
+        x, y = batch(s)
+        if kind == "ssamf" and ob.mask_update_due:
+            ob.update_mask(b, [(x, y)])
+        sam_step(b, ob, scaler, x, y, clip=clip)
+        plain_step(a, oa, x, y, clip=clip)
+    assert_bitwise(weights(b), weights(a))
+    assert ob.steps == oa.steps == 4 and scaler.get_scale() == 2.0**12
+    assert_bitwise([t for s in ob.state_dict()["base"]["state"].values() for t in s.values()],
+                   [t for s in oa.state_dict()["base"]["state"].values() for t in s.values()])  # fmt: skip
+    if clip is not None:  # the test can fail: clipping changes the weights here
+        c, oc = mlp(), None
+        oc = make_opt(kind, c.parameters())
+        for s in range(4):
+            plain_step(c, oc, *batch(s))
+        assert not all(torch.equal(u, v) for u, v in zip(weights(c), weights(a)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_fp16_and_bf16_close_to_fp32(dtype):
+    """Real fp16 (GradScaler, dynamic scale) and bf16 autocast on the CPU: weights after 4 steps within 2% of
+    the fp32 loop's change of the weights (fp16: 10 mantissa bits, bf16: 7)."""
+    sam_step = example("amp")["sam_step"]
+    a, b = mlp(), mlp()
+    w0 = weights(a)
+    oa, ob = make_opt("ssamd", a.parameters()), make_opt("ssamd", b.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)
+    for s in range(4):
+        x, y = batch(s)
+        sam_step(b, ob, scaler, x, y, torch.autocast("cpu", dtype=dtype), clip=1.0)
+        plain_step(a, oa, x, y, clip=1.0)
+    change = max((u - w).abs().max() for u, w in zip(weights(a), w0))
+    err = max((u - v).abs().max() for u, v in zip(weights(b), weights(a)))
+    assert ob.steps == 4 and 0 < err <= 0.02 * change, (err, change)
+
+
+class InfAt(nn.Module):
+    """Multiplies the output by inf on the forward calls listed (0-based): an overflow in that pass."""
+
+    def __init__(self, net, calls):
+        super().__init__()
+        self.net, self.calls, self.n = net, calls, 0
+
+    def forward(self, x):
+        out = self.net(x)
+        self.n += 1
+        return out * float("inf") if self.n - 1 in self.calls else out
+
+
+@pytest.mark.parametrize("bad_pass", [1, 2])
+@pytest.mark.parametrize("kind", ["sam", "ssamd"])
+def test_gradscaler_inf_in_either_pass_skips_exactly(kind, bad_pass):
+    """Step 2 overflows in pass 1 or pass 2: w bit-exact, momentum untouched, no step counted, the scale halved;
+    the steps around it run (clipping, unscale_ each optimizer once: no RuntimeError) and match the fp32 loop
+    that simply leaves step 2 out."""
+    sam_step = example("amp")["sam_step"]
+    b = InfAt(mlp(), calls={2 + bad_pass - 1})  # step 0: calls 0, 1; step 1: calls 2, 3
+    ob = make_opt(kind, b.parameters(), **({"update_interval": 100} if kind == "ssamd" else {}))
+    a = mlp()
+    oa = make_opt(kind, a.parameters(), **({"update_interval": 100} if kind == "ssamd" else {}))
+    scaler = fixed_scaler()
+    sam_step(b, ob, scaler, *batch(0), clip=1.0)
+    plain_step(a, oa, *batch(0), clip=1.0)
+    w, mom = weights(b), [t.clone() for s in ob.base_optimizer.state.values() for t in s.values()]
+    sam_step(b, ob, scaler, *batch(1), clip=1.0)
+    assert_bitwise(weights(b), w)
+    assert_bitwise([t for s in ob.base_optimizer.state.values() for t in s.values()], mom)
+    assert ob.steps == 1 and scaler.get_scale() == 2.0**11 and ob._w is None
+    sam_step(b, ob, scaler, *batch(2), clip=1.0)
+    plain_step(a, oa, *batch(2), clip=1.0)
+    assert_bitwise(weights(b), weights(a))
+    assert ob.steps == 2 and scaler.get_scale() == 2.0**11
+
+
+def test_clipping_is_of_the_descent_gradient_and_eps_norm_stays_rho():
+    """The example clips after pass 2 (after unscale_): the SGD update (lr 0.1, no momentum or decay) has norm
+    lr * clip; eps (the weights pass 2 runs at, minus w) has norm rho under a clip far below ||g||."""
+    sam_step = example("amp")["sam_step"]
+    model = mlp(dtype=torch.float64)
+    opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append(weights(m)))
+    scaler = fixed_scaler()
+
+    def norm(xs, ys):
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(u - v) for u, v in zip(xs, ys)]))
+
+    for s in range(3):
+        x, y = batch(s, dtype=torch.float64)
+        sam_step(model, opt, scaler, x, y, clip=1e-4)
+        w, w_eps = seen[-2], seen[-1]
+        assert abs(norm(w_eps, w).item() - 0.05) < 1e-12  # ||eps|| = rho
+        assert abs(norm(weights(model), w).item() - 0.1 * 1e-4) < 1e-15  # ||lr * clipped g(w + eps)||
