@@ -170,4 +170,4 @@ def test_clipping_is_of_the_descent_gradient_and_eps_norm_stays_rho():
         sam_step(model, opt, scaler, x, y, clip=1e-4)
         w, w_eps = seen[-2], seen[-1]
         assert abs(norm(w_eps, w).item() - 0.05) < 1e-12  # ||eps|| = rho
-        assert abs(norm(weights(model), w).item() - 0.1 * 1e-4) < 1e-15  # ||lr * clipped g(w + eps)||
+        assert abs(norm(weights(model), w).item() - 0.1 * 1e-4) < 1e-10  # lr * clip (clip_grad_norm_: norm + 1e-6)
