@@ -171,3 +171,66 @@ def test_clipping_is_of_the_descent_gradient_and_eps_norm_stays_rho():
         w, w_eps = seen[-2], seen[-1]
         assert abs(norm(w_eps, w).item() - 0.05) < 1e-12  # ||eps|| = rho
         assert abs(norm(weights(model), w).item() - 0.1 * 1e-4) < 1e-10  # lr * clip (clip_grad_norm_: norm + 1e-6)
+
+
+# ---- gradient accumulation, accelerate, timm --------------------------------------------------------
+@pytest.mark.parametrize("kind", ["sam", "ssamf", "ssamd"])
+def test_accumulation_k_micro_batches_equal_one_full_batch_step(kind):
+    """BatchNorm-free, float64: 4 micro-batches of 8 per step give the full batch's step (SSAM-F's Fisher from
+    the micro-batches, SSAM-D's drop-and-grow from the accumulated gradient): weights and masks to 1e-12."""
+    step = example("accumulation")["sam_step_accumulated"]
+    a, b = mlp(dtype=torch.float64), mlp(dtype=torch.float64)
+    oa, ob = make_opt(kind, a.parameters()), make_opt(kind, b.parameters())
+    for s in range(4):
+        x, y = batch(s, n=32, dtype=torch.float64)
+        micro = list(zip(x.chunk(4), y.chunk(4)))
+        if kind == "ssamf" and ob.mask_update_due:
+            ob.update_mask(b, micro)
+        step(b, ob, micro)
+        plain_step(a, oa, x, y)
+        if kind != "sam":
+            assert all(torch.equal(u, v) for u, v in zip(ob.masks(), oa.masks()))
+    for u, v in zip(weights(b), weights(a)):
+        torch.testing.assert_close(u, v, atol=1e-12, rtol=0)
+    assert ob.steps == 4 and (kind == "sam" or ob.last_mask_update == oa.last_mask_update == 2)
+
+
+@pytest.mark.parametrize("kind", ["sam", "ssamd"])
+def test_accelerate_no_sync_and_accumulate_equal_the_plain_loop(kind):
+    """accelerate (the real Accelerator, one CPU process): no_sync ascent, accumulate(model) descent over 2
+    micro-batches, AcceleratedOptimizer.step() as SAM's second step: the plain full-batch loop's weights."""
+    train = example("accelerate_loop")["train"]
+    a, b = mlp(dtype=torch.float64), mlp(dtype=torch.float64)
+    oa, ob = make_opt(kind, a.parameters()), make_opt(kind, b.parameters())
+    batches = [batch(s, n=32, dtype=torch.float64) for s in range(4)]
+    b = train(b, ob, batches, k=2)
+    for x, y in batches:
+        plain_step(a, oa, x, y)
+    for u, v in zip(weights(b), weights(a)):
+        torch.testing.assert_close(u, v, atol=1e-12, rtol=0)
+    assert ob.steps == 4 and ob._w is None
+
+
+@pytest.mark.parametrize("kind", ["sam", "ssamd"])
+def test_timm_optimizer_factory_groups_kept(kind):
+    """timm's test_resnet (no pretrained weights) and create_optimizer_v2's groups (no decay on norms and
+    biases) wrapped by SSAM: the groups keep their weight_decay and get rho; the weights equal a plain loop over
+    groups built here by timm's documented rule (decay only on tensors of 2+ dimensions)."""
+    ex = example("timm_model")
+    model, opt = ex["build"](kind=kind, total_steps=10)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 5e-4]
+    assert all(g["rho"] == 0.05 and g["lr"] == 0.05 for g in opt.param_groups)
+    ref = copy.deepcopy(model)
+    plain = [p for p in ref.parameters() if p.ndim <= 1], [p for p in ref.parameters() if p.ndim > 1]
+    base = torch.optim.SGD([{"params": plain[0], "weight_decay": 0.0}, {"params": plain[1], "weight_decay": 5e-4}],
+                           lr=0.05, momentum=0.9)  # fmt: skip
+    oref = ssam.SAM(ref.parameters(), base) if kind == "sam" else None
+    if kind != "sam":
+        oref = ssam.SSAMD(base.param_groups, base, rho=0.05, sparsity=0.5, total_steps=10, seed=0)
+    for s in range(3):
+        g = torch.Generator().manual_seed(s)
+        x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 4, (8,), generator=g)
+        ex["sam_step"](model, opt, x, y)
+        plain_step(ref, oref, x, y)
+    assert_bitwise(weights(model), weights(ref))
+    assert_bitwise([b for m in model.modules() for b in m.buffers()], [b for m in ref.modules() for b in m.buffers()])
