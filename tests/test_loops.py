@@ -234,3 +234,68 @@ def test_timm_optimizer_factory_groups_kept(kind):
         plain_step(ref, oref, x, y)
     assert_bitwise(weights(model), weights(ref))
     assert_bitwise([b for m in model.modules() for b in m.buffers()], [b for m in ref.modules() for b in m.buffers()])
+
+
+# ---- Lightning ---------------------------------------------------------------------------------------
+def lightning_fit(module, loader, root, max_epochs, ckpt_path=None):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    checkpoints = ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1)
+    trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False, callbacks=[checkpoints],
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)  # fmt: skip
+    trainer.fit(module, loader, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_lightning_counts_steps_checkpoints_and_resumes_exactly(tmp_path):
+    """SSAM-F (momentum; mask refreshed every 2 steps from on_train_batch_start) in a LightningModule with
+    automatic_optimization=False: global_step counts optimizer steps, ModelCheckpoint saves at step 2, and a
+    run resumed from that file ends (step 4) bit-exact on the plain loop's weights, as does the whole run."""
+    SAMModule = example("lightning_loop")["SAMModule"]
+
+    def make(ps):
+        return ssam.SSAMF(ps, torch.optim.SGD, rho=0.05, num_samples=8, update_interval=2, lr=0.1, momentum=0.9)
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 16, generator=g), torch.randint(0, 4, (16,), generator=g)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    torch.manual_seed(0)
+    module = SAMModule(make)
+    ref, whole = copy.deepcopy(module.net), copy.deepcopy(module)
+    oref = make(ref.parameters())
+    for _ in range(2):
+        for xb, yb in loader:
+            plain_step(ref, oref, xb, yb)
+    trainer = lightning_fit(module, loader, tmp_path / "a", max_epochs=1)
+    assert trainer.global_step == 2 and [p.name for p in (tmp_path / "a").iterdir()] == ["epoch=0-step=2.ckpt"]
+    resumed = SAMModule(make)
+    trainer = lightning_fit(resumed, loader, tmp_path / "b", 2, ckpt_path=tmp_path / "a" / "epoch=0-step=2.ckpt")
+    assert trainer.global_step == 4 and sorted(p.name for p in (tmp_path / "b").iterdir())[-1] == "epoch=1-step=4.ckpt"
+    sam = trainer.optimizers[0]
+    assert sam.steps == 4 and sam.last_mask_update == 2  # the hook refreshed the mask after the resume
+    assert_bitwise(weights(resumed.net), weights(ref))
+    assert all(torch.equal(u, v) for u, v in zip(sam.masks(), oref.masks()))
+    lightning_fit(whole, loader, tmp_path / "c", max_epochs=2)
+    assert_bitwise(weights(whole.net), weights(ref))
+
+
+def test_lightning_checkpoint_without_ssam_state(tmp_path):
+    """A Lightning checkpoint whose optimizer state lost the SSAM entries: no 'counters' stops the resume with
+    a ValueError naming it; no 'base' (a plain optimizer's state) resumes with a warning naming 'base'."""
+    SAMModule = example("lightning_loop")["SAMModule"]
+
+    def make(ps):
+        return ssam.SAM(ps, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+
+    x, y = batch(0, n=16)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 16), y), batch_size=8)
+    lightning_fit(SAMModule(make), loader, tmp_path / "a", max_epochs=1)
+    ckpt = torch.load(tmp_path / "a" / "epoch=0-step=2.ckpt", weights_only=False)
+    for lost, expect in [("counters", pytest.raises(ValueError, match="'counters'")),
+                         ("base", pytest.warns(UserWarning, match="'base'"))]:  # fmt: skip
+        bad = copy.deepcopy(ckpt)
+        del bad["optimizer_states"][0][lost]
+        torch.save(bad, tmp_path / f"no-{lost}.ckpt")
+        with expect:
+            lightning_fit(SAMModule(make), loader, tmp_path / lost, 2, ckpt_path=tmp_path / f"no-{lost}.ckpt")
