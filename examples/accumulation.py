@@ -3,9 +3,9 @@
     python examples/accumulation.py          # a tiny MLP on random data, on the CPU
 
 Semantics: each pass sums the micro-batch gradients of loss / k (equal micro-batches, a mean loss), so pass 1
-gives the full batch's gradient at w (eps = rho * g / ||g|| from it; SSAM-D drops and grows from it) and pass 2
-the full batch's gradient at w + eps. Without BatchNorm that is one step on the full batch (the rounding of a
-sum aside); BatchNorm normalizes each micro-batch with its own statistics, as in any accumulated loop.
+gives the full batch's gradient at w (eps = rho * g / ||g|| from it; SSAM-D drops and grows from it) and
+pass 2 the full batch's gradient at w + eps. Without BatchNorm that is one step on the full batch (rounding
+of the sums aside); BatchNorm normalizes each micro-batch with its own statistics, as in any accumulated loop.
 SSAM-F's Fisher is per sample: update_mask takes the micro-batches as they come.
 """
 

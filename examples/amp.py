@@ -7,7 +7,7 @@ One step (the same lines run fp32 or bf16 with GradScaler(enabled=False), where 
     scaler.scale(loss).backward()         pass 1 at w. Its gradient stays scaled: eps = rho * g / ||g|| does
                                           not depend on the scale.
     scaler.unscale_(opt.base_optimizer)   records an inf/NaN of pass 1 for scaler.update(), under the base
-                                          optimizer's key: pass 2 unscales under opt's, so nothing is unscaled twice
+                                          optimizer's key; pass 2 unscales under opt's: never unscaled twice
     opt.first_step(zero_grad=True)        w -> w + eps; an inf/NaN in pass 1 gives eps = 0
     scaler.scale(loss2).backward()        pass 2 at w + eps
     scaler.unscale_(opt); clip            optional: clip the DESCENT gradient, unscaled (clipping before

@@ -37,9 +37,16 @@ class SAMTrainer(transformers.Trainer):
 def tiny_bert(seed=0):
     torch.manual_seed(seed)
     config = transformers.BertConfig(
-        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=16, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )  # fmt: skip
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     return transformers.BertForSequenceClassification(config)
 
 
@@ -54,21 +61,32 @@ def token_data(n=32, length=12, seed=0):
 
 
 def arguments(output_dir, max_steps, **kwargs):
+    """Trainer's own clipping and linear LR schedule; the optimizer's lr is the schedule's start."""
+    defaults = dict(
+        per_device_train_batch_size=8, lr_scheduler_type="linear", max_grad_norm=1.0, use_cpu=True
+    )
+    defaults.update(
+        train_sampling_strategy="sequential", report_to=[], disable_tqdm=True, logging_strategy="no"
+    )
+    defaults.update(save_strategy="no")
     return transformers.TrainingArguments(
-        output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=8, learning_rate=0.1,
-        lr_scheduler_type="linear", max_grad_norm=1.0, train_sampling_strategy="sequential", use_cpu=True,
-        report_to=[], disable_tqdm=True, logging_strategy="no", save_strategy="no", **kwargs,
-    )  # fmt: skip
+        output_dir=output_dir, max_steps=max_steps, **dict(defaults, **kwargs)
+    )
 
 
 def main(steps=8):
     model = tiny_bert()
-    opt = ssam.SSAMD(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, total_steps=steps, seed=0, lr=0.1)
+    opt = ssam.SSAMD(
+        model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, total_steps=steps, seed=0, lr=0.1
+    )
     with tempfile.TemporaryDirectory() as out:
-        trainer = SAMTrainer(model=model, args=arguments(out, steps), train_dataset=token_data(),
-                             optimizers=(opt, None))  # fmt: skip
+        trainer = SAMTrainer(
+            model=model, args=arguments(out, steps), train_dataset=token_data(), optimizers=(opt, None)
+        )
         trainer.train()
-    print(f"global_step {trainer.state.global_step}, SAM steps {opt.steps}, lr {opt.param_groups[0]['lr']:.4f}")
+    print(
+        f"global_step {trainer.state.global_step}, SAM steps {opt.steps}, lr {opt.param_groups[0]['lr']:.4f}"
+    )
 
 
 if __name__ == "__main__":

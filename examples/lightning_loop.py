@@ -56,7 +56,9 @@ def main(max_epochs=3):
     torch.manual_seed(0)
     x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
-    module = SAMModule(lambda ps: ssam.SSAMF(ps, torch.optim.SGD, rho=0.05, num_samples=16, update_interval=4, lr=0.1))
+    module = SAMModule(
+        lambda ps: ssam.SSAMF(ps, torch.optim.SGD, rho=0.05, num_samples=16, update_interval=4, lr=0.1)
+    )
     trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False)
     trainer.fit(module, loader)
     print(f"global_step {trainer.global_step}, loss {F.cross_entropy(module(x), y).item():.4f}")

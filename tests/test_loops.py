@@ -72,8 +72,8 @@ def fixed_scaler(scale=2.0**12):
 @pytest.mark.parametrize("clip", [None, 0.05])
 @pytest.mark.parametrize("kind", ["sam", "ssamf", "ssamd"])
 def test_gradscaler_fixed_scale_equals_fp32_bitwise(kind, clip):
-    """fp32 compute, a fixed power-of-2 scale: scaling and unscaling are exact, so the example's GradScaler loop
-    (its unscale of pass 1, its clipping after unscale_) gives the fp32 loop's weights bit for bit. Tolerance 0."""
+    """fp32 compute, a fixed power-of-2 scale: scaling and unscaling are exact, so the example's GradScaler
+    loop (its unscale of pass 1, its clipping after unscale_) gives the fp32 loop's weights bit for bit."""
     sam_step = example("amp")["sam_step"]
     a, b = mlp(), mlp()
     oa, ob = make_opt(kind, a.parameters()), make_opt(kind, b.parameters())
@@ -86,8 +86,10 @@ def test_gradscaler_fixed_scale_equals_fp32_bitwise(kind, clip):
         plain_step(a, oa, x, y, clip=clip)
     assert_bitwise(weights(b), weights(a))
     assert ob.steps == oa.steps == 4 and scaler.get_scale() == 2.0**12
-    assert_bitwise([t for s in ob.state_dict()["base"]["state"].values() for t in s.values()],
-                   [t for s in oa.state_dict()["base"]["state"].values() for t in s.values()])  # fmt: skip
+    assert_bitwise(
+        [t for s in ob.state_dict()["base"]["state"].values() for t in s.values()],
+        [t for s in oa.state_dict()["base"]["state"].values() for t in s.values()],
+    )
     if clip is not None:  # the test can fail: clipping changes the weights here
         c, oc = mlp(), None
         oc = make_opt(kind, c.parameters())
@@ -130,9 +132,9 @@ class InfAt(nn.Module):
 @pytest.mark.parametrize("bad_pass", [1, 2])
 @pytest.mark.parametrize("kind", ["sam", "ssamd"])
 def test_gradscaler_inf_in_either_pass_skips_exactly(kind, bad_pass):
-    """Step 2 overflows in pass 1 or pass 2: w bit-exact, momentum untouched, no step counted, the scale halved;
-    the steps around it run (clipping, unscale_ each optimizer once: no RuntimeError) and match the fp32 loop
-    that simply leaves step 2 out."""
+    """Step 2 overflows in pass 1 or pass 2: w bit-exact, momentum untouched, no step counted, the scale
+    halved; the steps around it run (clipping, unscale_ each optimizer once: no RuntimeError) and match the
+    fp32 loop that simply leaves step 2 out."""
     sam_step = example("amp")["sam_step"]
     b = InfAt(mlp(), calls={2 + bad_pass - 1})  # step 0: calls 0, 1; step 1: calls 2, 3
     ob = make_opt(kind, b.parameters(), **({"update_interval": 100} if kind == "ssamd" else {}))
@@ -163,14 +165,18 @@ def test_clipping_is_of_the_descent_gradient_and_eps_norm_stays_rho():
     scaler = fixed_scaler()
 
     def norm(xs, ys):
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(u - v) for u, v in zip(xs, ys)]))
+        return torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(u - v) for u, v in zip(xs, ys)])
+        )
 
     for s in range(3):
         x, y = batch(s, dtype=torch.float64)
         sam_step(model, opt, scaler, x, y, clip=1e-4)
         w, w_eps = seen[-2], seen[-1]
         assert abs(norm(w_eps, w).item() - 0.05) < 1e-12  # ||eps|| = rho
-        assert abs(norm(weights(model), w).item() - 0.1 * 1e-4) < 1e-10  # lr * clip (clip_grad_norm_: norm + 1e-6)
+        assert (
+            abs(norm(weights(model), w).item() - 0.1 * 1e-4) < 1e-10
+        )  # lr * clip (clip_grad_norm_: norm + 1e-6)
 
 
 # ---- gradient accumulation, accelerate, timm --------------------------------------------------------
@@ -214,16 +220,16 @@ def test_accelerate_no_sync_and_accumulate_equal_the_plain_loop(kind):
 @pytest.mark.parametrize("kind", ["sam", "ssamd"])
 def test_timm_optimizer_factory_groups_kept(kind):
     """timm's test_resnet (no pretrained weights) and create_optimizer_v2's groups (no decay on norms and
-    biases) wrapped by SSAM: the groups keep their weight_decay and get rho; the weights equal a plain loop over
-    groups built here by timm's documented rule (decay only on tensors of 2+ dimensions)."""
+    biases) wrapped by SSAM: the groups keep their weight_decay and get rho; the weights equal a plain loop
+    over groups built here by timm's documented rule (decay only on tensors of 2+ dimensions)."""
     ex = example("timm_model")
     model, opt = ex["build"](kind=kind, total_steps=10)
     assert [g["weight_decay"] for g in opt.param_groups] == [0.0, 5e-4]
     assert all(g["rho"] == 0.05 and g["lr"] == 0.05 for g in opt.param_groups)
     ref = copy.deepcopy(model)
     plain = [p for p in ref.parameters() if p.ndim <= 1], [p for p in ref.parameters() if p.ndim > 1]
-    base = torch.optim.SGD([{"params": plain[0], "weight_decay": 0.0}, {"params": plain[1], "weight_decay": 5e-4}],
-                           lr=0.05, momentum=0.9)  # fmt: skip
+    groups = [{"params": plain[0], "weight_decay": 0.0}, {"params": plain[1], "weight_decay": 5e-4}]
+    base = torch.optim.SGD(groups, lr=0.05, momentum=0.9)
     oref = ssam.SAM(ref.parameters(), base) if kind == "sam" else None
     if kind != "sam":
         oref = ssam.SSAMD(base.param_groups, base, rho=0.05, sparsity=0.5, total_steps=10, seed=0)
@@ -233,7 +239,9 @@ def test_timm_optimizer_factory_groups_kept(kind):
         ex["sam_step"](model, opt, x, y)
         plain_step(ref, oref, x, y)
     assert_bitwise(weights(model), weights(ref))
-    assert_bitwise([b for m in model.modules() for b in m.buffers()], [b for m in ref.modules() for b in m.buffers()])
+    assert_bitwise(
+        [b for m in model.modules() for b in m.buffers()], [b for m in ref.modules() for b in m.buffers()]
+    )
 
 
 # ---- Lightning ---------------------------------------------------------------------------------------
@@ -242,8 +250,8 @@ def lightning_fit(module, loader, root, max_epochs, ckpt_path=None):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     checkpoints = ModelCheckpoint(dirpath=root, every_n_train_steps=2, save_top_k=-1)
-    trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False, callbacks=[checkpoints],
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)  # fmt: skip
+    quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, callbacks=[checkpoints], **quiet)
     trainer.fit(module, loader, ckpt_path=ckpt_path)
     return trainer
 
@@ -255,7 +263,9 @@ def test_lightning_counts_steps_checkpoints_and_resumes_exactly(tmp_path):
     SAMModule = example("lightning_loop")["SAMModule"]
 
     def make(ps):
-        return ssam.SSAMF(ps, torch.optim.SGD, rho=0.05, num_samples=8, update_interval=2, lr=0.1, momentum=0.9)
+        return ssam.SSAMF(
+            ps, torch.optim.SGD, rho=0.05, num_samples=8, update_interval=2, lr=0.1, momentum=0.9
+        )
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(16, 16, generator=g), torch.randint(0, 4, (16,), generator=g)
@@ -268,10 +278,17 @@ def test_lightning_counts_steps_checkpoints_and_resumes_exactly(tmp_path):
         for xb, yb in loader:
             plain_step(ref, oref, xb, yb)
     trainer = lightning_fit(module, loader, tmp_path / "a", max_epochs=1)
-    assert trainer.global_step == 2 and [p.name for p in (tmp_path / "a").iterdir()] == ["epoch=0-step=2.ckpt"]
+    assert trainer.global_step == 2 and [p.name for p in (tmp_path / "a").iterdir()] == [
+        "epoch=0-step=2.ckpt"
+    ]
     resumed = SAMModule(make)
-    trainer = lightning_fit(resumed, loader, tmp_path / "b", 2, ckpt_path=tmp_path / "a" / "epoch=0-step=2.ckpt")
-    assert trainer.global_step == 4 and sorted(p.name for p in (tmp_path / "b").iterdir())[-1] == "epoch=1-step=4.ckpt"
+    trainer = lightning_fit(
+        resumed, loader, tmp_path / "b", 2, ckpt_path=tmp_path / "a" / "epoch=0-step=2.ckpt"
+    )
+    assert (
+        trainer.global_step == 4
+        and sorted(p.name for p in (tmp_path / "b").iterdir())[-1] == "epoch=1-step=4.ckpt"
+    )
     sam = trainer.optimizers[0]
     assert sam.steps == 4 and sam.last_mask_update == 2  # the hook refreshed the mask after the resume
     assert_bitwise(weights(resumed.net), weights(ref))
@@ -292,10 +309,128 @@ def test_lightning_checkpoint_without_ssam_state(tmp_path):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 16), y), batch_size=8)
     lightning_fit(SAMModule(make), loader, tmp_path / "a", max_epochs=1)
     ckpt = torch.load(tmp_path / "a" / "epoch=0-step=2.ckpt", weights_only=False)
-    for lost, expect in [("counters", pytest.raises(ValueError, match="'counters'")),
-                         ("base", pytest.warns(UserWarning, match="'base'"))]:  # fmt: skip
+    for lost, expect in [
+        ("counters", pytest.raises(ValueError, match="'counters'")),
+        ("base", pytest.warns(UserWarning, match="'base'")),
+    ]:
         bad = copy.deepcopy(ckpt)
         del bad["optimizer_states"][0][lost]
         torch.save(bad, tmp_path / f"no-{lost}.ckpt")
         with expect:
             lightning_fit(SAMModule(make), loader, tmp_path / lost, 2, ckpt_path=tmp_path / f"no-{lost}.ckpt")
+
+
+# ---- Hugging Face Trainer -----------------------------------------------------------------------------
+def stack(samples):
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+def hf_opt(kind, params):
+    kw = dict(rho=0.05, lr=0.1, momentum=0.9)
+    if kind == "sam":
+        return ssam.SAM(params, torch.optim.SGD, **kw)
+    if kind == "ssamf":
+        return ssam.SSAMF(params, torch.optim.SGD, num_samples=8, update_interval=2, **kw)
+    return ssam.SSAMD(params, torch.optim.SGD, total_steps=4, update_interval=2, seed=0, **kw)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")  # the oracle calls second_step, not step
+@pytest.mark.parametrize("kind", ["sam", "ssamf", "ssamd"])
+def test_hf_trainer_clips_schedules_and_resumes_like_the_plain_loop(kind, tmp_path):
+    """The example's Trainer subclass (tiny BERT from a config, padded dict batches, max_grad_norm 0.05 so
+    that Trainer's clipping bites, linear LR decay): 4 steps, checkpoint at 2, resume to 4: the weights equal
+    the plain loop that clips the descent gradient and decays lr by (4 - t) / 4, written here; so does the
+    uninterrupted run."""
+    ex = example("hf_trainer")
+    data = ex["token_data"]()
+    torch.manual_seed(0)
+    ref = ex["tiny_bert"]()
+    oref = hf_opt(kind, ref.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(oref, lambda t: (4 - t) / 4)
+    for t in range(4):
+        b = stack(data[8 * t : 8 * t + 8])
+        if kind == "ssamf" and oref.mask_update_due:
+            oref.update_mask(ref, [b])
+        ref(**b).loss.backward()
+        oref.first_step(zero_grad=True)
+        ref(**b).loss.backward()
+        assert torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05) > 0.05  # the clip bites
+        oref.second_step(zero_grad=True)
+        sched.step()
+
+    def run(out, resume=None):
+        model = ex["tiny_bert"]()
+        opt = hf_opt(kind, model.parameters())
+        args = ex["arguments"](str(out), 4, max_grad_norm=0.05, save_strategy="steps", save_steps=2)
+        trainer = ex["SAMTrainer"](model=model, args=args, train_dataset=data, optimizers=(opt, None))
+        trainer.train(resume_from_checkpoint=resume)
+        assert trainer.state.global_step == 4 and opt.steps == 4
+        return model, opt
+
+    model, opt = run(tmp_path / "a")
+    assert_bitwise(weights(model), weights(ref))
+    resumed, ropt = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-2"))
+    assert_bitwise(weights(resumed), weights(ref))
+    assert ropt.param_groups[0]["lr"] == oref.param_groups[0]["lr"] == 0.0
+    if kind != "sam":
+        assert (
+            all(torch.equal(u, v) for u, v in zip(ropt.masks(), oref.masks())) and ropt.last_mask_update == 2
+        )
+
+
+def test_fisher_takes_hf_dict_batches_with_padding():
+    """update_mask on HF batches as they come (a dict of input_ids, attention_mask with right padding, labels;
+    the model returns a ModelOutput): the mask equals the top half of a Fisher computed here sample by sample,
+    each sample cut to its own length (its attention_mask) and run alone. float64."""
+    ex = example("hf_trainer")
+    data = ex["token_data"](n=12)
+    model = ex["tiny_bert"]().double()
+    opt = ssam.SSAMF(model.parameters(), torch.optim.SGD, sparsity=0.5, num_samples=10, lr=0.1)
+    batches = [stack(data[:8]), stack(data[8:])]
+    assert (batches[0]["attention_mask"] == 0).any()  # padding in the batch
+    opt.update_mask(model, batches)
+    params = [p for p in model.parameters()]
+    fisher = [torch.zeros_like(p) for p in params]
+    for s in data[:10]:
+        n = int(s["attention_mask"].sum())
+        loss = model(input_ids=s["input_ids"][None, :n], labels=s["labels"][None]).loss
+        for f, g in zip(fisher, torch.autograd.grad(loss, params, allow_unused=True)):
+            f += 0 if g is None else g**2
+    flat = torch.cat([f.flatten() for f in fisher])
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep[flat.topk(round(0.5 * len(flat))).indices] = True
+    assert torch.equal(torch.cat([m.flatten() for m in opt.masks()]), keep)
+
+
+# ---- bad input -----------------------------------------------------------------------------------------
+def test_ddp_wrapper_refused_where_the_inner_model_is_needed(tmp_path):
+    """update_mask runs one backward per sample: through DistributedDataParallel each would all-reduce. The
+    wrapper is refused with a ValueError naming model.module; the inner model works. frozen_bn_stats takes
+    either (it only walks the modules)."""
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1
+    )
+    try:
+        model = mlp()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = make_opt("ssamf", model.parameters())
+        with pytest.raises(ValueError, match="model.module"):
+            opt.update_mask(ddp, [batch(0)])
+        assert opt.last_mask_update == -1  # nothing half-applied
+        opt.update_mask(ddp.module, [batch(0)])
+        with ssam.frozen_bn_stats(ddp):
+            pass
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_step_without_closure_needs_first_step():
+    """SAM.step() without a closure is the second step (scaler.step, Trainer, accelerate); unperturbed, it is
+    the old mistake of a plain optimizer's loop: a ValueError, nothing changed."""
+    model = mlp()
+    opt = make_opt("sam", model.parameters())
+    F.cross_entropy(model(batch(0)[0]), batch(0)[1]).backward()
+    w = weights(model)
+    with pytest.raises(ValueError, match="closure"):
+        opt.step()
+    assert_bitwise(weights(model), w) and opt.steps == 0
