@@ -59,7 +59,13 @@ def main(max_epochs=3):
     module = SAMModule(
         lambda ps: ssam.SSAMF(ps, torch.optim.SGD, rho=0.05, num_samples=16, update_interval=4, lr=0.1)
     )
-    trainer = L.Trainer(max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False)
+    trainer = L.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    )
     trainer.fit(module, loader)
     print(f"global_step {trainer.global_step}, loss {F.cross_entropy(module(x), y).item():.4f}")
 

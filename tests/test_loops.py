@@ -298,8 +298,9 @@ def test_lightning_counts_steps_checkpoints_and_resumes_exactly(tmp_path):
 
 
 def test_lightning_checkpoint_without_ssam_state(tmp_path):
-    """A Lightning checkpoint whose optimizer state lost the SSAM entries: no 'counters' stops the resume with
-    a ValueError naming it; no 'base' (a plain optimizer's state) resumes with a warning naming 'base'."""
+    """A Lightning checkpoint whose optimizer state lost an SSAM entry ('base': the base optimizer's state,
+    'counters'): the resume warns, naming what is missing, and loads only the group settings (as the warning
+    says: the SAM step counter starts again from 0)."""
     SAMModule = example("lightning_loop")["SAMModule"]
 
     def make(ps):
@@ -309,15 +310,13 @@ def test_lightning_checkpoint_without_ssam_state(tmp_path):
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 16), y), batch_size=8)
     lightning_fit(SAMModule(make), loader, tmp_path / "a", max_epochs=1)
     ckpt = torch.load(tmp_path / "a" / "epoch=0-step=2.ckpt", weights_only=False)
-    for lost, expect in [
-        ("counters", pytest.raises(ValueError, match="'counters'")),
-        ("base", pytest.warns(UserWarning, match="'base'")),
-    ]:
+    for lost in ["counters", "base"]:
         bad = copy.deepcopy(ckpt)
         del bad["optimizer_states"][0][lost]
         torch.save(bad, tmp_path / f"no-{lost}.ckpt")
-        with expect:
-            lightning_fit(SAMModule(make), loader, tmp_path / lost, 2, ckpt_path=tmp_path / f"no-{lost}.ckpt")
+        with pytest.warns(UserWarning, match=f"no \\['{lost}'\\] in state_dict"):
+            trainer = lightning_fit(SAMModule(make), loader, tmp_path / lost, 2, tmp_path / f"no-{lost}.ckpt")
+        assert trainer.global_step == 4 and trainer.optimizers[0].steps == 2
 
 
 # ---- Hugging Face Trainer -----------------------------------------------------------------------------
