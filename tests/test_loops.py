@@ -433,3 +433,46 @@ def test_step_without_closure_needs_first_step():
     with pytest.raises(ValueError, match="closure"):
         opt.step()
     assert_bitwise(weights(model), w) and opt.steps == 0
+
+
+def _ddp_overflow_worker(rank, world, init_file, result_file):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
+    try:
+        model = mlp()  # the same seed-0 weights on both processes
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = make_opt("sam", model.parameters())
+        out = []
+        for s, bad in enumerate([1, None]):  # step 0: pass 1 is NaN on process 1 only
+            w, (x, y) = weights(model), batch(10 * s + rank)
+            with ddp.no_sync():  # the local ascent of train.py and examples/accelerate_loop.py
+                loss = F.cross_entropy(ddp(x), y)
+                (loss * float("nan") if rank == bad else loss).backward()
+            opt.first_step(zero_grad=True)
+            F.cross_entropy(ddp(x), y).backward()  # all-reduced
+            opt.step()  # as Trainer and accelerate call it
+            opt.zero_grad()
+            out.append((all(torch.equal(u, v) for u, v in zip(weights(model), w)), opt.steps, weights(model)))
+        torch.save(out, f"{result_file}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_overflow_in_one_process_skips_the_step_in_all(tmp_path):
+    """Two processes (gloo), the ascent local (no_sync): a NaN in process 1's pass 1 makes step() skip the
+    base step in BOTH processes (one all-reduced decision): their weights stay equal; the next step runs."""
+    torch.multiprocessing.spawn(
+        _ddp_overflow_worker, args=(2, tmp_path / "init", tmp_path / "out"), nprocs=2, join=True
+    )
+    r0, r1 = (torch.load(f"{tmp_path / 'out'}.{r}") for r in range(2))
+    assert (
+        [(same, steps) for same, steps, _ in r0]
+        == [(same, steps) for same, steps, _ in r1]
+        == [
+            (True, 0),
+            (False, 1),
+        ]
+    )
+    assert_bitwise(r0[1][2], r1[1][2])
