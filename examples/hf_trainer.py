@@ -9,6 +9,8 @@ are shared with the base optimizer), zeroes the gradients, counts global_step, s
 with the optimizer's. SSAM-F's mask is refreshed from the batch as it comes (a dict with padding; each
 sample's Fisher uses its own attention_mask). Keep gradient_accumulation_steps=1 (first_step raises if two
 micro-batches each call it; see examples/accumulation.py for accumulating by hand).
+fp16 (GPU; not run by the tests: Trainer has no GradScaler on the CPU): pass 1's inf/NaN is recorded for the
+scaler as in examples/amp.py, and a step the scaler skips is restored to w by a callback.
 """
 
 import tempfile
@@ -19,7 +21,16 @@ import transformers
 import ssam
 
 
+class RestoreSkipped(transformers.TrainerCallback):
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        getattr(optimizer, "optimizer", optimizer).restore()  # w exactly if GradScaler skipped the step
+
+
 class SAMTrainer(transformers.Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(RestoreSkipped)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
         inputs = self._prepare_inputs(inputs)
@@ -27,6 +38,8 @@ class SAMTrainer(transformers.Trainer):
         if isinstance(sam, ssam.SSAMF) and sam.mask_update_due:
             sam.update_mask(self.accelerator.unwrap_model(model), [inputs])  # the inner model, never DDP
         self.accelerator.backward(model(**inputs).loss)  # pass 1 at w
+        if self.accelerator.scaler is not None:  # fp16: pass 1's inf/NaN lowers the scale too
+            self.accelerator.scaler.unscale_(sam.base_optimizer)
         sam.first_step(zero_grad=True)  # w + eps
         with ssam.frozen_bn_stats(model):
             loss = model(**inputs).loss

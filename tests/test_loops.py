@@ -377,6 +377,22 @@ def test_hf_trainer_clips_schedules_and_resumes_like_the_plain_loop(kind, tmp_pa
         )
 
 
+def test_hf_trainer_callback_restores_w_after_a_skipped_step(tmp_path):
+    """fp16 on a GPU: when GradScaler skips optimizer.step(), the example's callback (Trainer runs it after
+    every optimizer step) puts w back exactly. Here the skip is simulated: first_step, then the event."""
+    ex = example("hf_trainer")
+    model = ex["tiny_bert"]()
+    opt = hf_opt("sam", model.parameters())
+    trainer = ex["SAMTrainer"](model=model, args=ex["arguments"](str(tmp_path), 1), optimizers=(opt, None))
+    w = weights(model)
+    model(**stack(ex["token_data"](n=4))).loss.backward()
+    opt.first_step(zero_grad=True)
+    assert not all(torch.equal(u, v) for u, v in zip(weights(model), w))
+    trainer.callback_handler.on_optimizer_step(trainer.args, trainer.state, trainer.control)
+    assert_bitwise(weights(model), w)
+    assert opt._w is None and opt.steps == 0
+
+
 def test_fisher_takes_hf_dict_batches_with_padding():
     """update_mask on HF batches as they come (a dict of input_ids, attention_mask with right padding, labels;
     the model returns a ModelOutput): the mask equals the top half of a Fisher computed here sample by sample,
