@@ -16,6 +16,10 @@ One step (the same lines run fp32 or bf16 with GradScaler(enabled=False), where 
                                           when either pass had an inf/NaN
     opt.restore()                         w exactly when scaler.step skipped the call (a no-op otherwise)
     scaler.update()                       an inf/NaN in either pass lowers the scale
+
+Under DDP with the ascent under no_sync, leave out the unscale_(opt.base_optimizer) line: its record is per
+process, so the scales would drift apart. opt.step() all-reduces its skip decision, and pass 2 at w (eps = 0)
+recomputes pass 1 on that process, so its overflow reaches every scaler through the all-reduced gradient.
 """
 
 import contextlib
