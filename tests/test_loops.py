@@ -479,9 +479,8 @@ def _ddp_overflow_worker(rank, world, init_file, result_file):
 def test_ddp_overflow_in_one_process_skips_the_step_in_all(tmp_path):
     """Two processes (gloo), the ascent local (no_sync): a NaN in process 1's pass 1 makes step() skip the
     base step in BOTH processes (one all-reduced decision): their weights stay equal; the next step runs."""
-    torch.multiprocessing.spawn(
-        _ddp_overflow_worker, args=(2, tmp_path / "init", tmp_path / "out"), nprocs=2, join=True
-    )
+    args = (2, tmp_path / "init", tmp_path / "out")  # fork: the children skip re-importing torch
+    torch.multiprocessing.start_processes(_ddp_overflow_worker, args=args, nprocs=2, start_method="fork")
     r0, r1 = (torch.load(f"{tmp_path / 'out'}.{r}") for r in range(2))
     assert (
         [(same, steps) for same, steps, _ in r0]
