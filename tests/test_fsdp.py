@@ -2,7 +2,8 @@
 
 One spawn of 2 gloo processes on the CPU runs every check (`_worker`); each check compares the sharded run
 with the SAME optimizer on the unsharded model fed the full batch (the union of both ranks' batches), in
-float64. The parent collects each check's result, and one test per check asserts it."""
+float64. The parent asserts that every check passed on both processes, then resumes the 2 processes' DCP
+checkpoint in its own single process."""
 
 import math
 import traceback
