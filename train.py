@@ -15,6 +15,8 @@ Two nodes, 8 GPUs each (run on both, --node_rank 0 on the first and 1 on the sec
     torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr 10.0.0.1 --master_port 29500 \
         train.py --preset imagenet-resnet50
 CPU processes (gloo) work the same way: torchrun --standalone --nproc_per_node 2 train.py --device cpu
+FSDP2 instead of DDP (each process holds 1/N of the weights, gradients, SAM's copy, masks, momentum):
+    torchrun --standalone --nproc_per_node 8 train.py --preset imagenet-resnet50 --fsdp --sync-ascent
 
 Every preset value can be overridden by its flag (python train.py --help). The resolved config is printed
 at the start. Output goes to --out-dir (default runs/<name>): metrics.jsonl (one line an epoch),
@@ -38,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 import torch.nn.functional as F
 from rich.console import Console
@@ -50,6 +53,14 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 
 import lab.data
 import lab.runs
@@ -89,6 +100,8 @@ def setup_distributed(cfg):
             f"install one or drop --compile"
         )
     if "RANK" not in os.environ:
+        if c.fsdp:
+            raise SystemExit("--fsdp shards over torchrun's processes: run under torchrun (1 process works)")
         return torch.device(dev), 0, 1
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if ":" in dev:
@@ -128,14 +141,26 @@ def build_model(c, num_classes, device):
 
 
 def wrap_model(c, model, device, world):
-    """The model the steps run: DDP over the processes (world > 1), then torch.compile (--compile)."""
-    if world > 1:  # tensor masks / SAM-ON skip tensors in a synchronized ascent pass: DDP must be told
+    """The model the steps run: FSDP2 (--fsdp: in place, so the bare model is sharded too) or DDP over the
+    processes (world > 1), then torch.compile (--compile)."""
+    if c.fsdp:
+        shard_model(model)
+    elif world > 1:  # tensor masks / SAM-ON skip tensors in a synchronized ascent pass: DDP must be told
         unused = c.sync_ascent and (c.optimizer == "samon" or c.structure == "tensor")
         device_ids = [device.index] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=device_ids, find_unused_parameters=unused
         )
     return torch.compile(model) if c.compile else model
+
+
+def shard_model(model):
+    """FSDP2: each Conv2d / Linear is a unit (all-gathered when it runs, then freed); BatchNorm and the rest
+    go with the root. Parameters become DTensors: build the optimizer after this."""
+    for m in model.modules():
+        if m is not model and isinstance(m, (nn.Conv2d, nn.Linear)):
+            fully_shard(m)
+    fully_shard(model)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -260,9 +285,14 @@ def broadcast_masks(opt):
 
 def fingerprint(model, opt):
     """Per-tensor float64 sums of parameters and masks: equal across processes iff they are in sync. (BN
-    running statistics are left out: DDP copies rank 0's to every process at the start of each forward.)"""
+    running statistics are left out: DDP copies rank 0's to every process at the start of each forward.)
+    FSDP2 keeps one copy of each weight and mask entry (sharded), so what every process holds stands in: BN
+    statistics (rank 0's, broadcast at the end of each epoch), the optimizer counters, SSAM-D's generator."""
     ts = list(model.parameters())
     ts += [s["mask"] for s in opt.state.values() if "mask" in s]
+    if isinstance(ts[0], DTensor):
+        counters = opt.state_dict()["counters"].values() if isinstance(opt, ssam.SAM) else []
+        ts = list(model.buffers()) + [torch.as_tensor(v, device=ts[0].device) for v in counters]
     return torch.stack(
         [t.detach().double().sum() for t in ts] + [t.detach().double().abs().sum() for t in ts]
     )
@@ -324,6 +354,8 @@ def train(cfg, show_config=True):
         if rank == 0 and c.fresh:  # start over: nothing of an earlier run may be mixed in
             for f in ("ckpt.pt", "metrics.jsonl", "final.json"):
                 (out_dir / f).unlink(missing_ok=True)
+            for d in out_dir.glob("ckpt-e*.dcp"):  # --fsdp's shards
+                shutil.rmtree(d)
         torch.manual_seed(c.seed)
         run = set_up(c, device, rank, world)
         start_epoch, elapsed = resume(run) if c.resume else (0, 0.0)
@@ -374,8 +406,11 @@ def set_up(c, device, rank, world):
 def resume(run):
     """Everything back as the checkpoint has it, so the run continues bit-exactly. -> (epoch, elapsed s)."""
     ck = load_checkpoint(run.out_dir / "ckpt.pt", run.c)
-    run.raw_model.load_state_dict(ck["model"])
-    run.opt.load_state_dict(ck["optimizer"])
+    if ck.get("shards"):  # --fsdp: the weights and optimizer state are in a DCP folder
+        load_shards(run, run.out_dir / ck["shards"])
+    else:
+        run.raw_model.load_state_dict(ck["model"])
+        run.opt.load_state_dict(ck["optimizer"])
     run.sched.load_state_dict(ck["scheduler"])
     if run.scaler is not None:
         run.scaler.load_state_dict(ck["scaler"])
@@ -411,6 +446,9 @@ def train_epochs(run, start_epoch, elapsed):
             if run.master:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(line) + "\n")
+            if run.c.fsdp:  # every process writes its shards
+                dcp.save(sharded_state(run), checkpoint_id=run.out_dir / f"ckpt-e{epoch + 1}.dcp")
+            if run.master:
                 save_checkpoint(run, epoch + 1, elapsed)
     # resumed after the last checkpoint but before final.json: nothing to train, just measure
     if line is None:
@@ -445,6 +483,9 @@ def train_epoch(run, epoch, progress):
     if run.device.type == "cuda":
         torch.cuda.synchronize()
     train_time = time.perf_counter() - t0
+    if c.fsdp and run.world > 1:  # BN statistics: rank 0's everywhere (as DDP's broadcast_buffers)
+        for b in run.raw_model.buffers():
+            dist.broadcast(b, 0)
     stop_if_diverged(run, epoch, steps - 1, tot["bad_steps"], end_of_epoch=True)
     if run.world > 1:
         for t in tot.values():
@@ -490,7 +531,7 @@ def one_step(run, x, y, tot):
         # train mode: each sample is normalized alone; running stats are not touched (ssam.py).
         opt.update_mask(run.raw_model, run.data.fisher_batches(run.g, c.num_samples))
         updated += 1
-        if run.world > 1:
+        if run.world > 1 and not c.fsdp:  # FSDP2: every process got its shard of rank 0's mask (ssam.py)
             broadcast_masks(opt)
     mask_step = opt.last_mask_update if c.optimizer == "ssamd" else None
     loss, out = train_step(
@@ -498,7 +539,7 @@ def one_step(run, x, y, tot):
     )
     if c.optimizer == "ssamd" and opt.last_mask_update != mask_step:
         updated += 1  # SSAM-D drew a new mask in first_step, from this process's gradient
-        if run.world > 1:
+        if run.world > 1 and not c.fsdp:
             broadcast_masks(opt)
     run.sched.step()
     finite = torch.isfinite(loss)  # counted on the device: no sync per step
@@ -523,6 +564,8 @@ def evaluate(run):
             n += len(y)
     if run.world > 1:
         dist.all_reduce(correct), dist.all_reduce(n)
+    if run.c.fsdp:  # a forward without backward leaves the root unsharded: its parameters back to DTensors
+        run.raw_model.reshard()
     run.model.train()
     return (correct / n).item()
 
@@ -538,11 +581,13 @@ def stop_if_diverged(run, epoch, step, bad_steps, end_of_epoch):
         dist.all_reduce(bad)
     limit = (run.world * steps - 1 if end_of_epoch else math.inf) if c.amp == "fp16" else 0
     flags = [bad > limit]
-    if end_of_epoch:
-        flags += [
-            ~torch.isfinite(t).all() for t in run.raw_model.state_dict().values() if t.is_floating_point()
-        ]
-    if not torch.stack(flags).any().item():
+    if end_of_epoch:  # FSDP2: each process checks its shards
+        weights = [t.to_local() if isinstance(t, DTensor) else t for t in run.raw_model.state_dict().values()]
+        flags += [~torch.isfinite(t).all() for t in weights if t.is_floating_point()]
+    stop = torch.stack(flags).any().int()
+    if c.fsdp and run.world > 1:  # then all stop together
+        dist.all_reduce(stop, dist.ReduceOp.MAX)
+    if not stop.item():
         return
     what = "the loss is NaN or inf" if flags[0].item() else "a weight or BatchNorm statistic is NaN or inf"
     ckpt = run.out_dir / "ckpt.pt"  # a checkpoint is written after every good epoch
@@ -570,9 +615,10 @@ def ranks_in_sync(run, epoch):
 
 def save_checkpoint(run, epoch, elapsed):
     """ckpt.pt, atomically: the whole config (dataclasses.asdict) and every state the run continues from."""
-    cuda = run.device.type == "cuda"
-    state = dict(config=asdict(run.c), epoch=epoch, elapsed=elapsed, model=run.raw_model.state_dict())
-    state |= dict(optimizer=run.opt.state_dict(), scheduler=run.sched.state_dict())
+    cuda, shards = run.device.type == "cuda", f"ckpt-e{epoch}.dcp" if run.c.fsdp else None
+    state = dict(config=asdict(run.c), epoch=epoch, elapsed=elapsed, shards=shards)
+    state |= dict(model=None if shards else run.raw_model.state_dict())
+    state |= dict(optimizer=None if shards else run.opt.state_dict(), scheduler=run.sched.state_dict())
     state |= dict(
         scaler=run.scaler.state_dict() if run.scaler is not None else None, data_rng=run.g.get_state()
     )
@@ -580,6 +626,39 @@ def save_checkpoint(run, epoch, elapsed):
         torch_rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state(run.device) if cuda else None
     )
     write_atomic(run.out_dir / "ckpt.pt", state)
+    for old in run.out_dir.glob("ckpt-e*.dcp"):  # --fsdp: ckpt.pt names the new shards; the old ones go
+        if old.name != shards:
+            shutil.rmtree(old)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# FSDP2 checkpoints: sharded, by torch.distributed.checkpoint (DCP), which reshards on load: a run saved by N
+# processes resumes on any number of them
+# -----------------------------------------------------------------------------------------------------------
+def sharded_state(run):
+    """The sharded part of a --fsdp checkpoint, keyed by parameter name: weights and BN statistics, the base
+    optimizer's state (momentum), SSAM's masks, the optimizer's counters (SSAM-D's generator)."""
+    model, opt = run.raw_model, run.opt
+    names = {p: n for n, p in model.named_parameters()}
+    base = getattr(opt, "base_optimizer", opt)
+    state = dict(model=get_model_state_dict(model), optimizer=get_optimizer_state_dict(model, base))
+    state["masks"] = {names[p]: s["mask"] for p, s in opt.state.items() if "mask" in s}
+    state["counters"] = opt.state_dict()["counters"] if isinstance(opt, ssam.SAM) else {}
+    return state
+
+
+def load_shards(run, path):
+    """sharded_state() back from a DCP folder, into this run's sharded model and optimizer."""
+    model, opt = run.raw_model, run.opt
+    state = sharded_state(run)  # the template DCP fills in (in place; other process counts: resharded)
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, getattr(opt, "base_optimizer", opt), state["optimizer"])
+    if state["masks"]:
+        names = {p: n for n, p in model.named_parameters()}
+        opt.set_masks([state["masks"][names[p]] for p in opt.masked], count_update=False)
+    for k, v in state["counters"].items():  # as ssam's load_state_dict does
+        getattr(opt, k).set_state(v) if isinstance(getattr(opt, k), torch.Generator) else setattr(opt, k, v)
 
 
 def finish(run, line, test_acc, elapsed):

@@ -79,6 +79,7 @@ class Config:
     channels_last: bool = setting(False)
     adaptive: bool = setting(False, users=("sam",))  # ASAM
     sync_ascent: bool = setting(False, users=SAM_TYPES)  # DDP: all-reduce the ascent gradient too
+    fsdp: bool = setting(False, added=True)  # torchrun: FSDP2, every per-parameter state sharded (not DDP)
     preset: str = setting("cifar10-subset")
     data_dir: str | None = setting(None, free=True)
     cache_dir: str | None = setting(None, free=True)  # decoded ImageFolder trees
@@ -308,6 +309,12 @@ def system_flags(g):
     add(g, "device", "cuda | cpu | cuda:N (default: cuda if available)")
     add(g, "amp", "none | bf16 | fp16 (fp16 with a GradScaler)", show_default=True)
     add(g, "compile", "torch.compile the model (the CPU needs a C compiler)")
+    add(
+        g,
+        "fsdp",
+        "under torchrun: FSDP2 instead of DDP, each process holds 1/N of the weights, gradients, SAM's "
+        "weight copy, masks and momentum (needs --sync-ascent for SAM-type optimizers)",
+    )
     add(g, "channels_last", "channels-last memory format")
     add(g, "workers", "ImageNet DataLoader workers", show_default=True)
     add(g, "name", "run name (default: <preset>-<optimizer>[-s<sparsity>]-seed<seed>)")
@@ -373,11 +380,34 @@ def check_choices(c):
             f"--ascent-fraction {c.ascent_fraction} is not in (0, 1]: the share of the batch the first pass "
             "sees"
         )
+    if c.fsdp:
+        check_fsdp(c)
     if c.mask_select == "cost" and (c.structure != "tensor" or not sparse):
         raise SystemExit(
             "--mask-select cost picks whole tensors: it needs --optimizer ssamf or ssamd and --structure "
             "tensor"
         )
+
+
+def check_fsdp(c):
+    """--fsdp: what FSDP2 changes, said rather than done silently."""
+    if c.optimizer in SAM_TYPES and not c.sync_ascent:
+        raise SystemExit(
+            "--fsdp: each process holds a shard of the gradient, so the ascent gradient is always the whole "
+            "batch's (reduce-scattered): add --sync-ascent, the DDP setting that matches it"
+        )
+    why = dict(
+        amp="--amp fp16 (GradScaler) is not set up for sharded gradients; use --amp bf16",
+        sparse_ascent="--sparse-ascent patches nn.Linear with its whole 2:4 mask, which FSDP2 shards",
+        mask_select="--mask-select cost ranks tensors by parameter objects, which fully_shard replaces",
+    )
+    bad = [
+        k
+        for k, v in (("amp", "fp16"), ("sparse_ascent", True), ("mask_select", "cost"))
+        if getattr(c, k) == v
+    ]
+    if bad:
+        raise SystemExit(f"--fsdp with {why[bad[0]]}: drop one of them")
 
 
 def ignored_flags(c, given):

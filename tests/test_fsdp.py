@@ -5,20 +5,28 @@ with the SAME optimizer on the unsharded model fed the full batch (the union of 
 float64. The parent asserts that every check passed on both processes, then resumes the 2 processes' DCP
 checkpoint in its own single process."""
 
+import io
+import json
 import math
+import os
+import shutil
 import traceback
 import warnings
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+import lab.data
 import ssam
+import train
 
 WORLD = 2
 RHO = 0.3
@@ -368,3 +376,113 @@ def check_resume_on_one_process(tmp):
     final = torch.load(f"{tmp}/final.pt")
     assert all(close(p, q) for p, q in zip(model.parameters(), final["weights"]))
     assert all(torch.equal(m, q) for m, q in zip(opt.masks(), final["masks"]))
+
+
+# ---- train.py --fsdp: 2 processes through 2 epochs of the tiny model, a crash, --resume ------------------
+TRAIN = ["--model", "wrn10-1", "--batch-size", "32", "--train-size", "64", "--epochs", "2", "--device", "cpu"]
+TRAIN += ["--optimizer", "ssamd", "--update-interval", "1", "--fsdp", "--sync-ascent", "--eval-every", "2"]
+
+
+def small_subset():
+    """The shipped subset's first 64 training and 1000 test images: decoding all 15,000 (load_subset) and
+    testing on 10,000 would take most of this test's time, once in each process."""
+    z = np.load(lab.data.ROOT / "data" / "cifar10_subset.npz")
+    out = []
+    for split, n in (("train", 64), ("test", 1000)):
+        buf, off = z[f"{split}_jpeg"].tobytes(), z[f"{split}_offsets"]
+        x = lab.data.to_uint8([lab.data.read_image(io.BytesIO(buf[off[i] : off[i + 1]])) for i in range(n)])
+        out += [x, torch.from_numpy(z[f"{split}_labels"][:n].astype(np.int64))]
+    return out
+
+
+def run_train(tmp, name, *flags):
+    argv = [*TRAIN, "--out-dir", f"{tmp}/{name}", *flags]
+    return train.train(train.resolve_config(train.get_args(argv)), show_config=False)
+
+
+def _train_worker(rank, tmp):
+    torch.set_num_threads(1)
+    lab.data.load_subset = small_subset
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD)
+    results = {}
+    try:
+        results["straight"] = run_train(tmp, "straight")["test_acc"]
+        real_step, calls = train.train_step, []
+
+        def crashing_step(*args, **kw):  # Ctrl-C in step 1 of epoch 2, on both processes
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return real_step(*args, **kw)
+
+        train.train_step = crashing_step
+        try:
+            run_train(tmp, "crashed")
+        except KeyboardInterrupt:
+            results["crashed"] = True
+        train.train_step = real_step
+        dist.barrier()
+        if rank == 0:  # the epoch-1 checkpoint, for a resume on 1 process
+            shutil.copytree(f"{tmp}/crashed", f"{tmp}/one")
+        dist.barrier()
+        results["resumed"] = run_train(tmp, "crashed", "--resume")["test_acc"]
+        try:
+            run_train(tmp, "diverged", "--lr", "1e6")
+        except train.Diverged as e:
+            results["diverged"] = str(e)
+    except Exception:
+        results["error"] = traceback.format_exc()
+    torch.save(results, f"{tmp}/train{rank}.pt")
+    dist.destroy_process_group()
+
+
+def whole_checkpoint(run_dir):
+    """A --fsdp run's ckpt.pt, and its DCP shards read whole in this process as {dotted key: value}."""
+    ck = torch.load(run_dir / "ckpt.pt", weights_only=False)
+    dcp_to_torch_save(run_dir / ck["shards"], run_dir / "whole.pt")
+
+    def flat(d, pre=""):
+        return {
+            k: v
+            for key, x in d.items()
+            for k, v in (flat(x, f"{pre}{key}.") if isinstance(x, dict) else {f"{pre}{key}": x}).items()
+        }
+
+    return ck, flat(torch.load(run_dir / "whole.pt", weights_only=False))
+
+
+def same(a, b):
+    return torch.equal(a, b) if torch.is_tensor(a) else a == b
+
+
+def test_train_fsdp_two_processes_crash_resume_and_divergence(tmp_path, monkeypatch):
+    """train.py --fsdp on 2 gloo processes: a run that crashes in epoch 2 and resumes ends bit-exact where the
+    straight run ends; its epoch-1 checkpoint resumes on 1 process too (DCP reshards); a diverging run stops
+    on both processes (none is left waiting in a collective)."""
+    mp.spawn(_train_worker, args=(str(tmp_path),), nprocs=WORLD)
+    res = [torch.load(tmp_path / f"train{r}.pt") for r in range(WORLD)]
+    assert all("error" not in r for r in res), res[0].get("error") or res[1].get("error")
+    assert all(r["crashed"] and r["resumed"] == r["straight"] for r in res)
+    assert all("training diverged" in r["diverged"] for r in res)
+    (ca, a), (cb, b) = whole_checkpoint(tmp_path / "straight"), whole_checkpoint(tmp_path / "crashed")
+    assert ca["epoch"] == cb["epoch"] == 2 and ca["shards"] == "ckpt-e2.dcp" and ca["model"] is None
+    assert sorted(a) == sorted(b) and all(same(a[k], b[k]) for k in a)
+    assert any(k.startswith("masks.") for k in a) and any("momentum_buffer" in k for k in a)
+    lines = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["ranks_in_sync"] for line in lines] == [True, True] and lines[1]["density"] == 0.5
+    # the epoch-1 checkpoint of 2 processes, resumed by 1 (torchrun --nproc_per_node 1)
+    monkeypatch.setattr(lab.data, "load_subset", small_subset)
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
+        monkeypatch.setenv(k, v)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store1", rank=0, world_size=1)
+    try:
+        run_train(tmp_path, "one", "--resume")
+    finally:
+        dist.destroy_process_group()
+    c1, one = whole_checkpoint(tmp_path / "one")
+    log = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert c1["epoch"] == 2 and [line["epoch"] for line in log] == [1, 2] and sorted(one) == sorted(a)
+    # not equal: BatchNorm normalizes each process's share of the batch (16 images on 2 processes, 32 on 1)
+    weights = [k for k in a if k.startswith("model.") and k.endswith("weight")]
+    assert max(float((a[k] - one[k]).abs().max()) for k in weights) < 1e-2
