@@ -14,6 +14,7 @@ import traceback
 import warnings
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -486,3 +487,22 @@ def test_train_fsdp_two_processes_crash_resume_and_divergence(tmp_path, monkeypa
     # not equal: BatchNorm normalizes each process's share of the batch (16 images on 2 processes, 32 on 1)
     weights = [k for k in a if k.startswith("model.") and k.endswith("weight")]
     assert max(float((a[k] - one[k]).abs().max()) for k in weights) < 1e-2
+
+
+def test_fsdp_flags_that_cannot_work_are_errors(monkeypatch):
+    def cfg(*flags):
+        return train.resolve_config(train.get_args(["--fsdp", *flags]))
+
+    with pytest.raises(SystemExit, match="add --sync-ascent"):
+        cfg("--optimizer", "ssamd")  # FSDP2's ascent gradient is the whole batch's: say so in the config
+    sam = ["--optimizer", "ssamf", "--sync-ascent"]
+    with pytest.raises(SystemExit, match="--amp fp16"):
+        cfg(*sam, "--amp", "fp16")
+    with pytest.raises(SystemExit, match="--sparse-ascent"):
+        cfg(*sam, "--structure", "2:4", "--sparse-ascent")
+    with pytest.raises(SystemExit, match="--mask-select cost"):
+        cfg(*sam, "--structure", "tensor", "--mask-select", "cost")
+    assert cfg("--optimizer", "sgd")["fsdp"] is True  # SGD has no ascent
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit, match="run under torchrun"):
+        train.setup_distributed(cfg(*sam, "--device", "cpu"))
