@@ -12,7 +12,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m pip install -q -e .
 	touch $@
 
+# ruff first (config in pyproject.toml): a lint or layout violation fails `make test`, as a failing test does
 test: venv
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 	$(PYTHON) -m pytest tests
 
 clean:

@@ -1,12 +1,14 @@
-"""Run the paper's grids with train.py and write our accuracy beside the paper's (Tables 1-3 of Mi et al. 2022).
+"""Run the paper's grids with train.py and write our accuracy beside the paper's (Tables 1-3 of Mi et al.
+2022).
 
-    python scripts/reproduce.py cifar                      # Tables 1-2: {resnet18, wrn28-10} x {cifar10, cifar100}
-    DATA=/data/imagenet python scripts/reproduce.py imagenet                 # Table 3: resnet50 on ImageNet-1K
-    MODELS=resnet18 DATASETS=cifar10 OPTIMIZERS=sgd,ssamf SPARSITIES=0.5,0.9 SEEDS=0,1 python scripts/reproduce.py cifar
+    python scripts/reproduce.py cifar                # Tables 1-2: {resnet18, wrn28-10} x {cifar10, cifar100}
+    DATA=/data/imagenet python scripts/reproduce.py imagenet              # Table 3: resnet50 on ImageNet-1K
+    MODELS=resnet18 DATASETS=cifar10 OPTIMIZERS=sgd,ssamf SPARSITIES=0.5,0.9 SEEDS=0,1 \\
+        python scripts/reproduce.py cifar
     LAUNCH="torchrun --standalone --nproc_per_node 8" DATA=/data/imagenet python scripts/reproduce.py imagenet
-    DATA=/data/cifar10 python scripts/reproduce.py cifar-short      # ResNet-18, CIFAR-10, SHORT_EPOCHS, one GPU
-    python scripts/reproduce.py cifar --dry-run            # list the runs and their state, train nothing
-    python scripts/reproduce.py cifar --report             # only (re)write the tables from what has finished
+    DATA=/data/cifar10 python scripts/reproduce.py cifar-short    # ResNet-18, CIFAR-10, SHORT_EPOCHS, one GPU
+    python scripts/reproduce.py cifar --dry-run         # list the runs and their state, train nothing
+    python scripts/reproduce.py cifar --report          # only (re)write the tables from what has finished
 
 Runs go through train.py's run_grid, the one runner the demo and bench/accuracy.py use too: the run's name
 comes from its config (<dataset>-<model>... plus every setting that differs from the paper's recipe, e.g.
@@ -37,9 +39,9 @@ import statistics
 import sys
 from pathlib import Path
 
+import train
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
 SHORT_EPOCHS = 15
@@ -71,7 +73,8 @@ for model, rows in {
         ("ssamd", 0.98, 96.61, 79.79),
         ("ssamd", 0.99, 96.59, 79.61),
     ],
-    "wrn28-10": [  # Table 2 (its SSAM-F 99% row is printed under the SSAM-D label; the deltas place it in SSAM-F)
+    # Table 2 (its SSAM-F 99% row is printed under the SSAM-D label; the deltas place it in SSAM-F)
+    "wrn28-10": [
         ("sgd", None, 97.11, 81.93),
         ("sam", None, 97.48, 84.20),
         ("ssamf", 0.5, 97.71, 85.16),
