@@ -25,10 +25,7 @@ missing), LAUNCH (prefix such as torchrun ...), EXTRA (more train.py flags, e.g.
 cifar-short (make reproduce-cifar-short): ResNet-18 on CIFAR-10 for SGD, SAM, SSAM-F 0.5, SSAM-D 0.5 and
 SSAM-F 0.9 with whole-tensor masks, SHORT_EPOCHS epochs (default 15) with bf16 autocast, channels-last and
 torch.compile (SHORT_FLAGS); prints accuracy, ms/step and x SGD. 15 epochs is an estimate of what fits in
-about 8 minutes of one H100, not a measurement: one SGD epoch is 3 x 0.56 GFLOP x 50,000 images = 84 TFLOP
-(forward + backward), SAM-type steps twice that, tensor masks ~1.6x: 8.6 SGD-epochs = 0.72 PFLOP per epoch
-of the grid; at an assumed 10% of the H100's 989 bf16 TFLOP/s (small 32x32 convolutions at batch 128) that
-is 7 s per grid epoch, 1.9 min for 15, plus evaluation and about a minute of compilation per run.
+about 8 minutes of one H100, not a measurement (its arithmetic: bench/README.md, "Reproducing Tables 1-3").
 """
 
 import argparse
