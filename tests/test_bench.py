@@ -205,7 +205,7 @@ def test_flop_bound_counts_forward_input_and_weight_gradients():
 def test_the_timed_step_is_train_py_step(monkeypatch):
     torch.manual_seed(0)
     model = common.TinyViT(width=32, depth=2)
-    x, y = common.batch(4, "cpu")
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))  # what the step does, not the data
     opt, cfg = common.make_optimizer(model, "--optimizer ssamd --sparsity 0.5 --structure 2:4")
     assert (
         isinstance(opt, ssam.SSAMD) and opt.nm == (2, 4) and cfg["lr"] == 0.05
