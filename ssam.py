@@ -76,7 +76,7 @@ class SAM(torch.optim.Optimizer):
             torch._foreach_mul_(grads, masks)  # eps ⊙ m (Alg. 1, line 9)
         # non-finite ||g||: eps = 0. A float times 0 stays NaN, so multiply the bits (an int view) by 0 or 1
         torch._foreach_mul_([e.view(_INT[e.element_size()]) for e in grads], torch.isfinite(norm).long())
-        self._w = (params, torch._foreach_clone(params))
+        self._w, self._finite = (params, torch._foreach_clone(params)), torch.isfinite(norm)
         torch._foreach_add_(params, grads)  # climb to w + eps
         if zero_grad:
             self.zero_grad()
@@ -100,8 +100,13 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None, both_passes=False):
         """davda54's: first_step, closure() (forward + backward) at w + eps, second_step; both_passes: at w"""
-        if closure is None:
-            raise ValueError("SAM.step needs a closure that runs forward + backward and returns the loss")
+        if closure is None:  # scaler.step(opt), HF Trainer, accelerate: the second step
+            if self._w is None:
+                raise ValueError("SAM.step needs a closure (forward + backward), or first_step() first")
+            finite = self._finite.float()  # pass 1 overflowed: restore w, skip the base step (a sync)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():  # local ascents:
+                torch.distributed.all_reduce(finite, torch.distributed.ReduceOp.MIN)  # one decision for all
+            return self.second_step() if finite else self.restore()
         closure = torch.enable_grad()(closure)
         if both_passes:
             self.zero_grad()
@@ -124,11 +129,11 @@ class SAM(torch.optim.Optimizer):
         return dict(super().state_dict(), base=self.base_optimizer.state_dict(), counters=counters)
 
     def load_state_dict(self, state_dict):  # ours, or davda54/sam's (with a warning)
-        if "base" not in state_dict:
+        if not {"base", "counters"} <= state_dict.keys():  # or a framework's that dropped them
             if "param_groups" not in state_dict:
                 raise ValueError(f"not an optimizer state_dict: keys {sorted(state_dict)}, no 'param_groups'")
-            warnings.warn("this state_dict has no 'base' entry (davda54/sam's?): the group settings load, "
-                          "but no base-optimizer state: momentum etc. start from zero", stacklevel=2)
+            warnings.warn(f"no {sorted({'base', 'counters'} - state_dict.keys())} in state_dict: only groups "
+                          "load; no base-optimizer state (momentum...), counters at 0", stacklevel=2)
             self.base_optimizer.load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         else:
             state_dict = dict(state_dict)
@@ -288,7 +293,7 @@ class _SparseSAM(SAM):
 
 # ---- SSAM-F: the mask from the empirical Fisher (Eq. 3-6, Alg. 2 Option I) -------------------------
 @torch.enable_grad()
-def empirical_fisher(model, data, num_samples, loss_fn=F.cross_entropy):
+def empirical_fisher(model, data, num_samples, loss_fn=None):
     """Eq. 5: {parameter: sum over the first num_samples samples of `data` of the squared per-sample gradient}
     for every trainable parameter (the 1/N_F does not change the ranking). One sample at a time, as the
     authors' loop: exact for any model. Train-mode BatchNorm normalizes each sample alone, updates nothing."""
@@ -300,9 +305,13 @@ def empirical_fisher(model, data, num_samples, loss_fn=F.cross_entropy):
     for m in bns:
         m.forward = lambda a, m=m: _bn_one_sample(m, a)
     try:
-        for x, y in data:
-            for xi, yi in zip(x[: num_samples - seen].to(device), y[: num_samples - seen].to(device)):
-                g = torch.autograd.grad(loss_fn(model(xi[None]), yi[None]), params, materialize_grads=True)
+        for batch in data:  # (inputs, targets), or HF's dict of tensors
+            hf = hasattr(batch, "keys")  # HF: model(**sample), each with its own attention_mask row
+            for i in range(min(len(next(iter(batch.values())) if hf else batch[1]), num_samples - seen)):
+                one = {k: v[i:i + 1].to(device) for k, v in (batch.items() if hf else enumerate(batch))}
+                out, y = (model(**one), one) if hf else (model(one[0]), one[1])
+                loss = loss_fn(out, y) if loss_fn else out["loss"] if hf else F.cross_entropy(out, y)
+                g = torch.autograd.grad(loss, params, materialize_grads=True)
                 torch._foreach_addcmul_(fisher, g, g)  # Eq. 5: sum_i g_i^2
                 seen += 1
             if seen >= num_samples:
@@ -341,8 +350,10 @@ class SSAMF(_SparseSAM):
         self.num_samples = num_samples
 
     @torch.no_grad()
-    def update_mask(self, model, data, loss_fn=F.cross_entropy):
+    def update_mask(self, model, data, loss_fn=None):
         """The Fisher of num_samples samples of `data`, (inputs, targets) batches (Eq. 5); top-k (Eq. 6)."""
+        if isinstance(model, nn.parallel.DistributedDataParallel):  # its backward all-reduces
+            raise ValueError("update_mask needs the inner model: pass model.module, not the DDP wrapper")
         fisher = empirical_fisher(model, data, self.num_samples, loss_fn)
         if any(p not in fisher for p in self.masked):
             raise ValueError("some parameters are not trainable ones of `model`: pass theirs (DDP: .module)")
