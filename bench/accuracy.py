@@ -31,10 +31,11 @@ from pathlib import Path
 
 import torch
 
-import train
 from bench import common
 from lab import sharpness
+from lab.data import CifarOnDevice, normalize
 from lab.methods import flags, label, method_of
+from lab.runs import grid_run, run_grid, run_state
 from lab.stats import cheaper_verdict, mean_ci, paired
 
 HERE = Path(__file__).resolve().parent
@@ -83,13 +84,11 @@ def analyze(cfg, with_sharpness):
     model, _ = sharpness.load_run(out_dir / "ckpt.pt", "cpu")
     if "train_acc_clean_eval" not in a:
         cpu = torch.device("cpu")
-        data = train.CifarOnDevice(dict(cfg, batch_size=1), cpu, 0, 1)
-        true_y = train.CifarOnDevice(dict(cfg, batch_size=1, label_noise=0.0), cpu, 0, 1).train_y
+        data = CifarOnDevice(dict(cfg, batch_size=1), cpu, 0, 1)
+        true_y = CifarOnDevice(dict(cfg, batch_size=1, label_noise=0.0), cpu, 0, 1).train_y
         with torch.no_grad():
             x = data.train_x
-            pred = torch.cat(
-                [model(train.normalize(x[i : i + 500])).argmax(1) for i in range(0, len(x), 500)]
-            )
+            pred = torch.cat([model(normalize(x[i : i + 500])).argmax(1) for i in range(0, len(x), 500)])
         wrong = data.train_y != true_y
         a["train_acc_eval"] = (pred == data.train_y).float().mean().item()  # the labels it was trained on
         a["train_acc_clean_eval"] = (pred == true_y).float().mean().item()  # the true labels
@@ -271,8 +270,8 @@ def train_or_reuse(args, setting):
         for seed in args.seeds
         for mth, sp in methods
     ]
-    cfgs = [train.grid_run(f, args.runs_dir)[0] for f in grid]
-    missing = [c["name"] for c in cfgs if train.run_state(c) != "done"]
+    cfgs = [grid_run(f, args.runs_dir)[0] for f in grid]
+    missing = [c["name"] for c in cfgs if run_state(c) != "done"]
     if args.report:
         final = lambda c: json.loads((Path(c["out_dir"]) / "final.json").read_text())  # noqa: E731
         done = [(c, final(c)) for c in cfgs if c["name"] not in missing]
@@ -283,7 +282,7 @@ def train_or_reuse(args, setting):
         return cfgs, done, missing, 0
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
     launch = [sys.executable]
-    done = train.run_grid(grid, args.runs_dir, fresh=args.fresh, launch=launch, jobs=args.jobs, env=env)
+    done = run_grid(grid, args.runs_dir, fresh=args.fresh, launch=launch, jobs=args.jobs, env=env)
     return cfgs, done, [], len(grid) if args.fresh else len(missing)
 
 

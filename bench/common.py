@@ -17,6 +17,9 @@ import torch.nn.functional as F
 
 import ssam
 import train
+from lab import models
+from lab.config import resolve_config
+from lab.data import augment, load_subset, normalize
 from lab.methods import SPARSE
 
 # The paper's mask-update interval: once an epoch, 50,000 CIFAR images -> 391 steps at batch 128.
@@ -57,7 +60,7 @@ def config(flags, num_samples=128):
     opt = argv[argv.index("--optimizer") + 1] if "--optimizer" in argv else "sgd"
     argv += ["--update-interval", str(10**9)] if opt in SPARSE else []  # train.py refuses flags
     argv += ["--num-samples", str(num_samples)] if opt == "ssamf" else []  # an optimizer ignores
-    return train.resolve_config(train.get_args(argv))
+    return resolve_config(train.get_args(argv))
 
 
 def make_optimizer(model, flags, num_samples=128):
@@ -103,8 +106,8 @@ def ssamd_grads(model, x, y):
 
 def batch(n, device, start=0):
     """n normalized training images of the subset and their labels, on `device`."""
-    x, y = train.load_subset()[:2]
-    return train.normalize(x[start : start + n]).to(device), y[start : start + n].to(device)
+    x, y = load_subset()[:2]
+    return normalize(x[start : start + n]).to(device), y[start : start + n].to(device)
 
 
 def trained_model(name, width, device, steps, batch_size):
@@ -112,11 +115,11 @@ def trained_model(name, width, device, steps, batch_size):
     torch.manual_seed(0)
     model = make_model(name, width).to(device)
     opt, cfg = make_optimizer(model, "--optimizer sgd")
-    x_all, y_all = train.load_subset()[:2]
+    x_all, y_all = load_subset()[:2]
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         idx = torch.randint(len(y_all), (batch_size,), generator=g)
-        train_step(model, opt, cfg, train.augment(x_all[idx].to(device), g), y_all[idx].to(device))
+        train_step(model, opt, cfg, augment(x_all[idx].to(device), g), y_all[idx].to(device))
     return model
 
 
@@ -233,7 +236,7 @@ class TinyViT(nn.Module):
 def make_model(name, width=256):
     """'resnet18': train.py's (CIFAR stem, §5.1); 'vit': TinyViT, almost all of its weights in nn.Linear."""
     if name == "resnet18":
-        return train.make_model("resnet18", 10, small_images=True)
+        return models.make_model("resnet18", 10, small_images=True)
     if name == "vit":
         return TinyViT(width=width)
     raise ValueError(f"unknown model {name!r}: resnet18 or vit")

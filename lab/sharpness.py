@@ -9,10 +9,12 @@ largest converge to the top eigenvalues first. Measured on a wrn10-1 checkpoint:
 agree with 40 products to 4 digits and lambda_5 to 2%.
 """
 
-import pickle
-
 import torch
 import torch.nn.functional as F
+
+from lab.data import CifarOnDevice, normalize
+from lab.models import make_model
+from lab.runs import read_checkpoint
 
 
 def hvp_operator(model, loss_fn, x, y):
@@ -61,16 +63,12 @@ def top_eigenvalues(model, x, y, k=5, iters=30, loss_fn=F.cross_entropy, seed=0)
 
 def load_run(path, device):
     """A train.py checkpoint {"model": state_dict, "config": {...}} -> (model in eval mode, its config).
-    Loaded with weights_only=True: a file that needs code run to unpickle it is refused, naming the file."""
-    import train  # models (train.make_model); imported here: train.py --demo imports this module
-
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: not a checkpoint of plain tensors and values, refused ({e})") from None
+    Read as data only (lab.runs.read_checkpoint, weights_only=True): a file that would run code when
+    unpickled is refused with an error that names it."""
+    ck = read_checkpoint(path, what="sharpness: ")
     cfg = ck["config"]
     num_classes = {"cifar100": 100, "imagenet": 1000}.get(cfg["dataset"], 10)
-    model = train.make_model(cfg["model"], num_classes, small_images=cfg["dataset"] != "imagenet")
+    model = make_model(cfg["model"], num_classes, small_images=cfg["dataset"] != "imagenet")
     model.load_state_dict(ck["model"])
     return model.to(device).eval(), cfg
 
@@ -79,16 +77,14 @@ def train_batch(cfg, n, device):
     """n images of the run's training set (its --train-size part, its --label-noise labels), the same fixed
     random draw for every run of that set (the files are sorted by class: the first n would be one class),
     normalized, not augmented, and their labels: the loss the run minimized, without augmentation."""
-    import train  # the data (train.CifarOnDevice, train.normalize)
-
     if cfg["dataset"] == "imagenet":
         raise SystemExit(
             "sharpness.py: ImageNet checkpoints are not supported (CIFAR data lives in memory here)"
         )
-    data = train.CifarOnDevice(dict(cfg, batch_size=1), torch.device("cpu"), 0, 1)
+    data = CifarOnDevice(dict(cfg, batch_size=1), torch.device("cpu"), 0, 1)
     if n > len(data.train_y):
         raise SystemExit(
             f"sharpness.py: --batch {n} is larger than the run's {len(data.train_y)} training images"
         )
     idx = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(0))[:n]
-    return train.normalize(data.train_x[idx].to(device)), data.train_y[idx].to(device)
+    return normalize(data.train_x[idx].to(device)), data.train_y[idx].to(device)

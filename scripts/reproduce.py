@@ -36,7 +36,8 @@ import statistics
 import sys
 from pathlib import Path
 
-import train
+from lab.config import RESUME_FREE
+from lab.runs import grid_run, run_grid, run_state
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -157,15 +158,15 @@ def finished_runs(runs_dir):
     for f in sorted(Path(runs_dir).glob("*/final.json")):
         r = json.loads(f.read_text())
         c = r["config"]
-        model, dataset = train.PRESETS[c["preset"]][1], train.PRESETS[c["preset"]][0]
         base = ["--preset", c["preset"], "--optimizer", c["optimizer"], "--seed", str(c["seed"])]
-        recipe, _ = train.grid_run(
+        recipe, _ = grid_run(
             base + ([] if c.get("sparsity") is None else ["--sparsity", str(c["sparsity"])]), runs_dir
         )
+        model, dataset = recipe["model"], recipe["dataset"]  # the preset's
         differ = [
             f"{k.replace('_', '-')} {c.get(k)}"
             for k in sorted(set(c) | set(recipe))
-            if k not in train.RESUME_FREE and c.get(k) != recipe.get(k)
+            if k not in RESUME_FREE and c.get(k) != recipe.get(k)
         ]
         out.append(
             dict(
@@ -317,17 +318,17 @@ def main():
             (
                 cfg,
                 json.loads((Path(cfg["out_dir"]) / "final.json").read_text())
-                if train.run_state(cfg) == "done"
+                if run_state(cfg) == "done"
                 else None,
             )
-            for cfg, _ in (train.grid_run(f, runs_dir) for f in runs)
+            for cfg, _ in (grid_run(f, runs_dir) for f in runs)
         ]
     elif args.dry_run:
-        done = train.run_grid(runs, runs_dir, fresh=args.fresh, launch=launch, dry_run=True)
+        done = run_grid(runs, runs_dir, fresh=args.fresh, launch=launch, dry_run=True)
     else:
         done = []
         for flags in runs:  # one at a time, so the tables are rewritten after every run
-            done += train.run_grid([flags], runs_dir, fresh=args.fresh, launch=launch, dry_run=args.dry_run)
+            done += run_grid([flags], runs_dir, fresh=args.fresh, launch=launch, dry_run=args.dry_run)
             if args.grid != "cifar-short" and not args.dry_run:
                 write_tables(runs_dir)
     if args.grid == "cifar-short":
