@@ -1,18 +1,13 @@
 """Cheaper SAM-type steps: the ascent pass on part of the batch (train.py --ascent-fraction) and cost-aware
 whole-tensor masks. CPU only, tiny models."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import ssam  # noqa: E402
-import train  # noqa: E402
+import ssam
+import train
 
 NO_AMP = torch.autocast("cpu", enabled=False)
 
