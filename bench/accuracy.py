@@ -273,8 +273,8 @@ def train_or_reuse(args, setting):
     cfgs = [grid_run(f, args.runs_dir)[0] for f in grid]
     missing = [c["name"] for c in cfgs if run_state(c) != "done"]
     if args.report:
-        final = lambda c: json.loads((Path(c["out_dir"]) / "final.json").read_text())  # noqa: E731
-        done = [(c, final(c)) for c in cfgs if c["name"] not in missing]
+        finished = [c for c in cfgs if c["name"] not in missing]
+        done = [(c, json.loads((Path(c["out_dir"]) / "final.json").read_text())) for c in finished]
         print(
             "\n".join(["not finished, left out:"] + missing) if missing else "all runs finished",
             file=sys.stderr,
