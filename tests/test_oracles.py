@@ -1,0 +1,289 @@
+"""Independent oracles for the parts of ssam.py that a planted bug slipped past (issue 18). Every expected
+value comes from the paper's equations or from a small case counted by hand in the comments, never from
+ssam.py.  Sparse SAM: Mi et al., NeurIPS 2022 (Eq. 5-9); ASAM as davda54/sam computes it, per parameter
+group."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import ssam
+
+SGD = torch.optim.SGD
+
+
+def ones(n, value=1.0):
+    return torch.full((n,), float(value))
+
+
+# ---- SSAM-D's drop (Eq. 7) and grow (Eq. 8) with 2:4 masks and with whole tensors --------------------------
+def test_ssamd_24_drops_the_smallest_gradients_and_regrows_keeping_24():
+    """W [8, 3] holds 6 groups (4 consecutive outputs at each input). Start: outputs o % 4 in {0, 1}
+    perturbed. |g| is 10 at o % 4 == 0, 0.1 at o % 4 == 1, 100 on the unperturbed. N_drop (Eq. 9, t = 0, alpha
+    = 0.5, s = 0.5, |w| = 24) = int(0.5 * 0.5 * 24) = 6: the six perturbed entries with |g| = 0.1 go, one per
+    group, and each group regrows one entry at random among its three unperturbed ones (Eq. 8), back to 2 of
+    4."""
+    o = torch.arange(8)[:, None].expand(8, 3) % 4
+    start = o < 2
+    grad = torch.where(o == 0, 10.0, torch.where(o == 1, 0.1, 100.0))
+    regrown = torch.zeros(8, 3)
+    for seed in range(12):
+        w = nn.Parameter(torch.zeros(8, 3))
+        opt = ssam.SSAMD(
+            [w], SGD, sparsity=0.5, structure="2:4", drop_rate=0.5, total_steps=10, seed=seed, lr=0.1
+        )
+        opt.set_masks([start.clone()])
+        opt.update_mask([grad])
+        new = opt.masks()[0]
+        assert (new.reshape(2, 4, 3).sum(1) == 2).all()  # 2:4 in every group
+        assert new[o == 0].all()  # the largest |g| of each group is kept
+        assert (new & (o > 0)).reshape(2, 4, 3).sum(1).eq(1).all()  # one regrown entry a group
+        regrown += (new & (o > 0)).float()
+    # the dropped entries (o % 4 == 1) come back only as often as the never-perturbed ones: about 1/3 each
+    share = [float(regrown[o == k].mean()) / 12 for k in (1, 2, 3)]
+    assert all(0.1 < s < 0.6 for s in share), share
+
+
+def test_ssamd_tensor_mode_drops_the_tensors_of_lowest_mean_gradient_and_regrows_whole_tensors():
+    """8 tensors of 10; tensors 0-3 perturbed (density 0.5). Mean |g|: t0 0.384 (8 entries of 0.48, 2 of 0:
+    its largest entries beat t2's), t1 0.5, t2 0.45, t3 0.1; the unperturbed 5.0. N_drop = int(0.5 * 0.5 * 80)
+    = 20: two tensors' worth, t0 and t3 (lowest mean |g|, Eq. 7 by tensor); then two whole tensors regrow at
+    random among the six not kept (t0, t3, t4-t7), so t1 and t2 are always perturbed and t0 only sometimes."""
+    grads = [torch.tensor([0.48] * 8 + [0.0] * 2), ones(10, 0.5), ones(10, 0.45), ones(10, 0.1)]
+    grads += [ones(10, 5.0)] * 4
+    start = [torch.full((10,), i < 4) for i in range(8)]
+    chosen = torch.zeros(8)
+    for seed in range(12):
+        params = [nn.Parameter(torch.zeros(10)) for _ in range(8)]
+        opt = ssam.SSAMD(
+            params, SGD, sparsity=0.5, structure="tensor", drop_rate=0.5, total_steps=10, seed=seed, lr=0.1
+        )
+        opt.set_masks([m.clone() for m in start])
+        opt.update_mask(grads)
+        masks = opt.masks()
+        assert all(bool(m.all()) or not bool(m.any()) for m in masks)  # whole tensors
+        on = torch.tensor([bool(m.all()) for m in masks])
+        assert int(on.sum()) == 4 and on[1] and on[2], on
+        chosen += on.float()
+    assert 0 < chosen[0] < 12 and 0 < chosen[3] < 12, chosen  # dropped, and regrown only at random
+    assert chosen[4:].sum() > 0, chosen  # the growth reaches the never-perturbed tensors
+
+
+# ---- cost-aware whole-tensor masks: costs, by_count, the cut's max dX ------------------------------------
+# Three tensors of 10 and ascent costs (forward, dX of the layers above, dW): tensor 0 lowest in the network.
+COSTS3 = [(100, 100, 10), (100, 50, 10), (100, 0, 10)]
+
+
+class _Three(nn.Module):
+    """logit = x · (1.2 p0 + p1 + p2): per sample, dL/dp0 = 1.2 dL/dp1 = 1.2 dL/dp2, so the Fisher (Eq. 5) of
+    p0 is 1.44 times that of p1 and p2, entry by entry."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = nn.ParameterList([nn.Parameter(torch.full((10,), 0.1 * i)) for i in range(3)])
+
+    def forward(self, x):
+        z = (x * (1.2 * self.p[0] + self.p[1] + self.p[2])).sum(-1)
+        return torch.stack([z, -z], -1)
+
+
+def test_ssamf_costs_change_the_chosen_tensor():
+    """Density 1/3: a budget of 10 entries, one tensor. Mean Fisher f for p1, p2 and 1.44 f for p0. The
+    paper's ranking (no costs) takes p0. With costs, score per multiply-add of each cut (lowest layer
+    allowed): dX <= 0: p2, 10 f / (100 + 0 + 10) = 0.0909 f; dX <= 50: p1, 10 f / 160; dX <= 100: p0, 14.4 f /
+    210 = 0.0686 f. So p2 wins: the top of the network, cheapest to differentiate."""
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 10, generator=g, dtype=torch.float64), torch.randint(0, 2, (8,), generator=g))]
+    picks = {}
+    for costs in (None, "costs"):
+        model = _Three().double()
+        c = costs and dict(zip(model.p, COSTS3))
+        opt = ssam.SSAMF(
+            model.parameters(), SGD, sparsity=2 / 3, num_samples=8, structure="tensor", costs=c, lr=0.1
+        )
+        opt.update_mask(model, data)
+        masks = opt.masks()
+        assert all(bool(m.all()) or not bool(m.any()) for m in masks)
+        picks[costs] = [i for i, m in enumerate(masks) if m.all()]
+    assert picks == {None: [0], "costs": [2]}
+
+
+def test_ssamd_costs_choose_by_entries_per_cost_at_start_and_after_updates():
+    """SSAM-D's scores are random, so its cost rule counts entries (by_count): one tensor of 10 at every cut,
+    and 10 / 110 (p2, dX 0) beats 10 / 160 and 10 / 210 whatever the draws; without costs the draw decides."""
+    seen = set()
+    for seed in range(10):
+        for costs in (None, "costs"):
+            params = [nn.Parameter(torch.zeros(10)) for _ in range(3)]
+            c = costs and dict(zip(params, COSTS3))
+            opt = ssam.SSAMD(
+                params,
+                SGD,
+                sparsity=2 / 3,
+                structure="tensor",
+                update_interval=1,
+                total_steps=4,
+                seed=seed,
+                costs=c,
+                lr=0.1,
+            )
+            on = [[bool(m.all()) for m in opt.masks()]]
+            for t in range(2):  # two drop-and-grow rounds with random gradients
+                opt.update_mask([torch.rand(10, generator=torch.Generator().manual_seed(t)) for _ in params])
+                on.append([bool(m.all()) for m in opt.masks()])
+            if costs:
+                assert on == [[False, False, True]] * 3, (seed, on)
+            else:
+                seen.update(tuple(o) for o in on)
+    assert len(seen) > 1  # without costs the tensor changes with the draws
+
+
+def test_cost_tensor_masks_by_count_counts_entries_not_score():
+    """Means 1, 1, 2; dX 0, 0, 30; dW 10; density 1/3 (one tensor of 10). Cut dX <= 0 takes tensor 0 (ranked
+    before 1 on the tie): cost 100 + 0 + 10. Cut dX <= 30 takes tensor 2: cost 100 + 30 + 10. by score: 10 /
+    110 = 0.091 < 20 / 140 = 0.143 -> tensor 2; by count: 10 / 110 > 10 / 140 -> tensor 0."""
+    scores = [ones(10), ones(10), ones(10, 2.0)]
+    costs = [(100, 0, 10), (100, 0, 10), (100, 30, 10)]
+    by_score = ssam.cost_tensor_masks(scores, 1 / 3, costs)
+    by_count = ssam.cost_tensor_masks(scores, 1 / 3, costs, by_count=True)
+    assert [bool(m.all()) for m in by_score] == [False, False, True]
+    assert [bool(m.all()) for m in by_count] == [True, False, False]
+
+
+def test_cost_of_a_cut_pays_the_largest_dx_once():
+    """Means 1, 2, 2; dX 0, 30, 60; dW 10; density 2/3 (two tensors of 10). The ascent pass stops at the
+    lowest perturbed layer, so a fill pays max(dX) once, not the sum. Cut dX <= 30: tensors 1 and 0, (20 + 10)
+    / (100 + 30 + 20) = 0.200. Cut dX <= 60: tensors 1 and 2, 40 / (100 + 60 + 20) = 0.222 (with the sum of
+    dX: 40 / 210 = 0.190, and the cut at 30 would win). Cut dX <= 0: one tensor, 10 from the budget of 20: not
+    near."""
+    scores = [ones(10), ones(10, 2.0), ones(10, 2.0)]
+    costs = [(100, 0, 10), (100, 30, 10), (100, 60, 10)]
+    assert [bool(m.all()) for m in ssam.cost_tensor_masks(scores, 2 / 3, costs)] == [False, True, True]
+
+
+def test_ascent_costs_of_a_conv_net_counted_by_hand():
+    """Input [1, 2, 4, 4]. conv1 3x3 pad 1 -> [1, 3, 4, 4]: 48 outputs x (2 * 3 * 3) = 864 multiply-adds;
+    BatchNorm: 48 (elementwise); conv2 3x3 stride 2 pad 1, no bias -> [1, 4, 2, 2]: 16 x (3 * 3 * 3) = 432;
+    Linear 16 -> 5: 5 x 16 = 80. Forward 1424. dX paid below a layer: the layers above it. dW: the layer's
+    multiply-adds split by parameter size (conv1: 54 weight + 3 bias entries)."""
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False),
+        nn.Flatten(),
+        nn.Linear(16, 5),
+    )
+    c = ssam.ascent_costs(model, torch.zeros(1, 2, 4, 4))
+    conv1, bn, conv2, _, lin = model
+    expected = {
+        conv1.weight: (1424, 48 + 432 + 80, 864 * 54 / 57),
+        conv1.bias: (1424, 560, 864 * 3 / 57),
+        bn.weight: (1424, 432 + 80, 24),
+        bn.bias: (1424, 512, 24),
+        conv2.weight: (1424, 80, 432),
+        lin.weight: (1424, 0, 80 * 80 / 85),
+        lin.bias: (1424, 0, 80 * 5 / 85),
+    }
+    assert set(c) == set(expected)
+    for p, (fwd, dx, dw) in expected.items():
+        assert c[p][:2] == (fwd, dx) and c[p][2] == pytest.approx(dw, rel=1e-12), (p.shape, c[p])
+
+
+# ---- N:M needs sparsity 1 - N/M ---------------------------------------------------------------------------
+@pytest.mark.parametrize("structure,ok,bad", [("1:4", 0.75, 0.25), ("3:4", 0.25, 0.75), ("2:8", 0.75, 0.25)])
+def test_nm_structure_fixes_the_sparsity_at_one_minus_n_over_m(structure, ok, bad):
+    """N of every M perturbed is a density of N/M, a sparsity of 1 - N/M."""
+    n, m = map(int, structure.split(":"))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8))
+    opt = ssam.SSAMD(
+        model.parameters(), SGD, sparsity=ok, structure=structure, total_steps=10, seed=0, lr=0.1
+    )
+    for p, mk in zip(model.parameters(), opt.masks()):
+        if p.dim() == 2:  # every group of m consecutive outputs (at each input) holds n
+            assert (mk.t().reshape(p.shape[1], 8 // m, m).sum(-1) == n).all()
+    with pytest.raises(ValueError, match=rf"needs sparsity={1 - n / m:g}, got {bad}"):
+        ssam.SSAMF(model.parameters(), SGD, sparsity=bad, structure=structure, lr=0.1)
+
+
+# ---- SAM frame: per-group adaptive (ASAM), defaults from the base optimizer ------------------------------
+def test_adaptive_is_read_per_param_group():
+    """davda54's ASAM, group by group: ||g||_T = || concat(|w| g for adaptive groups, g for the others) ||,
+    eps = rho * (w^2 if adaptive else 1) * g / (||g||_T + 1e-12)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    groups = [
+        {"params": list(model[0].parameters()), "adaptive": True},
+        {"params": list(model[2].parameters())},
+    ]
+    opt = ssam.SAM(groups, SGD, rho=0.3, adaptive=False, lr=0.1)
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    F.cross_entropy(model(x), y).backward()
+    w = [p.detach().clone() for p in model.parameters()]
+    g = [p.grad.clone() for p in model.parameters()]
+    ada = [True, True, False, False]
+    norm = math.sqrt(sum(float(((wi.abs() if a else 1) * gi).pow(2).sum()) for wi, gi, a in zip(w, g, ada)))
+    opt.first_step()
+    for p, wi, gi, a in zip(model.parameters(), w, g, ada):
+        eps = 0.3 * (wi * wi if a else 1) * gi / (norm + 1e-12)
+        torch.testing.assert_close(p.detach() - wi, eps, rtol=1e-9, atol=1e-15)
+    opt.restore()
+
+
+def test_added_param_group_takes_the_base_optimizers_defaults():
+    """opt.add_param_group({'params': [q]}) fills lr, momentum, ... from the base optimizer's defaults (as
+    torch.optim does) and rho from SAM's: q then trains like the others. By hand, one step with momentum 0 and
+    a quadratic loss: L = sum(q^2) / 2 + sum(w^2) / 2, g = q at q, eps = rho * q / ||(q, w)||, the descent
+    uses the gradient at q + eps."""
+    w = nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))
+    q = nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    opt = ssam.SAM([w], SGD, rho=0.5, lr=0.1, momentum=0.0)
+    opt.add_param_group({"params": [q]})
+    assert opt.param_groups[1]["lr"] == 0.1 and opt.param_groups[1]["rho"] == 0.5
+    assert opt.base_optimizer.param_groups is opt.param_groups and len(opt.base_optimizer.param_groups) == 2
+
+    def closure():
+        loss = (q * q).sum() / 2 + (w * w).sum() / 2
+        loss.backward()
+        return loss
+
+    opt.step(closure, both_passes=True)
+    norm = math.sqrt(1 + 4 + 9 + 16)
+    for p, p0 in ((q, [1.0, 2.0]), (w, [3.0, 4.0])):
+        p0 = torch.tensor(p0, dtype=torch.float64)
+        torch.testing.assert_close(
+            p.detach(), p0 - 0.1 * (p0 + 0.5 * p0 / (norm + 1e-12)), rtol=1e-12, atol=0
+        )
+
+
+# ---- the Fisher with a parameter the forward pass does not use ---------------------------------------------
+class _Unused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+        self.spare = nn.Parameter(torch.ones(4))  # trainable, never used in forward
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def test_empirical_fisher_gives_zero_for_an_unused_parameter():
+    """Softmax regression: sample i's gradient is (p_i - e_yi) x_i^T for W and p_i - e_yi for b (closed form),
+    and 0 for a parameter the forward pass leaves out; SSAM-F then ranks it last."""
+    torch.manual_seed(0)
+    model = _Unused().double()
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    with torch.no_grad():
+        r = torch.softmax(model(x), -1) - F.one_hot(y, 3).double()
+    fisher = ssam.empirical_fisher(model, [(x, y)], 8)
+    torch.testing.assert_close(
+        fisher[model.lin.weight], torch.einsum("io,ij->oj", r**2, x**2), rtol=1e-12, atol=0
+    )
+    torch.testing.assert_close(fisher[model.lin.bias], (r**2).sum(0), rtol=1e-12, atol=0)
+    assert torch.equal(fisher[model.spare], torch.zeros(4, dtype=torch.float64))
+    opt = ssam.SSAMF(model.parameters(), SGD, sparsity=0.5, num_samples=8, lr=0.1)  # 11 of 22 entries...
+    opt.update_mask(model, [(x, y)])
+    assert not opt.state[model.spare]["mask"].any()  # ...none of them unused
