@@ -8,23 +8,24 @@ managers, a property). Two small patches, applied in this process before mutmut 
   - the trampoline that picks the active mutant keeps the decorators, and the copies it switches between (the
     original and each mutant) are plain functions, so a decorator is applied once: @contextmanager and
     @property keep working (mutmut keeps @staticmethod on the copies, as it does without this script).
-Usage: python scripts/mutation.py [--list-only] [--sample N] [--seed S] [--out FILE]
-  --sample N: run N mutants drawn with --seed (default 0) instead of all of them; --list-only: report only.
+Usage: python scripts/mutation.py [--list-only]: a fresh run of every mutant (one worker), then the score,
+the survivors with their diffs, and bench/results/mutation-survivors.md (--list-only: only the report).
 """
 
 import argparse
-import hashlib
 import os
-import random
 import re
+import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import libcst as cst
 import mutmut.__main__ as mm
 from mutmut.mutation import file_mutation as fm
+from mutmut.mutation.data import SourceFileMutationData
+from mutmut.mutation.diff_apply import get_diff_for_mutant
+from mutmut.stats import status_by_exit_code
 
 ROOT = Path(__file__).resolve().parent.parent
 DECORATORS = {"torch.no_grad()", "torch.enable_grad()", "contextmanager", "property", "staticmethod"}
@@ -66,62 +67,72 @@ fm.MutationVisitor._skip_node_and_children = _skip_node_and_children
 fm.function_trampoline_arrangement = function_trampoline_arrangement
 
 
-def results():
-    """{mutant name: status} from mutmut's result files."""
-    out = subprocess.run(
-        [sys.executable, "-m", "mutmut", "results", "--all", "true"],
-        cwd=ROOT,
-        text=True,
-        capture_output=True,
-        check=True,
-    ).stdout
-    return dict(re.findall(r"^\s+(\S+): (.+)$", out, re.M))
+OUT = ROOT / "bench" / "results" / "mutation-survivors.md"
+TODO = "TODO: a new survivor: kill it with a test, or say why it is equivalent"
 
 
-def show(name):
-    out = subprocess.run(
-        [sys.executable, "-m", "mutmut", "show", name], cwd=ROOT, text=True, capture_output=True
+def statuses():
+    """{mutant name: status} of the last run, from mutmut's result file for ssam.py."""
+    data = SourceFileMutationData(path=Path("ssam.py"))
+    data.load()
+    return {k.rpartition(".")[2]: status_by_exit_code[v] for k, v in data.exit_code_by_key.items()}
+
+
+def diff(name):
+    """The changed lines of mutant `name` ('-' the original, '+' the mutant)."""
+    text = get_diff_for_mutant(f"ssam.{name}", path=Path("ssam.py"))
+    return [line for line in text.splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+
+
+def old_reasons():
+    """{diff text: reason} from the committed list: reasons follow a survivor when its number changes."""
+    if not OUT.exists():
+        return {}
+    found = re.findall(r"^reason: (.*)\n```diff\n(.*?)\n```", OUT.read_text(), re.M | re.S)
+    return {d: r for r, d in found}
+
+
+def write_list(status, score, seconds):
+    reasons, survivors = (
+        old_reasons(),
+        [n for n, s in sorted(status.items()) if s not in ("killed", "timeout")],
     )
-    return "\n".join(
-        line for line in out.stdout.splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---")
-    )
+    blob = subprocess.run(["git", "hash-object", "ssam.py"], text=True, capture_output=True).stdout.strip()
+    lines = [
+        "# ssam.py's surviving mutants (`make mutation`)",
+        "",
+        f"Against ssam.py blob {blob} (`git hash-object ssam.py`): {score}, {seconds / 60:.0f} min",
+        "on the dev machine. Each survivor with why it may stay; `make mutation` rewrites this file, keeping",
+        "each reason whose mutant (the diff) is still there.",
+        "",
+    ]
+    for name in survivors:
+        d = "\n".join(diff(name))
+        lines += [f"## {name} ({status[name]})", f"reason: {reasons.get(d, TODO)}", "```diff", d, "```", ""]
+    OUT.write_text("\n".join(lines))
+    return sum(reasons.get("\n".join(diff(n)), TODO) == TODO for n in survivors)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sample", type=int, default=0, help="run this many mutants, drawn with --seed (0: all)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--list-only", action="store_true", help="only print the last run's score and survivors")
-    ap.add_argument("--out", default="", help="also write the survivors as markdown here")
+    ap.add_argument("--list-only", action="store_true", help="no run: the last run's score and survivors")
     args = ap.parse_args(argv)
     os.chdir(ROOT)
     start = time.time()
     if not args.list_only:
-        names = ()
-        if args.sample:
-            mm._run((), 1) if not Path("mutants").exists() else None  # generate, to know the names
-            everything = sorted(results())
-            names = tuple(random.Random(args.seed).sample(everything, min(args.sample, len(everything))))
-        mm._run(names, 1)
-    status = results()
+        shutil.rmtree("mutants", ignore_errors=True)  # a fresh run: mutmut keeps old results otherwise
+        mm._run((), 1)  # one worker: the machine is shared
+    status = statuses()
     counts = {s: sum(v == s for v in status.values()) for s in sorted(set(status.values()))}
-    tried = sum(n for s, n in counts.items() if s not in ("not checked",))
     killed = counts.get("killed", 0) + counts.get("timeout", 0)
-    print(
-        f"\nmutation score: {killed}/{tried} killed ({', '.join(f'{n} {s}' for s, n in counts.items())}); "
-        f"{time.time() - start:.0f} s"
-    )
-    survivors = sorted(k for k, v in status.items() if v not in ("killed", "timeout", "not checked"))
-    for name in survivors:
-        print(f"\n{name} ({status[name]})\n{show(name)}")
-    if args.out:
-        blob = subprocess.run(
-            ["git", "hash-object", "ssam.py"], text=True, capture_output=True
-        ).stdout.strip()
-        sha = hashlib.sha256(Path("ssam.py").read_bytes()).hexdigest()[:12]
-        lines = [f"ssam.py blob {blob} (sha256 {sha}): {killed}/{tried} killed", ""]
-        lines += [f"- `{n}` ({status[n]})" for n in survivors]
-        Path(args.out).write_text("\n".join(lines) + "\n")
+    score = f"{killed}/{len(status)} mutants killed ({', '.join(f'{n} {s}' for s, n in counts.items())})"
+    print(f"\nmutation score: {score}; {time.time() - start:.0f} s")
+    for name, s in sorted(status.items()):
+        if s not in ("killed", "timeout"):
+            print(f"\n{name} ({s})\n" + "\n".join(diff(name)))
+    if not args.list_only:
+        todo = write_list(status, score, time.time() - start)
+        print(f"\n{OUT.relative_to(ROOT)} written: {todo} survivors without a reason yet")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ value comes from the paper's equations or from a small case counted by hand in t
 ssam.py.  Sparse SAM: Mi et al., NeurIPS 2022 (Eq. 5-9); ASAM as davda54/sam computes it, per parameter
 group."""
 
+import copy
 import math
 
 import pytest
@@ -164,32 +165,83 @@ def test_cost_of_a_cut_pays_the_largest_dx_once():
     assert [bool(m.all()) for m in ssam.cost_tensor_masks(scores, 2 / 3, costs)] == [False, True, True]
 
 
+def test_cost_tensor_masks_boundaries_by_hand():
+    """Costs (100, dX, 10); tensor 0 ranked first on equal means.
+    (a) Closer, strictly: budget 10, sizes 6 and 8: after tensor 0, 4 are left; tensor 1 would leave -4, not
+    closer, so it stays out (8 < 2 * 4 is false); with 9 it is further still.
+    (b) Within 25% counts the boundary: budget 8; tensor 1 (10, dX 0) alone leaves |-2| = 8 / 4: near, and
+    10 / 110 beats tensor 0 (8, dX 100) at 8 / 210.
+    (c) No fill near: the nearest wins, not the best score per cost. Budget 10; tensor 1 (14, dX 0) leaves -4,
+    tensor 0 (7, dX 100) leaves 3 (neither within 2.5): tensor 0, though 14 / 110 > 7 / 210.
+    (d) One tensor."""
+
+    def on(sizes, budget, dxs, means=None):
+        scores = [torch.full((n,), 1.0 if means is None else means[i]) for i, n in enumerate(sizes)]
+        costs = [(100, dx, 10) for dx in dxs]
+        masks = ssam.cost_tensor_masks(scores, budget / sum(sizes), costs)
+        return [bool(m.all()) for m in masks]
+
+    assert on([6, 8], 10, [0, 0], means=[2.0, 1.0]) == [True, False]
+    assert on([6, 9], 10, [0, 0], means=[2.0, 1.0]) == [True, False]
+    assert on([8, 10], 8, [100, 0]) == [False, True]
+    assert on([7, 14], 10, [100, 0]) == [True, False]
+    assert on([5], 5, [0]) == [True] and on([5], 1, [0]) == [False]
+
+
 def test_ascent_costs_of_a_conv_net_counted_by_hand():
     """Input [1, 2, 4, 4]. conv1 3x3 pad 1 -> [1, 3, 4, 4]: 48 outputs x (2 * 3 * 3) = 864 multiply-adds;
     BatchNorm: 48 (elementwise); conv2 3x3 stride 2 pad 1, no bias -> [1, 4, 2, 2]: 16 x (3 * 3 * 3) = 432;
-    Linear 16 -> 5: 5 x 16 = 80. Forward 1424. dX paid below a layer: the layers above it. dW: the layer's
+    Linear 16 -> 1: 1 x 16 = 16. Forward 1360. dX paid below a layer: the layers above it. dW: the layer's
     multiply-adds split by parameter size (conv1: 54 weight + 3 bias entries)."""
     model = nn.Sequential(
         nn.Conv2d(2, 3, 3, padding=1),
         nn.BatchNorm2d(3),
         nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False),
         nn.Flatten(),
-        nn.Linear(16, 5),
+        nn.Linear(16, 1),
     )
     c = ssam.ascent_costs(model, torch.zeros(1, 2, 4, 4))
     conv1, bn, conv2, _, lin = model
     expected = {
-        conv1.weight: (1424, 48 + 432 + 80, 864 * 54 / 57),
-        conv1.bias: (1424, 560, 864 * 3 / 57),
-        bn.weight: (1424, 432 + 80, 24),
-        bn.bias: (1424, 512, 24),
-        conv2.weight: (1424, 80, 432),
-        lin.weight: (1424, 0, 80 * 80 / 85),
-        lin.bias: (1424, 0, 80 * 5 / 85),
+        conv1.weight: (1360, 48 + 432 + 16, 864 * 54 / 57),
+        conv1.bias: (1360, 496, 864 * 3 / 57),
+        bn.weight: (1360, 432 + 16, 24),
+        bn.bias: (1360, 448, 24),
+        conv2.weight: (1360, 16, 432),
+        lin.weight: (1360, 0, 16 * 16 / 17),
+        lin.bias: (1360, 0, 16 * 1 / 17),
     }
     assert set(c) == set(expected)
     for p, (fwd, dx, dw) in expected.items():
         assert c[p][:2] == (fwd, dx) and c[p][2] == pytest.approx(dw, rel=1e-12), (p.shape, c[p])
+
+
+class _TiedAndRecurrent(nn.Module):
+    """shared (Linear 4 -> 4) called first and last, a GRU (returns a tuple) between, an unused Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared, self.gru, self.unused = nn.Linear(4, 4), nn.GRU(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):  # x [L=2, B=1, 4]
+        h, _ = self.gru(self.shared(x))
+        return self.shared(h)
+
+
+def test_ascent_costs_count_every_call_place_a_layer_at_its_first_and_skip_unused_ones():
+    """shared: 2 calls x 2 x 1 x 4 outputs x 4 = 64 multiply-adds; the GRU: its output [2, 1, 4] (the first of
+    its tuple, not h_n [1, 1, 4]), one each = 8. Forward 72. A layer sits where its first call starts (the
+    docstring's rule): shared below the GRU, so its dX pays the GRU's 8 and the GRU's dX pays nothing. The
+    unused Linear costs nothing and gets no entry; no hook stays on the model."""
+    torch.manual_seed(0)
+    model = _TiedAndRecurrent()
+    c = ssam.ascent_costs(model, torch.zeros(2, 1, 4))
+    gru = list(model.gru.parameters())
+    assert set(c) == {model.shared.weight, model.shared.bias, *gru}
+    assert c[model.shared.weight] == (72, 8, 64 * 16 / 20) and c[model.shared.bias] == (72, 8, 64 * 4 / 20)
+    total = sum(p.numel() for p in gru)
+    assert all(c[p] == (72, 0, pytest.approx(8 * p.numel() / total, rel=1e-12)) for p in gru)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
 # ---- N:M needs sparsity 1 - N/M ---------------------------------------------------------------------------
@@ -287,3 +339,43 @@ def test_empirical_fisher_gives_zero_for_an_unused_parameter():
     opt = ssam.SSAMF(model.parameters(), SGD, sparsity=0.5, num_samples=8, lr=0.1)  # 11 of 22 entries...
     opt.update_mask(model, [(x, y)])
     assert not opt.state[model.spare]["mask"].any()  # ...none of them unused
+
+
+class _Norms(nn.Module):
+    """BatchNorm layers a batch of one meets differently: 1 channel with eps 0.1 on [B, 1, 3, 3]; BatchNorm1d
+    (eps 0.1) on [B, 2, 2] sequences (2 values a channel: its own statistics) and on [B, 2] vectors (running
+    statistics: a sample alone has none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn2 = nn.Conv2d(1, 1, 2), nn.BatchNorm2d(1, eps=0.1)
+        self.seq, self.bn_seq = nn.Linear(2, 2), nn.BatchNorm1d(2, eps=0.1)
+        self.vec, self.bn_vec = nn.Linear(2, 2), nn.BatchNorm1d(2, eps=0.1)
+        self.head = nn.Linear(2, 3)
+
+    def forward(self, x):  # x [B, 1, 3, 3]
+        h = torch.tanh(self.bn2(self.conv(x)))  # [B, 1, 2, 2]
+        h = torch.tanh(self.bn_seq(self.seq(h.reshape(-1, 2, 2))))  # [B, 2 channels, 2 positions]
+        h = torch.tanh(self.bn_vec(self.vec(h.mean(-1))))  # [B, 2]
+        return self.head(h)
+
+
+def test_empirical_fisher_normalizes_each_sample_as_a_batch_of_one():
+    """The authors' loop (Eq. 5): each sample alone through the model in train mode; a [1, C] BatchNorm input
+    has no statistics of its own, so that layer uses its running ones (eval mode) in the reference."""
+    torch.manual_seed(0)
+    model = _Norms().double()
+    with torch.no_grad():
+        model(torch.randn(16, 1, 3, 3, dtype=torch.float64))  # running statistics away from 0 / 1
+    x, y = torch.randn(5, 1, 3, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    fisher = ssam.empirical_fisher(model, [(x, y)], 5)
+    ref = copy.deepcopy(model)
+    ref.bn_vec.eval()
+    params = list(ref.parameters())
+    expected = [torch.zeros_like(p) for p in params]
+    for i in range(5):
+        g = torch.autograd.grad(F.cross_entropy(ref(x[i : i + 1]), y[i : i + 1]), params)
+        expected = [e + gi * gi for e, gi in zip(expected, g)]
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(fisher[p], e, rtol=1e-9, atol=1e-15)
+    assert all(float(e.abs().max()) > 0 for e in expected)
