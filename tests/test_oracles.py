@@ -166,14 +166,12 @@ def test_cost_of_a_cut_pays_the_largest_dx_once():
 
 
 def test_cost_tensor_masks_boundaries_by_hand():
-    """Costs (100, dX, 10); tensor 0 ranked first on equal means.
-    (a) Closer, strictly: budget 10, sizes 6 and 8: after tensor 0, 4 are left; tensor 1 would leave -4, not
-    closer, so it stays out (8 < 2 * 4 is false); with 9 it is further still.
-    (b) Within 25% counts the boundary: budget 8; tensor 1 (10, dX 0) alone leaves |-2| = 8 / 4: near, and
-    10 / 110 beats tensor 0 (8, dX 100) at 8 / 210.
-    (c) No fill near: the nearest wins, not the best score per cost. Budget 10; tensor 1 (14, dX 0) leaves -4,
-    tensor 0 (7, dX 100) leaves 3 (neither within 2.5): tensor 0, though 14 / 110 > 7 / 210.
-    (d) One tensor."""
+    """Costs (100, dX, 10); tensor 0 ranked first on equal means. (a) Closer, strictly: budget 10, sizes 6 and
+    8: after tensor 0, 4 are left; tensor 1 would leave -4, not closer, so it stays out (8 < 2 * 4 is false);
+    with 9 it is further still. (b) Within 25% counts the boundary: budget 8; tensor 1 (10, dX 0) alone leaves
+    |-2| = 8 / 4: near, and 10 / 110 beats tensor 0 (8, dX 100) at 8 / 210. (c) No fill near: the nearest
+    wins, not the best score per cost. Budget 10; tensor 1 (14, dX 0) leaves -4, tensor 0 (7, dX 100) leaves 3
+    (neither within 2.5): tensor 0, though 14 / 110 > 7 / 210. (d) One tensor."""
 
     def on(sizes, budget, dxs, means=None):
         scores = [torch.full((n,), 1.0 if means is None else means[i]) for i, n in enumerate(sizes)]
@@ -217,30 +215,34 @@ def test_ascent_costs_of_a_conv_net_counted_by_hand():
 
 
 class _TiedAndRecurrent(nn.Module):
-    """shared (Linear 4 -> 4) called first and last, a GRU (returns a tuple) between, an unused Linear."""
+    """A container with a parameter of its own (scale), shared (Linear 4 -> 4) called first and last, a GRU
+    (returns a tuple) between, and an unused Linear."""
 
     def __init__(self):
         super().__init__()
+        self.scale = nn.Parameter(torch.ones(4))
         self.shared, self.gru, self.unused = nn.Linear(4, 4), nn.GRU(4, 4), nn.Linear(4, 4)
 
     def forward(self, x):  # x [L=2, B=1, 4]
-        h, _ = self.gru(self.shared(x))
+        h, _ = self.gru(self.shared(x * self.scale))
         return self.shared(h)
 
 
 def test_ascent_costs_count_every_call_place_a_layer_at_its_first_and_skip_unused_ones():
-    """shared: 2 calls x 2 x 1 x 4 outputs x 4 = 64 multiply-adds; the GRU: its output [2, 1, 4] (the first of
-    its tuple, not h_n [1, 1, 4]), one each = 8. Forward 72. A layer sits where its first call starts (the
-    docstring's rule): shared below the GRU, so its dX pays the GRU's 8 and the GRU's dX pays nothing. The
-    unused Linear costs nothing and gets no entry; no hook stays on the model."""
+    """The container: its output [2, 1, 4], one each = 8. shared: 2 calls x 2 x 1 x 4 outputs x 4 = 64
+    multiply-adds. The GRU: its output [2, 1, 4] (the first of its tuple, not h_n [1, 1, 4]) = 8. Forward 80.
+    A layer sits where its first call starts (the docstring's rule): the container first, then shared, then
+    the GRU; dX pays the layers placed above. The unused Linear costs nothing and gets no entry, though its
+    container has one; no hook stays on the model."""
     torch.manual_seed(0)
     model = _TiedAndRecurrent()
     c = ssam.ascent_costs(model, torch.zeros(2, 1, 4))
     gru = list(model.gru.parameters())
-    assert set(c) == {model.shared.weight, model.shared.bias, *gru}
-    assert c[model.shared.weight] == (72, 8, 64 * 16 / 20) and c[model.shared.bias] == (72, 8, 64 * 4 / 20)
+    assert set(c) == {model.scale, model.shared.weight, model.shared.bias, *gru}
+    assert c[model.scale] == (80, 72, 8)
+    assert c[model.shared.weight] == (80, 8, 64 * 16 / 20) and c[model.shared.bias] == (80, 8, 64 * 4 / 20)
     total = sum(p.numel() for p in gru)
-    assert all(c[p] == (72, 0, pytest.approx(8 * p.numel() / total, rel=1e-12)) for p in gru)
+    assert all(c[p] == (80, 0, pytest.approx(8 * p.numel() / total, rel=1e-12)) for p in gru)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
@@ -379,3 +381,114 @@ def test_empirical_fisher_normalizes_each_sample_as_a_batch_of_one():
     for p, e in zip(model.parameters(), expected):
         torch.testing.assert_close(fisher[p], e, rtol=1e-9, atol=1e-15)
     assert all(float(e.abs().max()) > 0 for e in expected)
+
+
+def test_empirical_fisher_of_a_one_parameter_model():
+    """Softmax regression without a bias: (p_i - e_yi)^2 x_i^2 summed over the samples (closed form)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3, bias=False).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    with torch.no_grad():
+        r = torch.softmax(model(x), -1) - F.one_hot(y, 3).double()
+    fisher = ssam.empirical_fisher(model, [(x[:4], y[:4]), (x[4:], y[4:])], 6)
+    torch.testing.assert_close(
+        fisher[model.weight], torch.einsum("io,ij->oj", r**2, x**2), rtol=1e-12, atol=0
+    )
+
+
+def test_ssamf_update_mask_uses_the_loss_it_is_given():
+    """loss_fn = the first logit: its per-sample gradient is x_i for row 0 of W and 1 for b_0, 0 elsewhere
+    (closed form), so the Fisher is sum_i x_i^2 on row 0, N on b_0, and the top 4 of 15 entries are b_0 (5)
+    and row 0's three largest sum_i x_i^2; cross-entropy would spread them over every row."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    opt = ssam.SSAMF(model.parameters(), SGD, sparsity=11 / 15, num_samples=5, lr=0.1)
+    opt.update_mask(model, [(x, y)], loss_fn=lambda out, target: out[:, 0].sum())
+    row0 = (x**2).sum(0)
+    expected_w = torch.zeros(3, 4, dtype=torch.bool)
+    expected_w[0, row0.topk(3).indices] = True
+    assert torch.equal(opt.state[model.weight]["mask"], expected_w)
+    assert torch.equal(opt.state[model.bias]["mask"], torch.tensor([True, False, False]))
+
+
+# ---- the documented defaults and the edges of the allowed ranges ------------------------------------------
+def test_defaults_and_range_edges():
+    """Defaults: rho 0.05, sparsity 0.5, num_samples 128, update_interval 1000, drop_rate 0.5. Allowed at the
+    edge: num_samples 1, total_steps 1, drop_rate 0 (then nothing is ever dropped)."""
+    params = [nn.Parameter(torch.zeros(4, 4))]
+    f = ssam.SSAMF(params, SGD, lr=0.1)
+    d = ssam.SSAMD(params, SGD, total_steps=10, seed=0, lr=0.1)
+    assert [g["rho"] for g in f.param_groups + d.param_groups] == [0.05, 0.05]
+    assert (f.sparsity, f.num_samples, f.update_interval) == (0.5, 128, 1000)
+    assert (d.sparsity, d.drop_rate, d.update_interval) == (0.5, 0.5, 1000)
+    assert ssam.SSAMF(params, SGD, num_samples=1, lr=0.1).num_samples == 1
+    one = ssam.SSAMD(params, SGD, total_steps=1, drop_rate=0.0, seed=0, lr=0.1)
+    start = one.masks()[0].clone()
+    one.update_mask([torch.randn(4, 4)])
+    assert one.drop_count(0) == 0 and torch.equal(one.masks()[0], start)
+
+
+def test_ssamd_seed_none_draws_a_62_bit_seed_from_torch():
+    """seed=None: the seed comes from torch's global generator (torch.manual_seed makes it reproducible) and
+    spans 62 bits (a draw below 2^32 has odds 2^-30)."""
+    params = [nn.Parameter(torch.zeros(3))]
+    seeds = []
+    for s in (0, 0, 1):
+        torch.manual_seed(s)
+        seeds.append(ssam.SSAMD(params, SGD, total_steps=5, lr=0.1).generator.initial_seed())
+    assert seeds[0] == seeds[1] != seeds[2] and all(2**32 <= s < 2**62 for s in seeds)
+
+
+def test_ssamd_tensor_mode_draws_once_per_tensor():
+    """structure='tensor' draws one number per tensor (the mask is whole tensors), element-wise one per entry:
+    after the initial mask the optimizer's generator has advanced by 3 or by 3 x 5 draws."""
+    for structure, draws in (("tensor", 3), (None, 15)):
+        params = [nn.Parameter(torch.zeros(5)) for _ in range(3)]
+        opt = ssam.SSAMD(params, SGD, structure=structure, total_steps=5, seed=7, lr=0.1)
+        g = torch.Generator().manual_seed(7)
+        torch.rand(draws, generator=g)
+        assert torch.equal(opt.generator.get_state(), g.get_state()), structure
+
+
+# ---- errors and warnings that name the problem and point at the caller ------------------------------------
+def test_misuse_raises_clear_errors_and_the_davda54_warning_points_at_the_caller():
+    torch.manual_seed(0)
+    model, other = nn.Linear(3, 2), nn.Linear(3, 2)
+    opt = ssam.SSAMF(model.parameters(), SGD, num_samples=2, lr=0.1)
+    with pytest.raises(
+        ValueError, match=r"not trainable ones of `model`: pass their model \(DDP: model.module\)"
+    ):
+        opt.update_mask(other, [(torch.randn(2, 3), torch.tensor([0, 1]))])
+    sam = ssam.SAM(model.parameters(), SGD, lr=0.1)
+    with pytest.raises(ValueError, match="SAM.step needs a closure"):
+        sam.step()
+    davda = {"state": {}, "param_groups": [dict(sam.param_groups[0], params=[0, 1])]}
+    with pytest.warns(UserWarning, match="no base-optimizer state") as record:
+        sam.load_state_dict(davda)
+    assert record[0].filename == __file__  # stacklevel: the line that called load_state_dict
+
+
+# ---- sparse_ascent leaves alone what it cannot mask ------------------------------------------------------
+def test_sparse_ascent_skips_a_frozen_linear_and_handles_a_linear_without_bias_under_autocast():
+    """A frozen Linear (no mask) keeps nn.Linear's forward; a bias-free 2:4 Linear under bf16 autocast gives
+    dX = dY (W ⊙ M) in bf16 (by hand from bf16 operands, float64 arithmetic)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8, bias=False), nn.Tanh(), nn.Linear(8, 4))
+    model[2].requires_grad_(False)
+    opt = ssam.SSAMD(model.parameters(), SGD, sparsity=0.5, structure="2:4", total_steps=10, seed=0, lr=0.1)
+    x = torch.randn(5, 6).requires_grad_(True)
+    with ssam.sparse_ascent(model, opt) as patched:
+        assert patched == [model[0]]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().sum().backward()
+
+    def bf(t):
+        return t.detach().to(torch.bfloat16).double()
+
+    m0 = opt.state[model[0].weight]["mask"]
+    with torch.no_grad():
+        a1 = torch.tanh(bf(x) @ bf(model[0].weight).T)
+        dh = (torch.ones(5, 4, dtype=torch.float64) @ bf(model[2].weight)) * (1 - a1**2)
+    torch.testing.assert_close(x.grad.double(), dh @ (bf(model[0].weight) * m0), rtol=0.05, atol=0.02)
