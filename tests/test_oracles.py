@@ -492,3 +492,33 @@ def test_sparse_ascent_skips_a_frozen_linear_and_handles_a_linear_without_bias_u
         a1 = torch.tanh(bf(x) @ bf(model[0].weight).T)
         dh = (torch.ones(5, 4, dtype=torch.float64) @ bf(model[2].weight)) * (1 - a1**2)
     torch.testing.assert_close(x.grad.double(), dh @ (bf(model[0].weight) * m0), rtol=0.05, atol=0.02)
+
+
+def test_empirical_fisher_reads_no_batch_past_the_last_sample_it_needs():
+    """num_samples=6 from batches of 3: two batches, and the data source is not asked for a third (a
+    DataLoader may be endless or costly)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3, bias=False).double()
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.tensor([0, 1, 2])
+    served = []
+
+    def batches():
+        while True:
+            assert len(served) < 2, "a third batch was read"
+            served.append(1)
+            yield x, y
+
+    fisher = ssam.empirical_fisher(model, batches(), 6)
+    with torch.no_grad():
+        r = torch.softmax(model(x), -1) - F.one_hot(y, 3).double()
+    torch.testing.assert_close(
+        fisher[model.weight], 2 * torch.einsum("io,ij->oj", r**2, x**2), rtol=1e-12, atol=0
+    )
+
+
+def test_topk_masks_smallest():
+    """topk_masks(..., largest=False): the k smallest entries across the tensors."""
+    a, b = torch.tensor([5.0, 1.0, 4.0]), torch.tensor([[2.0, 9.0], [0.5, 7.0]])
+    got = ssam.topk_masks([a, b], 3, largest=False)
+    assert torch.equal(got[0], torch.tensor([False, True, False]))
+    assert torch.equal(got[1], torch.tensor([[True, False], [True, False]]))
