@@ -417,6 +417,8 @@ def test_defaults_and_range_edges():
     """Defaults: rho 0.05, sparsity 0.5, num_samples 128, update_interval 1000, drop_rate 0.5. Allowed at the
     edge: num_samples 1, total_steps 1, drop_rate 0 (then nothing is ever dropped)."""
     params = [nn.Parameter(torch.zeros(4, 4))]
+    assert ssam.SAM(params, SGD, lr=0.1).param_groups[0]["rho"] == 0.05
+    assert ssam.SAM(params, SGD, rho=0.0, lr=0.1).param_groups[0]["rho"] == 0.0  # rho 0: the base optimizer
     f = ssam.SSAMF(params, SGD, lr=0.1)
     d = ssam.SSAMD(params, SGD, total_steps=10, seed=0, lr=0.1)
     assert [g["rho"] for g in f.param_groups + d.param_groups] == [0.05, 0.05]
@@ -427,6 +429,13 @@ def test_defaults_and_range_edges():
     start = one.masks()[0].clone()
     one.update_mask([torch.randn(4, 4)])
     assert one.drop_count(0) == 0 and torch.equal(one.masks()[0], start)
+    for structure, sparsity in (("unstructured", 0.5), ("4:4", 0.0)):  # 4:4: every entry, like sparsity 0
+        opt = ssam.SSAMD(params, SGD, structure=structure, sparsity=sparsity, total_steps=5, seed=0, lr=0.1)
+        assert int(opt.masks()[0].sum()) == 16 * (1 - sparsity)
+    with pytest.raises(
+        ValueError, match="every parameter has requires_grad=False: there is nothing to train"
+    ):
+        ssam.SSAMF([nn.Parameter(torch.zeros(3), requires_grad=False)], SGD, lr=0.1)
 
 
 def test_ssamd_seed_none_draws_a_62_bit_seed_from_torch():
@@ -522,3 +531,40 @@ def test_topk_masks_smallest():
     got = ssam.topk_masks([a, b], 3, largest=False)
     assert torch.equal(got[0], torch.tensor([False, True, False]))
     assert torch.equal(got[1], torch.tensor([[True, False], [True, False]]))
+
+
+def test_base_optimizer_instance_keeps_rho_and_adaptive_of_sam():
+    """With a base optimizer built by the user, its groups hold no rho or adaptive: SAM's arguments fill them.
+    ASAM by hand: eps = rho * w^2 g / (||w g|| + 1e-12)."""
+    w = nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    opt = ssam.SAM([w], SGD([w], lr=0.1), rho=0.3, adaptive=True)
+    assert opt.param_groups[0]["rho"] == 0.3 and opt.param_groups[0]["adaptive"] is True
+    w.grad = torch.tensor([0.5, 1.0, -4.0], dtype=torch.float64)
+    w0, g = w.detach().clone(), w.grad.clone()
+    opt.first_step()
+    eps = 0.3 * w0 * w0 * g / (float((w0 * g).norm()) + 1e-12)
+    torch.testing.assert_close(w.detach() - w0, eps, rtol=1e-12, atol=0)
+    opt.restore()
+
+
+def test_second_step_leaves_the_gradients_unless_asked():
+    """As davda54's: second_step(zero_grad=False) by default, so the descent gradient stays readable."""
+    w = nn.Parameter(torch.tensor([1.0, 2.0]))
+    opt = ssam.SAM([w], SGD, rho=0.1, lr=0.1)
+    w.grad = torch.tensor([1.0, 1.0])
+    opt.first_step()
+    w.grad = torch.tensor([3.0, 4.0])  # the gradient at w + eps
+    opt.second_step()
+    assert torch.equal(w.grad, torch.tensor([3.0, 4.0]))
+    torch.testing.assert_close(w.detach(), torch.tensor([1.0 - 0.3, 2.0 - 0.4]))
+
+
+def test_costs_of_parameters_missing_from_the_dict_are_zero():
+    """costs= from ascent_costs has no entry for a parameter the forward pass does not use: it costs nothing,
+    (0, 0, 0), and is allowed at every cut."""
+    a, b, c = (nn.Parameter(torch.zeros(10)) for _ in range(3))
+    costs = {a: (100, 0, 10), c: (100, 50, 10)}
+    opt = ssam.SSAMD(
+        [a, b, c], SGD, structure="tensor", sparsity=2 / 3, total_steps=5, seed=0, costs=costs, lr=1
+    )
+    assert opt.costs == [(100, 0, 10), (0, 0, 0), (100, 50, 10)]
