@@ -65,8 +65,11 @@ bench-accuracy: venv
 # Mutation testing of ssam.py (issue 18): mutmut 3 against its fast unit tests ([tool.mutmut] in pyproject.toml),
 # one worker, niced; prints the score and each survivor, rewrites bench/results/mutation-survivors.md (reasons kept).
 # About 25 min on the 2-core dev machine. Not part of `make test`.
-mutation: venv
+mutation: venv $(VENV)/.mutation
 	nice -n 10 $(PYTHON) scripts/mutation.py
+$(VENV)/.mutation: $(VENV)/.installed
+	$(PYTHON) -m pip install -q -e ".[mutation]"
+	touch $@
 
 # CUDA checks + the throughput benchmark at GPU sizes; prints "no CUDA device: skipped" without a GPU
 gpu-check: venv

