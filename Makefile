@@ -64,7 +64,7 @@ bench-accuracy: venv
 
 # Mutation testing of ssam.py (issue 18): mutmut 3 against its fast unit tests ([tool.mutmut] in pyproject.toml),
 # one worker, niced; prints the score and each survivor, rewrites bench/results/mutation-survivors.md (reasons kept).
-# About 25 min on the 2-core dev machine. Not part of `make test`.
+# 8.5 to 19 min on the shared 2-core dev machine (509 s at load ~3.5, 1132 s at load ~6). Not part of `make test`.
 mutation: venv $(VENV)/.mutation
 	nice -n 10 $(PYTHON) scripts/mutation.py
 $(VENV)/.mutation: $(VENV)/.installed

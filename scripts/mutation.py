@@ -88,7 +88,7 @@ def old_reasons():
     """{diff text: reason} from the committed list: reasons follow a survivor when its number changes."""
     if not OUT.exists():
         return {}
-    found = re.findall(r"^reason: (.*)\n```diff\n(.*?)\n```", OUT.read_text(), re.M | re.S)
+    found = re.findall(r"^reason: ([^\n]*)\n```diff\n(.*?)\n```", OUT.read_text(), re.M | re.S)
     return {d: r for r, d in found}
 
 
@@ -106,6 +106,10 @@ def write_list(status, score, seconds):
         "each reason whose mutant (the diff) is still there.",
         "",
     ]
+    why = [reasons.get("\n".join(diff(n)), TODO) for n in survivors]
+    kinds = {k: sum(w.startswith(k) for w in why) for k in ("message text", "device placement", "CUDA-only")}
+    kinds["equivalent (or other, each said below)"] = len(why) - sum(kinds.values())
+    lines += ["Why they stay: " + ", ".join(f"{n} {k}" for k, n in kinds.items()) + ".", ""]
     for name in survivors:
         d = "\n".join(diff(name))
         lines += [f"## {name} ({status[name]})", f"reason: {reasons.get(d, TODO)}", "```diff", d, "```", ""]
