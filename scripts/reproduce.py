@@ -157,11 +157,11 @@ def finished_runs(runs_dir):
     for f in sorted(Path(runs_dir).glob("*/final.json")):
         r = json.loads(f.read_text())
         c = r["config"]
-        model, dataset = train.PRESETS[c["preset"]][1], train.PRESETS[c["preset"]][0]
         base = ["--preset", c["preset"], "--optimizer", c["optimizer"], "--seed", str(c["seed"])]
         recipe, _ = train.grid_run(
             base + ([] if c.get("sparsity") is None else ["--sparsity", str(c["sparsity"])]), runs_dir
         )
+        model, dataset = recipe["model"], recipe["dataset"]  # the preset's
         differ = [
             f"{k.replace('_', '-')} {c.get(k)}"
             for k in sorted(set(c) | set(recipe))

@@ -20,10 +20,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+import lab.config
+import lab.data
+import lab.models
+import lab.runs
+import ssam
+import train
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import ssam  # noqa: E402
-import train  # noqa: E402
+FIXTURES = ROOT / "tests" / "fixtures"
 
 TINY = ["--model", "wrn10-1", "--batch-size", "32", "--train-size", "384"]  # 12 steps an epoch, ~0.1 s a step
 
@@ -54,10 +59,10 @@ def cfg_for(argv):
 def test_augment_is_a_crop_flip_and_cutout_of_the_input():
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8)
-    out = train.augment(x, g, cutout=0)
-    assert torch.equal(out, train.augment(x, torch.Generator().manual_seed(1), cutout=0))  # reproducible
-    assert not torch.equal(out, train.augment(x, torch.Generator().manual_seed(2), cutout=0))
-    xp = train.normalize(torch.nn.functional.pad(x, (4, 4, 4, 4)))
+    out = lab.data.augment(x, g, cutout=0)
+    assert torch.equal(out, lab.data.augment(x, torch.Generator().manual_seed(1), cutout=0))  # reproducible
+    assert not torch.equal(out, lab.data.augment(x, torch.Generator().manual_seed(2), cutout=0))
+    xp = lab.data.normalize(torch.nn.functional.pad(x, (4, 4, 4, 4)))
     flips = 0
     for i in range(len(x)):  # every output image is one of the 81 shifts of the padded input, maybe mirrored
         hits = [
@@ -78,7 +83,7 @@ def test_augment_is_a_crop_flip_and_cutout_of_the_input():
         flips += hits[0][2]
     assert 10 < flips < 38  # p = 0.5
 
-    cut = train.augment(x, torch.Generator().manual_seed(1), cutout=16)
+    cut = lab.data.augment(x, torch.Generator().manual_seed(1), cutout=16)
     holes = (cut == 0).all(1) & ~(out == 0).all(1)  # pixels zeroed by Cutout only
     n = holes.flatten(1).sum(1)
     assert 10 < (n > 0).sum() < 38  # p = 0.5
@@ -87,7 +92,7 @@ def test_augment_is_a_crop_flip_and_cutout_of_the_input():
 
 
 def test_subset_ships_and_is_class_balanced():
-    tx, ty, vx, vy = train.load_subset()
+    tx, ty, vx, vy = lab.data.load_subset()
     assert tx.shape == (5000, 3, 32, 32) and tx.dtype == torch.uint8 and vx.shape == (10000, 3, 32, 32)
     assert torch.equal(torch.bincount(ty), torch.full((10,), 500))
     assert torch.equal(torch.bincount(vy), torch.full((10,), 1000))  # the whole CIFAR-10 test split
@@ -97,7 +102,7 @@ def test_subset_ships_and_is_class_balanced():
 
 
 def make_tree(root, per_class=(4, 2), classes=range(10)):
-    """An ImageFolder tree <root>/{train,test}/<class>/*.jpg of real subset JPEGs: per_class images per class."""
+    """An ImageFolder tree <root>/{train,test}/<class>/*.jpg of real subset JPEGs, per_class a class."""
     import numpy as np
 
     z = np.load(ROOT / "data" / "cifar10_subset.npz")
@@ -112,10 +117,10 @@ def make_tree(root, per_class=(4, 2), classes=range(10)):
 
 
 def test_image_folder_tree_is_decoded_once_and_cached_outside_the_repo(tmp_path, monkeypatch):
-    sx, sy, _, _ = train.load_subset()
+    sx, sy, _, _ = lab.data.load_subset()
     tree = make_tree(tmp_path / "tree")
     cfg = {"dataset": "cifar10", "data_dir": str(tree), "cache_dir": str(tmp_path / "cache")}
-    tx, ty, vx, vy = train.load_cifar(cfg)
+    tx, ty, vx, vy = lab.data.load_cifar(cfg)
     assert (
         tx.shape == (40, 3, 32, 32)
         and torch.equal(torch.bincount(ty), torch.full((10,), 4))
@@ -125,39 +130,39 @@ def test_image_folder_tree_is_decoded_once_and_cached_outside_the_repo(tmp_path,
     cache = list((tmp_path / "cache").glob("*.pt"))
     assert len(cache) == 1
     torch.save([t[:1] for t in (tx, ty, vx, vy)], cache[0])  # the second load reads the cache, not the JPEGs
-    assert len(train.load_cifar(cfg)[0]) == 1
-    # the default cache directory: $SSAM_CACHE_DIR, else $XDG_CACHE_HOME/ssam, else ~/.cache/ssam; never the repo
+    assert len(lab.data.load_cifar(cfg)[0]) == 1
+    # the default cache: $SSAM_CACHE_DIR, else $XDG_CACHE_HOME/ssam, else ~/.cache/ssam (never the repo)
     for k in ("SSAM_CACHE_DIR", "XDG_CACHE_HOME"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert train.cache_dir({}) == tmp_path / "home" / ".cache" / "ssam"
+    assert lab.data.cache_dir({}) == tmp_path / "home" / ".cache" / "ssam"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert train.cache_dir({}) == tmp_path / "xdg" / "ssam"
+    assert lab.data.cache_dir({}) == tmp_path / "xdg" / "ssam"
     monkeypatch.setenv("SSAM_CACHE_DIR", str(tmp_path / "env"))
-    assert train.cache_dir({}) == tmp_path / "env"
+    assert lab.data.cache_dir({}) == tmp_path / "env"
     assert (
-        train.cache_dir(cfg_for(["--dataset", "cifar10", "--cache-dir", str(tmp_path / "flag")]))
+        lab.data.cache_dir(cfg_for(["--dataset", "cifar10", "--cache-dir", str(tmp_path / "flag")]))
         == tmp_path / "flag"
     )
-    train.load_cifar({"dataset": "cifar10", "data_dir": str(tree)})
+    lab.data.load_cifar({"dataset": "cifar10", "data_dir": str(tree)})
     assert len(list((tmp_path / "env").glob("*.pt"))) == 1 and not (ROOT / "data" / "cache").exists()
 
 
 def test_cache_key_follows_the_files_and_their_labels(tmp_path):
     tree = make_tree(tmp_path / "tree")
     cfg = {"dataset": "cifar10", "data_dir": str(tree), "cache_dir": str(tmp_path / "cache")}
-    tx, ty, _, _ = train.load_cifar(cfg)
+    tx, ty, _, _ = lab.data.load_cifar(cfg)
     a, b = sorted((tree / "train" / "c000").iterdir())[0], sorted((tree / "train" / "c001").iterdir())[0]
     img_b = tx[sorted((tree / "train").glob("*/*")).index(b)]
     a.rename(tree / "train" / "c001" / a.name)  # swap one image between two classes:
     b.rename(tree / "train" / "c000" / b.name)  # same counts, same file names
-    tx2, ty2, _, _ = train.load_cifar(cfg)
+    tx2, ty2, _, _ = lab.data.load_cifar(cfg)
     assert not torch.equal(tx, tx2) and torch.equal(torch.bincount(ty2), torch.full((10,), 4))
     i = sorted((tree / "train").glob("*/*")).index(tree / "train" / "c000" / b.name)
     assert torch.equal(tx2[i], img_b) and ty2[i] == 0  # the moved image has its new label
     f = sorted((tree / "test" / "c005").iterdir())[0]
     os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))  # touched: decoded again
-    train.load_cifar(cfg)
+    lab.data.load_cifar(cfg)
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 3
 
 
@@ -173,7 +178,7 @@ def test_image_folder_errors_name_the_problem(tmp_path, capsys):
             match=f"has {n} class folders .* --dataset {dataset} has "
             f"{100 if dataset == 'cifar100' else 10} classes",
         ):
-            train.load_cifar(
+            lab.data.load_cifar(
                 {"dataset": dataset, "data_dir": str(tree), "cache_dir": str(tmp_path / "cache")}
             )
     tree = make_tree(tmp_path / "bad", (2, 1))
@@ -181,15 +186,15 @@ def test_image_folder_errors_name_the_problem(tmp_path, capsys):
     good.write_bytes(good.read_bytes()[:300])  # a truncated JPEG
     cfg = {"dataset": "cifar10", "data_dir": str(tree), "cache_dir": str(tmp_path / "cache")}
     with pytest.raises(SystemExit, match=f"{good}: not a readable image"):
-        train.load_cifar(cfg)
+        lab.data.load_cifar(cfg)
     good.unlink()
     (tree / "test" / "c007" / "notes.txt").write_text("not an image")  # a stray non-image file
     with pytest.raises(SystemExit, match=f"{tree / 'test' / 'c007' / 'notes.txt'}: not a readable image"):
-        train.load_cifar(cfg)
+        lab.data.load_cifar(cfg)
     (tree / "test" / "c007" / "notes.txt").unlink()
     # the cache location cannot be written (its parent is a file): a warning, and the data come from memory
     (tmp_path / "file").write_text("")
-    tx, ty, vx, vy = train.load_cifar({**cfg, "cache_dir": str(tmp_path / "file" / "cache")})
+    tx, ty, vx, vy = lab.data.load_cifar({**cfg, "cache_dir": str(tmp_path / "file" / "cache")})
     assert len(tx) == 19 and len(vx) == 10
     assert "could not write the decoded cache" in capsys.readouterr().err
     r = run_train(
@@ -204,7 +209,7 @@ def test_image_folder_errors_name_the_problem(tmp_path, capsys):
     cfg = cfg_for(
         ["--preset", "imagenet-resnet50", "--data-dir", str(tree), "--batch-size", "20", "--workers", "0"]
     )
-    loader = train.ImageNetLoader(cfg, torch.device("cpu"), 0, 1)
+    loader = lab.data.ImageNetLoader(cfg, torch.device("cpu"), 0, 1)
     with pytest.raises(
         RuntimeError, match=f"{tree / 'train' / 'c002' / 'broken.JPEG'}: not a readable image"
     ):
@@ -215,15 +220,15 @@ def test_clear_errors_for_bad_data_models_and_optimizers(tmp_path):
     (tmp_path / "flat").mkdir()
     (tmp_path / "flat" / "x.jpg").write_bytes(b"")
     with pytest.raises(SystemExit, match="neither an ImageFolder tree"):
-        train.load_cifar({"dataset": "cifar10", "data_dir": str(tmp_path / "flat")})
+        lab.data.load_cifar({"dataset": "cifar10", "data_dir": str(tmp_path / "flat")})
     (tmp_path / "half" / "train" / "cat").mkdir(parents=True)
     with pytest.raises(SystemExit, match="test is missing"):
-        train.load_cifar({"dataset": "cifar10", "data_dir": str(tmp_path / "half")})
+        lab.data.load_cifar({"dataset": "cifar10", "data_dir": str(tmp_path / "half")})
     cfg = cfg_for(["--preset", "imagenet-resnet50", "--data-dir", str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit, match="train not found"):
-        train.ImageNetLoader(cfg, torch.device("cpu"), 0, 1)
+        lab.data.ImageNetLoader(cfg, torch.device("cpu"), 0, 1)
     with pytest.raises(SystemExit, match="unknown --model 'vgg16'"):
-        train.make_model("vgg16", 10, True)
+        lab.models.make_model("vgg16", 10, True)
     with pytest.raises(SystemExit, match="unknown --optimizer 'adam'"):
         cfg_for(["--optimizer", "adam"])
     with pytest.raises(SystemExit, match="unknown --preset"):
@@ -292,7 +297,7 @@ def test_flags_that_would_be_ignored_are_errors():
     ):
         with pytest.raises(SystemExit, match=msg):
             cfg_for(argv)
-    # what stays allowed: the demo passes one set of flags to every optimizer; torchvision's folder gets no cache
+    # what stays allowed: the demo passes one set of flags to every optimizer; torchvision's folder: no cache
     assert cfg_for(["--demo", "--sparsity", "0.9"])["optimizer"] == "sgd"
     plans = []  # each optimizer gets the flags it reads
     monkey = pytest.MonkeyPatch()
@@ -309,13 +314,24 @@ def test_flags_that_would_be_ignored_are_errors():
         (False, True, True),
         (True, True, True),
         (True, True, True),
+        (True, True, True),  # + cost-aware whole-tensor SSAM-F at 0.9: its own --sparsity wins (the last)
+    ]
+    assert plans[4][-8:] == [
+        "--optimizer",
+        "ssamf",
+        "--sparsity",
+        "0.9",
+        "--structure",
+        "tensor",
+        "--mask-select",
+        "cost",
     ]
     for flag in (["--optimizer", "sam"], ["--name", "x"], ["--resume"]):  # ...but not a flag it would ignore
         with pytest.raises(SystemExit, match=f"--demo trains sgd, sam, ssamf and ssamd .*: drop {flag[0]}"):
             train.demo(["--demo", *flag])
     assert cfg_for(["--optimizer", "sam", "--sync-ascent"])["sync_ascent"] is True
     with pytest.raises(SystemExit, match="--cache-dir would be ignored: .* not an ImageFolder tree"):
-        train.load_cifar({"dataset": "cifar10", "data_dir": str(ROOT / "nowhere"), "cache_dir": "/tmp/c"})
+        lab.data.load_cifar({"dataset": "cifar10", "data_dir": str(ROOT / "nowhere"), "cache_dir": "/tmp/c"})
     r = run_train("--data-dir", "/data/cifar10")
     assert r.returncode != 0 and "--data-dir would be ignored" in r.stderr and "Traceback" not in r.stderr
 
@@ -333,13 +349,13 @@ def test_presets_follow_the_paper():
 
 
 def test_models():
-    m = train.make_model("resnet18", 100, small_images=True)
+    m = lab.models.make_model("resnet18", 100, small_images=True)
     assert m.conv1.kernel_size == (3, 3) and m.conv1.stride == (1, 1) and isinstance(m.maxpool, nn.Identity)
     assert m(torch.randn(2, 3, 32, 32)).shape == (2, 100)
-    wrn = train.make_model("wrn28-10", 10, small_images=True)
+    wrn = lab.models.make_model("wrn28-10", 10, small_images=True)
     assert abs(sum(p.numel() for p in wrn.parameters()) / 1e6 - 36.48) < 0.05  # WRN-28-10: 36.5M
-    assert train.make_model("wrn16-1", 10, True)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-    r50 = train.make_model("resnet50", 1000, small_images=False)
+    assert lab.models.make_model("wrn16-1", 10, True)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    r50 = lab.models.make_model("resnet50", 1000, small_images=False)
     assert r50.conv1.kernel_size == (7, 7) and isinstance(r50.maxpool, nn.MaxPool2d)
 
 
@@ -398,7 +414,7 @@ def test_channels_last_gives_the_default_result(tmp_path, monkeypatch):
         weights = []
         for cl in (False, True):
             torch.manual_seed(0)
-            model = train.make_model("wrn10-1", 10, True).double()
+            model = lab.models.make_model("wrn10-1", 10, True).double()
             model = model.to(memory_format=torch.channels_last) if cl else model
             opt = train.make_optimizer({**cfg_for([*TINY, "--optimizer", o]), "update_interval": 2}, model, 4)
             for _ in range(3):
@@ -435,8 +451,9 @@ def test_channels_last_gives_the_default_result(tmp_path, monkeypatch):
 
 
 def test_compiled_model_steps_like_the_eager_one():
-    """--compile on the CPU (inductor; needs a C++ compiler): a tiny convnet, two SAM steps through train_step
-    (the second pass recompiles for the frozen BN statistics), the same weights as eager to float precision."""
+    """--compile on the CPU (inductor; needs a C++ compiler): a tiny convnet, two SAM steps through
+    train_step (the second pass recompiles for the frozen BN statistics), the same weights as eager to float
+    precision."""
     from torch._dynamo.utils import counters
 
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 3, (8,))
@@ -478,10 +495,10 @@ def test_cuda_only_flags_run_on_the_cpu_and_missing_pieces_are_errors(monkeypatc
 
 def test_second_pass_leaves_bn_running_stats_alone():
     torch.manual_seed(0)
-    model = train.make_model("wrn10-1", 10, True)
+    model = lab.models.make_model("wrn10-1", 10, True)
     opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    ref = train.make_model("wrn10-1", 10, True)
+    ref = lab.models.make_model("wrn10-1", 10, True)
     ref.load_state_dict(model.state_dict())
     ref(x)  # one forward: what the stats should become
     train.train_step(model, opt, x, y, torch.autocast("cpu", enabled=False))
@@ -528,8 +545,9 @@ def test_kill9_mid_epoch_then_resume_is_bit_exact(tmp_path):
     assert (
         a["optimizer"]["counters"]["last_mask_update"] == b["optimizer"]["counters"]["last_mask_update"] > 0
     )
-    assert [json.loads(l)["test_acc"] for l in log.read_text().splitlines()] == [
-        json.loads(l)["test_acc"] for l in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    straight_log = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["test_acc"] for line in log.read_text().splitlines()] == [
+        json.loads(line)["test_acc"] for line in straight_log
     ]
 
 
@@ -589,6 +607,62 @@ def test_bad_checkpoints_are_errors_not_restarts(tmp_path):
     )  # a message on the CLI
 
 
+def test_a_checkpoint_of_the_old_format_resumes_and_ends_as_the_old_code_did(tmp_path):
+    """tests/fixtures/ckpt-v0-ssamf: written by the code before the one Config (its saved config leaves the
+    defaults out), stopped after epoch 1 of 2. Resumed by today's code, epoch 2 comes out as the old code's
+    straight run had it, the run ends with the config it recorded, and the new checkpoint holds the whole
+    one."""
+    fixture, out = FIXTURES / "ckpt-v0-ssamf", tmp_path / "run"
+    out.mkdir()
+    for f in ("ckpt.pt", "metrics.jsonl"):
+        (out / f).write_bytes((fixture / f).read_bytes())
+    saved = torch.load(out / "ckpt.pt", weights_only=True)["config"]
+    assert saved["epochs"] == 2 and not {"ascent_fraction", "mask_select", "label_noise"} & set(saved)  # old
+    argv = ["--model", "wrn10-1", "--batch-size", "32", "--train-size", "64", "--epochs", "2"]
+    argv += ["--optimizer", "ssamf", "--num-samples", "16", "--name", "old-format", "--out-dir", str(out)]
+    done = train.train(cfg_for([*argv, "--resume"]), show_config=False)
+    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    # the old code, not stopped. Bit-exact with 2 threads; this process has 1 (conftest.py), with which the
+    # old code, resumed from this checkpoint, also gives a loss 1.5e-6 lower
+    old = json.loads((fixture / "straight-epoch2.json").read_text())
+    same = ("epoch", "acc", "lr", "density", "masks_updated")
+    assert [line[k] for k in same] == [old[k] for k in same] and line["nonfinite_loss_steps"] == 0
+    assert (
+        line["loss"] == pytest.approx(old["loss"], rel=1e-5)
+        and abs(line["test_acc"] - old["test_acc"]) < 1e-3
+    )
+    assert {k: done["config"][k] for k in saved if k not in train.RESUME_FREE} == {
+        k: v for k, v in saved.items() if k not in train.RESUME_FREE
+    }
+    whole = torch.load(out / "ckpt.pt", weights_only=True)["config"]
+    assert list(whole) == list(lab.config.FIELDS) and whole["ascent_fraction"] == 1.0 and whole["epochs"] == 2
+
+
+class Planted:
+    """Unpickling this writes a file: what a checkpoint someone handed over could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.write_text, (Path(self.marker), "code ran")
+
+
+def test_a_planted_checkpoint_runs_no_code(tmp_path):
+    argv = [*TINY, "--train-size", "64", "--epochs", "1"]
+    cfg = cfg_for([*argv, "--out-dir", str(tmp_path / "run"), "--resume"])
+    marker, ck = tmp_path / "marker", tmp_path / "run" / "ckpt.pt"
+    ck.parent.mkdir()
+    torch.save(dict(config=cfg, epoch=0, model=Planted(str(marker))), ck)
+    r = run_train(*argv, "--out-dir", str(ck.parent), "--resume")
+    assert r.returncode != 0 and f"{ck} is unreadable" in said(r) and "Traceback" not in r.stderr
+    with pytest.raises(SystemExit, match=f"{ck} is unreadable"):  # the run listing of make reproduce-*
+        lab.runs.run_state(cfg)
+    assert not marker.exists()
+    torch.load(ck, weights_only=False)  # the oracle: loaded as before, the file runs its code
+    assert marker.read_text() == "code ran"
+
+
 def test_diverging_runs_stop_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
     argv = [*TINY, "--train-size", "64", "--epochs", "3"]  # 2 steps an epoch (here: NaN in epoch 2)
     r = run_train(*argv, "--lr", "1e6", "--out-dir", str(tmp_path / "sgd"))
@@ -645,8 +719,8 @@ def test_diverging_runs_stop_and_keep_the_last_good_checkpoint(tmp_path, monkeyp
 
 
 def test_fp16_steps_with_a_non_finite_loss_are_skipped_not_fatal(tmp_path, monkeypatch):
-    """With --amp fp16 GradScaler skips a step whose loss overflowed: the run goes on (the step is counted in the
-    log). Without fp16 the same loss stops the run."""
+    """With --amp fp16 GradScaler skips a step whose loss overflowed: the run goes on (the step is counted in
+    the log). Without fp16 the same loss stops the run."""
     real_step, calls = train.train_step, []
 
     def overflowing_step(*args, **kw):
@@ -656,9 +730,9 @@ def test_fp16_steps_with_a_non_finite_loss_are_skipped_not_fatal(tmp_path, monke
 
     monkeypatch.setattr(train, "train_step", overflowing_step)
     monkeypatch.setattr(
-        train.CifarOnDevice,
+        lab.data.CifarOnDevice,
         "test_batches",
-        lambda self: iter([(train.normalize(self.test_x[:8]), self.test_y[:8])]),
+        lambda self: iter([(lab.data.normalize(self.test_x[:8]), self.test_y[:8])]),
     )  # fp16 CPU: slow
     argv = [*TINY, "--train-size", "64", "--epochs", "1", "--optimizer", "sam"]
     done = train.train(
@@ -714,8 +788,8 @@ def test_resume_drops_a_cut_log_line_and_a_finished_run_stays_as_it_is(tmp_path,
     line = log.read_text()
     log.write_text(line + line[:25])  # epoch 2's line, cut by a kill mid-write
     done = train.train(cfg_for([*argv, "--resume"]), show_config=False)
-    lines = [json.loads(l) for l in log.read_text().splitlines()]
-    assert [l["epoch"] for l in lines] == [1, 2] and done["train_acc"] == lines[1]["acc"]
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2] and done["train_acc"] == lines[1]["acc"]
     assert done["step_ms"] == pytest.approx((lines[0]["step_ms"] + lines[1]["step_ms"]) / 2)  # both epochs
 
     final, ck = tmp_path / "final.json", tmp_path / "ckpt.pt"
@@ -738,7 +812,7 @@ def _ddp_worker(rank, world, init_file, result_file):
     results = {}
     for optimizer in ("ssamd", "ssamf"):
         torch.manual_seed(0)  # same initial weights on both processes
-        model = train.make_model("wrn10-1", 10, True)
+        model = lab.models.make_model("wrn10-1", 10, True)
         ddp = nn.parallel.DistributedDataParallel(model)
         cfg = dict(
             optimizer=optimizer,
@@ -864,7 +938,7 @@ def test_torchrun_diverged_run_stops_every_process(tmp_path):
     )
 
 
-# -------------------------------------------------------------------------------------------- structured masks
+# ---------------------------------------------------------------------------------------- structured masks
 def test_tensor_masks_and_samon_skip_ascent_gradients_in_train_step():
     """train_step wraps the first pass in opt.ascent_pass(): unperturbed tensors get no ascent gradient there,
     and the flags come back on for the descent pass."""
@@ -875,7 +949,7 @@ def test_tensor_masks_and_samon_skip_ascent_gradients_in_train_step():
     ):
         cfg = cfg_for(argv + TINY)
         torch.manual_seed(0)
-        model = train.make_model("wrn10-1", 10, True)
+        model = lab.models.make_model("wrn10-1", 10, True)
         opt = train.make_optimizer(cfg, model, steps_per_epoch=12)
         frozen = list(opt._unperturbed)
         assert frozen and len(frozen) < len(list(model.parameters()))
@@ -892,7 +966,7 @@ def test_tensor_masks_and_samon_skip_ascent_gradients_in_train_step():
         assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), w0))
 
 
-# -------------------------------------------------------------------------------------------- issue 8: --sparse-ascent, --sync-ascent
+# ------------------------------------------------------------------- issue 8: --sparse-ascent, --sync-ascent
 def test_sparse_ascent_flag_is_refused_where_it_cannot_apply():
     for argv, says in (
         (["--optimizer", "sam"], "--optimizer sam --structure"),
@@ -944,7 +1018,8 @@ def test_train_step_sparse_ascent_under_bf16_autocast(monkeypatch):
     [["--optimizer", "samon"], ["--optimizer", "ssamd", "--structure", "tensor", "--sparsity", "0.9"]],
 )
 def test_torchrun_sync_ascent_with_tensor_masks_and_samon(tmp_path, optimizer):
-    """The ascent pass skips tensors (requires_grad off); a synchronized backward over them used to crash DDP."""
+    """The ascent pass skips tensors (requires_grad off): a synchronized backward over them used to crash
+    DDP."""
     out = tmp_path / "ddp"
     r = subprocess.run(
         [
