@@ -465,9 +465,7 @@ def test_misuse_raises_clear_errors_and_the_davda54_warning_points_at_the_caller
     torch.manual_seed(0)
     model, other = nn.Linear(3, 2), nn.Linear(3, 2)
     opt = ssam.SSAMF(model.parameters(), SGD, num_samples=2, lr=0.1)
-    with pytest.raises(
-        ValueError, match=r"not trainable ones of `model`: pass their model \(DDP: model.module\)"
-    ):
+    with pytest.raises(ValueError, match=r"not trainable ones of `model`.*\(DDP"):
         opt.update_mask(other, [(torch.randn(2, 3), torch.tensor([0, 1]))])
     sam = ssam.SAM(model.parameters(), SGD, lr=0.1)
     with pytest.raises(ValueError, match="SAM.step needs a closure"):
