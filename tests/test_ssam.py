@@ -1279,19 +1279,35 @@ def test_vendored_copy_trains(tmp_path):
     with open(SSAM_PY) as f:
         (tmp_path / "ssam.py").write_text(f.read())
     script = textwrap.dedent(
-        """ import torch, torch.nn as nn, torch.nn.functional as F import ssam assert
-        ssam.__file__.startswith(%r), ssam.__file__ g = torch.Generator().manual_seed(0) x = torch.randn(64,
-        5, generator=g) y = (x[:, 0] + x[:, 1] > 0).long() for name in ("ssamd", "ssamf"):
-        torch.manual_seed(0) model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 2)) if name ==
-        "ssamd": opt = ssam.SSAMD(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5,
-        update_interval=2, total_steps=30, seed=0, lr=0.2, momentum=0.9) else: opt =
-        ssam.SSAMF(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, num_samples=16,
-        update_interval=10, lr=0.2, momentum=0.9) first = F.cross_entropy(model(x), y).item() for t in
-        range(30): if name == "ssamf" and opt.mask_update_due: opt.update_mask(model, [(x, y)])
-        F.cross_entropy(model(x), y).backward() opt.first_step(zero_grad=True) with
-        ssam.frozen_bn_stats(model): F.cross_entropy(model(x), y).backward() opt.second_step(zero_grad=True)
-        last = F.cross_entropy(model(x), y).item() assert last < 0.7 * first, (name, first, last) print(name,
-        first, last) """
+        """
+        import torch, torch.nn as nn, torch.nn.functional as F
+        import ssam
+        assert ssam.__file__.startswith(%r), ssam.__file__
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(64, 5, generator=g)
+        y = (x[:, 0] + x[:, 1] > 0).long()
+        for name in ("ssamd", "ssamf"):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 2))
+            if name == "ssamd":
+                opt = ssam.SSAMD(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5,
+                                 update_interval=2, total_steps=30, seed=0, lr=0.2, momentum=0.9)
+            else:
+                opt = ssam.SSAMF(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, num_samples=16,
+                                 update_interval=10, lr=0.2, momentum=0.9)
+            first = F.cross_entropy(model(x), y).item()
+            for t in range(30):
+                if name == "ssamf" and opt.mask_update_due:
+                    opt.update_mask(model, [(x, y)])
+                F.cross_entropy(model(x), y).backward()
+                opt.first_step(zero_grad=True)
+                with ssam.frozen_bn_stats(model):
+                    F.cross_entropy(model(x), y).backward()
+                opt.second_step(zero_grad=True)
+            last = F.cross_entropy(model(x), y).item()
+            assert last < 0.7 * first, (name, first, last)
+            print(name, first, last)
+    """
         % str(tmp_path)
     )
     (tmp_path / "train_tiny.py").write_text(script)
