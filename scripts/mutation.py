@@ -108,7 +108,8 @@ def write_list(status, score, seconds):
     ]
     why = [reasons.get("\n".join(diff(n)), TODO) for n in survivors]
     kinds = {k: sum(w.startswith(k) for w in why) for k in ("message text", "device placement", "CUDA-only")}
-    kinds["equivalent (or other, each said below)"] = len(why) - sum(kinds.values())
+    kinds["tested outside this run's selection"] = sum("outside this run's selection" in w for w in why)
+    kinds["equivalent (each said below)"] = len(why) - sum(kinds.values())
     lines += ["Why they stay: " + ", ".join(f"{n} {k}" for k, n in kinds.items()) + ".", ""]
     for name in survivors:
         d = "\n".join(diff(name))
