@@ -1,8 +1,8 @@
-"""Sparse SAM (Mi et al., NeurIPS 2022) in one file; needs torch only. README.md: usage, guarantees, decisions.
+"""Sparse SAM (Mi et al., NeurIPS 2022) in one file; needs torch only. README.md: usage, guarantees.
+SAM climbs to w + eps, eps = rho * g / ||g|| (Eq. 2), and descends with the gradient found there; SSAM
+perturbs only the entries a bool mask m selects, eps ⊙ m, m from the empirical Fisher (SSAM-F, Eq. 5-6) or
+dropped and grown in training (SSAM-D, Eq. 7-9). Sections: SAM | masks | SSAM-F | SSAM-D | 2:4 | BatchNorm."""
 
-SAM climbs to w + eps, eps = rho * g / ||g|| (Eq. 2), and descends with the gradient found there; SSAM perturbs
-only the entries a bool mask m selects, eps ⊙ m, m from the empirical Fisher (SSAM-F, Eq. 5-6) or dropped and
-grown during training (SSAM-D, Eq. 7-9). Sections: SAM | mask helpers | SSAM-F | SSAM-D | 2:4 | BatchNorm."""
 import math
 import re
 import warnings
@@ -12,16 +12,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}   # first_step's bitwise eps = 0
+_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # first_step's bitwise eps = 0
 _BN = nn.modules.batchnorm
-_REFUSED = set()                   # (shapes, dtype, device) the 2:4 kernel refused: dense from then on
+_REFUSED = set()  # (shapes, dtype, device) the 2:4 kernel refused: dense from then on
 
 
 # ---- SAM (Foret et al. 2021), the frame SSAM's masks plug into -------------------------------------
 class SAM(torch.optim.Optimizer):
-    """SAM; adaptive=True is ASAM (eps scaled by w^2). base_optimizer: a torch.optim.Optimizer class (built here
-    with **kwargs) or one built over the same parameters; param_groups are shared with it."""
-    _COUNTERS = ("steps",)             # saved in state_dict()["counters"]; subclasses add theirs
+    """SAM (Foret et al.): first_step climbs to w + eps, second_step goes back to w and steps base_optimizer.
+    params: parameters or param groups (a group may set its own rho, adaptive). base_optimizer: an Optimizer
+    class, built here over the same groups with **kwargs (lr, momentum, ...), or one built over the same
+    parameters; param_groups are shared with it. rho (default 0.05): ||eps||. adaptive (False): ASAM."""
+    _COUNTERS = ("steps",)  # saved in state_dict()["counters"]; subclasses add theirs
 
     def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, **kwargs):
         if not rho >= 0:
@@ -31,54 +33,56 @@ class SAM(torch.optim.Optimizer):
         if isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
             base_optimizer = base_optimizer(self.param_groups, **kwargs)
         elif not isinstance(base_optimizer, torch.optim.Optimizer) or kwargs or ours != {
-                id(p) for g in base_optimizer.param_groups for p in g["params"]}:
-            raise ValueError(f"base_optimizer must be an Optimizer class, or one over the same parameters (not other "
-                             f"parameters) without extra arguments; got {base_optimizer!r}, {sorted(kwargs)}")
+            id(p) for g in base_optimizer.param_groups for p in g["params"]
+        }:
+            raise ValueError(f"base_optimizer must be an Optimizer class, or one over the same parameters "
+                             f"(not other parameters), no kwargs: got {base_optimizer!r}, {sorted(kwargs)}")
         self.base_optimizer = base_optimizer
-        self.param_groups = self.base_optimizer.param_groups          # one set of groups: schedulers just work
-        for group in self.param_groups:                # rho and adaptive per group, as davda54's
+        self.param_groups = self.base_optimizer.param_groups  # one set of groups: schedulers just work
+        for group in self.param_groups:  # rho and adaptive per group, as davda54's
             group.update(rho=group.get("rho", rho), adaptive=group.get("adaptive", adaptive))
         self.defaults.update(self.base_optimizer.defaults)
-        self.steps = 0                 # completed steps (second_step calls)
-        self.norm = "full"             # eps normalized by ||g|| over all parameters, as Eq. 2
-        self._w = None                 # the weights w while the model sits at w + eps
+        self.steps = 0  # completed steps (second_step calls)
+        self.norm = "full"  # eps normalized by ||g|| over all parameters, as Eq. 2
+        self._w = None  # the weights w while the model sits at w + eps
 
     def _mask_for_step(self, params, grads):
-        return None                    # dense SAM; the SSAM classes return (and update) their masks
+        return None  # dense SAM; the SSAM classes return (and update) their masks
 
     @torch.no_grad()
     def first_step(self, zero_grad=False):
-        """w <- w + eps, eps = rho * g / ||g||_2 (Eq. 2) ⊙ m (Alg. 1, line 9); p.grad becomes eps in place."""
+        """w <- w + eps, eps = rho * g / ||g|| (Eq. 2) ⊙ m (Alg. 1, line 9); p.grad becomes eps in place."""
         if self._w is not None:
-            raise ValueError("first_step called twice: the weights are already perturbed; call second_step() first")
+            raise ValueError("first_step called twice: the weights are already perturbed; call second_step()")
         groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
         params = [p for _, ps in groups for p in ps]
         grads = [p.grad for p in params]
         if not params:
-            raise ValueError("no gradients: run loss.backward() first, or use step(closure, both_passes=True)")
-        masks = self._mask_for_step(params, grads)          # may raise (SSAMF without a mask): nothing changed yet
+            raise ValueError("no gradients: run loss.backward() first, or step(closure, both_passes=True)")
+        masks = self._mask_for_step(params, grads)  # may raise (SSAMF without a mask): nothing changed yet
         if masks is not None and self.norm == "masked":
-            torch._foreach_mul_(grads, masks)               # g ⊙ m, normalized by its own norm below
+            torch._foreach_mul_(grads, masks)  # g ⊙ m, normalized by its own norm below
         ada = [p for g, ps in groups if g["adaptive"] for p in ps]
-        if ada:                                             # ASAM: eps = rho * w^2 g / ||w g||
+        if ada:  # ASAM: eps = rho * w^2 g / ||w g||
             torch._foreach_mul_([p.grad for p in ada], ada)
-        norm = torch.linalg.vector_norm(torch.stack([n.to(params[0].device) for n in torch._foreach_norm(grads)]))
-        for g, ps in groups:                                # Eq. 2: rho / ||g||; rho may differ between groups
+        norms = [n.to(params[0].device) for n in torch._foreach_norm(grads)]
+        norm = torch.linalg.vector_norm(torch.stack(norms))  # ||g||_2 over all parameters
+        for g, ps in groups:  # Eq. 2: rho / ||g||; rho may differ between groups
             if ps:
                 torch._foreach_mul_([p.grad for p in ps], (g["rho"] / (norm + 1e-12)).to(ps[0].device))
         if ada:
             torch._foreach_mul_([p.grad for p in ada], ada)
         if masks is not None and self.norm == "full":
-            torch._foreach_mul_(grads, masks)               # eps ⊙ m (Alg. 1, line 9)
-        # non-finite ||g||: eps = 0. A float times 0 stays NaN, so multiply the bits (an integer view) by 0 or 1
+            torch._foreach_mul_(grads, masks)  # eps ⊙ m (Alg. 1, line 9)
+        # non-finite ||g||: eps = 0. A float times 0 stays NaN, so multiply the bits (an int view) by 0 or 1
         torch._foreach_mul_([e.view(_INT[e.element_size()]) for e in grads], torch.isfinite(norm).long())
-        self._w = (params, torch._foreach_clone(params))
-        torch._foreach_add_(params, grads)                  # climb to w + eps
+        self._w, self._finite = (params, torch._foreach_clone(params)), torch.isfinite(norm)
+        torch._foreach_add_(params, grads)  # climb to w + eps
         if zero_grad:
             self.zero_grad()
 
     @torch.no_grad()
-    def restore(self):                 # back to exactly w: a copy, not a subtraction; no-op when not perturbed
+    def restore(self):  # back to exactly w: a copy, not a subtraction; no-op when not perturbed
         if self._w is not None:
             torch._foreach_copy_(*self._w)
             self._w = None
@@ -95,9 +99,14 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None, both_passes=False):
-        """davda54's: first_step, closure() (forward + backward) at w + eps, second_step; both_passes: at w first."""
-        if closure is None:
-            raise ValueError("SAM.step needs a closure that runs forward + backward and returns the loss")
+        """davda54's: first_step, closure() (forward + backward) at w + eps, second_step; both_passes: at w"""
+        if closure is None:  # scaler.step(opt), HF Trainer, accelerate: the second step
+            if self._w is None:
+                raise ValueError("SAM.step needs a closure (forward + backward), or first_step() first")
+            finite = self._finite.float()  # pass 1 overflowed: restore w, skip the base step (a sync)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():  # local ascents:
+                torch.distributed.all_reduce(finite, torch.distributed.ReduceOp.MIN)  # one decision for all
+            return self.second_step() if finite else self.restore()
         closure = torch.enable_grad()(closure)
         if both_passes:
             self.zero_grad()
@@ -112,57 +121,58 @@ class SAM(torch.optim.Optimizer):
         self.second_step()
         return loss if both_passes else loss2
 
-    def state_dict(self):
+    def state_dict(self):  # + the base optimizer's state (momentum) and the counters
         if self._w is not None:
-            raise ValueError("state_dict() while the weights are perturbed: call second_step() or restore() first")
-        counters = {k: getattr(self, k) for k in self._COUNTERS}       # SSAMD's generator: its state
+            raise ValueError("state_dict() while the weights are perturbed: call second_step() or restore()")
+        counters = {k: getattr(self, k) for k in self._COUNTERS}  # SSAMD's generator: its state
         counters = {k: v.get_state() if isinstance(v, torch.Generator) else v for k, v in counters.items()}
-        return dict(super().state_dict(), base=self.base_optimizer.state_dict(), counters=counters)  # + momentum
+        return dict(super().state_dict(), base=self.base_optimizer.state_dict(), counters=counters)
 
-    def load_state_dict(self, state_dict):              # ours, or davda54/sam's (with a warning)
-        if "base" not in state_dict:
+    def load_state_dict(self, state_dict):  # ours, or davda54/sam's (with a warning)
+        if not {"base", "counters"} <= state_dict.keys():  # or a framework's that dropped them
             if "param_groups" not in state_dict:
-                raise ValueError(f"not an optimizer state_dict: keys {sorted(state_dict)}, expected 'param_groups'")
-            warnings.warn("this state_dict has no 'base' entry (davda54/sam's?): the group settings load, but it "
-                          "holds no base-optimizer state: momentum etc. start from zero", stacklevel=2)
+                raise ValueError(f"not an optimizer state_dict: keys {sorted(state_dict)}, no 'param_groups'")
+            warnings.warn(f"no {sorted({'base', 'counters'} - state_dict.keys())} in state_dict: only groups "
+                          "load; no base-optimizer state (momentum...), counters at 0", stacklevel=2)
             self.base_optimizer.load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         else:
             state_dict = dict(state_dict)
             base, counters = state_dict.pop("base"), state_dict.pop("counters")
             super().load_state_dict(state_dict)
             self.base_optimizer.load_state_dict(base)
-            for k, v in counters.items():                   # SSAMD's generator takes its state back
-                getattr(self, k).set_state(v) if isinstance(getattr(self, k), torch.Generator) else setattr(self, k, v)
+            for k, v in counters.items():  # SSAMD's generator takes its state back
+                gen = isinstance(getattr(self, k), torch.Generator)
+                getattr(self, k).set_state(v) if gen else setattr(self, k, v)
         self.param_groups = self.base_optimizer.param_groups  # loading replaced the list: share it again
 
 
 # ---- Mask helpers: global top-k (Eq. 6, Alg. 2), N:M groups along the output axis, whole tensors ---
 def nm_mask(score, n, m):
-    """Top n of every m consecutive outputs per input: W [out, in, *k] as W^T [in*k, out] of dX = dY W (§4.1)."""
-    wt = score.reshape(score.shape[0], -1).t()                        # [in*k, out]
-    groups = wt.reshape(wt.shape[0], -1, m)                           # [in*k, out/m, m]
+    """Top n of every m consecutive outputs per input: W [out, in, *k] as W^T [in*k, out] of dX = dY W §4.1"""
+    wt = score.reshape(score.shape[0], -1).t()  # [in*k, out]
+    groups = wt.reshape(wt.shape[0], -1, m)  # [in*k, out/m, m]
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(n, dim=-1).indices, True)
     return keep.reshape(wt.shape).t().reshape(score.shape)
-
 
 def topk_masks(scores, k, largest=True):
     """Bool masks of the k largest (or smallest) entries across all tensors in `scores` (ArgTopK, Eq. 6)."""
     flat = torch.cat([s.reshape(-1).to(scores[0].device) for s in scores])
     keep = torch.zeros_like(flat, dtype=torch.bool)
     keep[flat.topk(k, largest=largest, sorted=False).indices] = True
-    return [piece.reshape(s.shape).to(s.device) for piece, s in zip(keep.split([s.numel() for s in scores]), scores)]
-
+    pieces = keep.split([s.numel() for s in scores])
+    return [piece.reshape(s.shape).to(s.device) for piece, s in zip(pieces, scores)]
 
 def ascent_costs(model, *inputs):
-    """{parameter: (forward, later layers' input grads, its weight grad)} in multiply-adds, from one forward; a layer's
-    place is its first call's start, so a parameter a container holds (a ViT's pos) counts from where it starts."""
+    """{parameter: (forward, later layers' input grads, its weight grad)} in multiply-adds, from one forward.
+    A layer's place is its first call's start: a parameter a container holds (a ViT's pos) counts from it."""
     order, macs = {}, {}
 
-    def count(m, args, out):       # multiply-adds per output: a Linear row, a conv window, else elementwise
+    def count(m, args, out):  # multiply-adds per output: a Linear row, a conv window, else elementwise
         rows = m.weight[0].numel() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) else 1
         macs[m] = macs.get(m, 0) + (out[0] if isinstance(out, tuple) else out).numel() * rows
     mods = [m for m in model.modules() if list(m.parameters(recurse=False))]
-    hooks = [m.register_forward_pre_hook(lambda m, a: order.update({m: order.get(m, len(order))})) for m in mods]
+    place = lambda m, _: order.update({m: order.get(m, len(order))})  # noqa: E731 (a hook returns None)
+    hooks = [m.register_forward_pre_hook(place) for m in mods]
     hooks += [m.register_forward_hook(count) for m in mods]
     try:
         with torch.no_grad(), frozen_bn_stats(model):
@@ -171,34 +181,36 @@ def ascent_costs(model, *inputs):
         for h in hooks:
             h.remove()
     return {p: (sum(macs.values()), sum(f for k, f in macs.items() if order[k] > order[m]),
-                macs[m] * p.numel() / sum(q.numel() for q in m.parameters(recurse=False)))   # dW: its share
+                macs[m] * p.numel() / sum(q.numel() for q in m.parameters(recurse=False)))  # dW: its share
             for m in order for p in m.parameters(recurse=False)}
 
-
 def cost_tensor_masks(scores, density, costs, by_count=False):
-    """Whole tensors, best mean score first, each taken if it brings the count closer to density·|w|. For each lowest
-    layer allowed (a cut) fill from the tensors above it; of the fills within 25% of density·|w|, the one with the
-    most score (by_count: entries) per multiply-add of the ascent pass (costs) wins; if none is, the nearest."""
+    """Whole tensors by value per ascent cost. A cut is the lowest layer the ascent's backward may reach;
+    for each cut, fill from the tensors above it, best mean score first, taking a tensor if that brings the
+    count nearer density·|w|. Fills within 25% of density·|w| are "near"; of those, the most value (score
+    mass; by_count: entries) per multiply-add of the ascent (costs) wins; if none is near, the nearest."""
     sizes, (fwd, dx, dw) = [s.numel() for s in scores], zip(*costs)
-    mean = torch.stack([s.float().mean().to(scores[0].device) for s in scores]).tolist()   # one sync per update
-    budget, best, ranked = round(density * sum(sizes)), None, sorted(range(len(scores)), key=lambda i: -mean[i])
+    mean = torch.stack([s.float().mean().to(scores[0].device) for s in scores]).tolist()  # one sync
+    budget, fills = round(density * sum(sizes)), []
+    ranked = sorted(range(len(scores)), key=lambda i: -mean[i])
     for cut in sorted(set(dx)):
         room, take = budget, []
         for i in ranked:
-            if dx[i] <= cut and sizes[i] < 2 * room:            # nearer to the budget with tensor i than without
+            if dx[i] <= cut and sizes[i] < 2 * room:  # nearer to the budget with tensor i than without
                 take, room = take + [i], room - sizes[i]
         cost = max(fwd) + max((dx[i] for i in take), default=0) + sum(dw[i] for i in take)
+        value = sum(sizes[i] * (1 if by_count else mean[i]) for i in take)
         near = abs(room) <= budget / 4
-        fill = (near, sum(sizes[i] * (1 if by_count else mean[i]) for i in take) / cost if near else -abs(room), take)
-        best = max(best or fill, fill)
-    return [torch.full_like(s, i in best[2], dtype=torch.bool) for i, s in enumerate(scores)]
-
+        fills.append((value / cost if near else -abs(room), take, near))  # merit: value per cost or -distance
+    _, take, _ = max([f for f in fills if f[2]] or fills)  # the best merit among the near fills, if any
+    return [torch.full_like(s, i in take, dtype=torch.bool) for i, s in enumerate(scores)]
 
 def select_masks(scores, density, nm=None, costs=None, by_count=False):
-    """Masks at density (Eq. 6): N:M where a tensor holds the pattern, else one global top-k; or whole tensors."""
+    """Masks at density (Eq. 6): N:M where a tensor holds the pattern, else one global top-k; or by tensor."""
     if nm == "tensor":
         return cost_tensor_masks(scores, density, costs or [(1, 0, 0)] * len(scores), by_count)
-    masks = [nm_mask(s, *nm) if nm and s.dim() > 1 and s.shape[0] % nm[1] == 0 else None for s in scores]  # N:M fits
+    fits = [nm and s.dim() > 1 and s.shape[0] % nm[1] == 0 for s in scores]  # it holds the N:M pattern
+    masks = [nm_mask(s, *nm) if fit else None for s, fit in zip(scores, fits)]
     pooled = [i for i, mk in enumerate(masks) if mk is None]
     if pooled:
         k = round(density * sum(scores[i].numel() for i in pooled))
@@ -206,12 +218,11 @@ def select_masks(scores, density, nm=None, costs=None, by_count=False):
             masks[i] = mk
     return masks
 
-
 class _SparseSAM(SAM):
-    """Shared by SSAM-F and SSAM-D: bool masks opt.state[p]["mask"] for opt.masked, the schedule, the checks."""
+    """SSAM-F's and SSAM-D's frame: bool masks opt.state[p]["mask"] for opt.masked, schedule, checks."""
     _COUNTERS = ("steps", "last_mask_update")
 
-    def __init__(self, params, base_optimizer, rho, sparsity, update_interval, structure, norm, costs=None, **kwargs):
+    def __init__(self, params, base, *, rho, sparsity, update_interval, structure, norm, costs, **kw):
         if not 0 <= sparsity <= 1:
             raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}")
         if not (isinstance(update_interval, int) and update_interval >= 1):
@@ -219,60 +230,60 @@ class _SparseSAM(SAM):
         n, m = map(int, structure.split(":")) if re.fullmatch(r"\d+:\d+", str(structure)) else (0, 0)
         if not (0 < n <= m or structure in (None, "unstructured", "tensor")):
             raise ValueError(f"unknown structure {structure!r}: use None, 'tensor' or 'N:M' with 0 < N <= M")
-        if n and not math.isclose(sparsity, 1 - n / m):          # N:M fixes the density at N/M
+        if n and not math.isclose(sparsity, 1 - n / m):  # N:M fixes the density at N/M
             raise ValueError(f"structure {structure!r} needs sparsity={1 - n / m:g}, got {sparsity!r}")
         self.nm = (n, m) if n else "tensor" if structure == "tensor" else None
         norm = norm or ("masked" if self.nm == "tensor" else "full")
         if norm not in ("full", "masked") or (self.nm == "tensor" and norm != "masked"):
-            raise ValueError(f"norm={norm!r} not allowed: use 'full' (||g||, the paper) or 'masked' (||g ⊙ m||); "
-                             "structure='tensor' needs 'masked', since unperturbed tensors get no ascent gradient")
+            raise ValueError(f"norm={norm!r} not allowed: use 'full' (||g||, the paper) or 'masked' "
+                             "(||g ⊙ m||); structure='tensor' needs 'masked': others get no ascent gradient")
         if costs is not None and self.nm != "tensor":
             raise ValueError("costs= picks whole tensors by their ascent cost: it needs structure='tensor'")
-        super().__init__(params, base_optimizer, rho=rho, **kwargs)
-        self.sparsity, self.update_interval, self.structure, self.norm = sparsity, update_interval, structure, norm
+        super().__init__(params, base, rho=rho, **kw)
+        self.sparsity, self.update_interval, self.structure = sparsity, update_interval, structure
+        self.norm = norm
         self.masked = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         if not self.masked:
             raise ValueError("every parameter has requires_grad=False: there is nothing to train or perturb")
-        self.size = sum(p.numel() for p in self.masked)    # |w|: the trainable entries
-        self.costs = costs and [costs.get(p, (0, 0, 0)) for p in self.masked]   # None: the paper's ranking
-        self.last_mask_update = -1     # step of the last mask update; -1: never
-        self._unperturbed = []         # structure='tensor': the tensors ascent_pass() freezes
+        self.size = sum(p.numel() for p in self.masked)  # |w|: the trainable entries
+        self.costs = costs and [costs.get(p, (0, 0, 0)) for p in self.masked]  # None: the paper's ranking
+        self.last_mask_update = -1  # step of the last mask update; -1: never
+        self._unperturbed = []  # structure='tensor': the tensors ascent_pass() freezes
 
     @property
-    def mask_update_due(self):         # before the first mask, then every update_interval steps
+    def mask_update_due(self):  # before the first mask, then every update_interval steps
         return self.last_mask_update < 0 or self.steps - self.last_mask_update >= self.update_interval
 
     def masks(self):
         return [self.state[p]["mask"] for p in self.masked]
 
-    def density(self):                 # fraction of the trainable entries perturbed (1 - s); syncs: for logging
+    def density(self):  # fraction of the trainable entries perturbed (1 - s); syncs: for logging
         return sum(int(m.sum()) for m in self.masks()) / self.size
 
-    def set_masks(self, masks, count_update=True):     # bool, one per opt.masked; also masks of your own
+    def set_masks(self, masks, count_update=True):  # bool, one per opt.masked; also masks of your own
         for p, mk in zip(self.masked, masks):
             self.state[p]["mask"] = mk
         if count_update:
             self.last_mask_update = self.steps
         if self.nm == "tensor":
-            self._unperturbed = [p for p, mk in zip(self.masked, masks) if not mk.any()]   # sync: per update
+            self._unperturbed = [p for p, mk in zip(self.masked, masks) if not mk.any()]  # sync: per update
 
     def _mask_for_step(self, params, grads):
         if self.last_mask_update < 0:
-            raise ValueError("no mask yet: call opt.update_mask(model, data) first (when opt.mask_update_due)")
+            raise ValueError("no mask yet: call opt.update_mask(model, data) first (if opt.mask_update_due)")
         if any("mask" not in self.state.get(p, ()) for p in params):
-            raise ValueError("a parameter frozen when the optimizer was built has a gradient: rebuild after unfreezing")
+            raise ValueError("a parameter frozen at the optimizer's creation has a gradient: rebuild it "
+                             "after unfreezing")
         return [self.state[p]["mask"] for p in params]
 
     def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)                 # which casts masks to the parameter dtype: back to bool
+        super().load_state_dict(state_dict)  # which casts masks to the parameter dtype: back to bool
         if self.last_mask_update >= 0:
             self.set_masks([m.bool() for m in self.masks()], count_update=False)
 
     @contextmanager
-    def ascent_pass(self):             # around the FIRST pass: structure='tensor' freezes unperturbed tensors
-        frozen = [p for p in self._unperturbed if p.requires_grad]
-        for p in frozen:
-            p.requires_grad_(False)
+    def ascent_pass(self):  # around the FIRST pass: structure='tensor' freezes unperturbed tensors
+        frozen = [p.requires_grad_(False) for p in self._unperturbed if p.requires_grad]
         try:
             yield
         finally:
@@ -282,82 +293,99 @@ class _SparseSAM(SAM):
 
 # ---- SSAM-F: the mask from the empirical Fisher (Eq. 3-6, Alg. 2 Option I) -------------------------
 @torch.enable_grad()
-def empirical_fisher(model, data, num_samples, loss_fn=F.cross_entropy):
-    """Eq. 5: {parameter: sum over the first num_samples samples of `data` of the squared per-sample gradient} for
-    every trainable parameter (the 1/N_F does not change the ranking). One sample at a time, as the authors' loop:
-    exact for any model. Train-mode BatchNorm normalizes each sample alone and updates no running statistic."""
+def empirical_fisher(model, data, num_samples, loss_fn=None):
+    """Eq. 5: {parameter: sum over the first num_samples samples of `data` of the squared per-sample gradient}
+    for every trainable parameter (the 1/N_F does not change the ranking). One sample at a time, as the
+    authors' loop: exact for any model. Train-mode BatchNorm normalizes each sample alone, updates nothing."""
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
     fisher, seen = [torch.zeros_like(p) for p in params], 0
-    bns = [m for m in model.modules() if isinstance(m, _BN._BatchNorm) and (m.training or m.running_mean is None)]
+    bns = [m for m in model.modules()
+           if isinstance(m, _BN._BatchNorm) and (m.training or m.running_mean is None)]
     for m in bns:
-        m.forward = (lambda a, m=m: _bn_one_sample(m, a))
+        m.forward = lambda a, m=m: _bn_one_sample(m, a)
     try:
-        for x, y in data:
-            for xi, yi in zip(x[: num_samples - seen].to(device), y[: num_samples - seen].to(device)):
-                g = torch.autograd.grad(loss_fn(model(xi[None]), yi[None]), params, materialize_grads=True)
-                torch._foreach_addcmul_(fisher, g, g)                              # Eq. 5: sum_i g_i^2
+        for batch in data:  # (inputs, targets), or HF's dict of tensors
+            hf = hasattr(batch, "keys")  # HF: model(**sample), each with its own attention_mask row
+            for i in range(min(len(next(iter(batch.values())) if hf else batch[1]), num_samples - seen)):
+                one = {k: v[i:i + 1].to(device) for k, v in (batch.items() if hf else enumerate(batch))}
+                out, y = (model(**one), one) if hf else (model(one[0]), one[1])
+                loss = loss_fn(out, y) if loss_fn else out["loss"] if hf else F.cross_entropy(out, y)
+                g = torch.autograd.grad(loss, params, materialize_grads=True)
+                torch._foreach_addcmul_(fisher, g, g)  # Eq. 5: sum_i g_i^2
                 seen += 1
             if seen >= num_samples:
                 break
     finally:
         for m in bns:
-            del m.forward                                  # back to the class's forward
+            del m.forward  # back to the class's forward
     if seen < num_samples:
-        raise ValueError(f"data gave {seen} samples but num_samples={num_samples}: pass more data or lower num_samples")
+        raise ValueError(f"data gave {seen} samples but num_samples={num_samples}: pass more data")
     return dict(zip(params, fisher))
 
-
 def _bn_one_sample(m, a):
-    """Train-mode BatchNorm of one sample: its own statistics, or the running ones at one value per channel."""
+    """Train-mode BatchNorm of one sample: its own statistics, or the running ones at one value a channel."""
     if a[0, 0].numel() > 1:
         return F.instance_norm(a, weight=m.weight, bias=m.bias, eps=m.eps)
     if m.running_mean is None:
-        raise ValueError(f"{m} sees [B, C] inputs and has no running statistics to normalize one sample (Fisher): "
-                         "build it with track_running_stats=True")
+        raise ValueError(f"{m} sees [B, C] inputs and has no running statistics to normalize one sample "
+                         "(Fisher): build it with track_running_stats=True")
     return F.batch_norm(a, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
 
-
 class SSAMF(_SparseSAM):
-    """SSAM-F: perturb the (1-s)·|w| entries of largest empirical Fisher (Eq. 6); update_mask when mask_update_due."""
+    """SSAM-F: perturb the (1-s)·|w| entries of largest empirical Fisher (Eq. 6); call opt.update_mask(model,
+    data) whenever opt.mask_update_due. Arguments: SAM's (rho=0.05, adaptive=False, **kwargs) and
+    sparsity (default 0.5): s, the share of trainable entries left unperturbed. num_samples (128): N_F, Eq. 5.
+    update_interval (1000): steps between mask updates. structure (None): element-wise; "N:M" such as "2:4"
+    (sparsity must be 1 - N/M); "tensor": whole tensors (then `with opt.ascent_pass():` saves work). norm
+    (None): "full", eps by ||g|| (the paper), or "masked", by ||g ⊙ m|| (the default and a must for "tensor").
+    costs (None): with "tensor", ascent_costs(model, x): tensors by Fisher mass per multiply-add of ascent."""
 
     def __init__(self, params, base_optimizer, rho=0.05, sparsity=0.5, num_samples=128, update_interval=1000,
-                 structure=None, norm=None, **kwargs):
+                 structure=None, norm=None, costs=None, **kwargs):
         if not (isinstance(num_samples, int) and num_samples >= 1):
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-        super().__init__(params, base_optimizer, rho, sparsity, update_interval, structure, norm, **kwargs)
+        super().__init__(params, base_optimizer, rho=rho, sparsity=sparsity, update_interval=update_interval,
+                         structure=structure, norm=norm, costs=costs, **kwargs)
         self.num_samples = num_samples
 
     @torch.no_grad()
-    def update_mask(self, model, data, loss_fn=F.cross_entropy):
-        """The Fisher of the first num_samples samples of `data`, (inputs, targets) batches (Eq. 5); top-k (Eq. 6)."""
+    def update_mask(self, model, data, loss_fn=None):
+        """The Fisher of num_samples samples of `data`, (inputs, targets) batches (Eq. 5); top-k (Eq. 6)."""
+        if isinstance(model, nn.parallel.DistributedDataParallel):  # its backward all-reduces
+            raise ValueError("update_mask needs the inner model: pass model.module, not the DDP wrapper")
         fisher = empirical_fisher(model, data, self.num_samples, loss_fn)
         if any(p not in fisher for p in self.masked):
-            raise ValueError("some parameters are not trainable ones of `model`: pass their model (DDP: model.module)")
+            raise ValueError("some parameters are not trainable ones of `model`: pass theirs (DDP: .module)")
         self.set_masks(select_masks([fisher[p] for p in self.masked], 1 - self.sparsity, self.nm, self.costs))
 
 
 # ---- SSAM-D: the mask from dynamic sparse training (Eq. 7-9, Alg. 2 Option II) ---------------------
 class SSAMD(_SparseSAM):
-    """SSAM-D: a random mask at density 1-s (Alg. 1 line 1), dropped and grown every update_interval steps inside
-    first_step with that step's gradient. Draws use the optimizer's own generator (seed; saved in state_dict)."""
+    """SSAM-D: a random mask at density 1-s (Alg. 1 line 1), dropped and grown every update_interval steps
+    inside first_step with that step's gradient (Eq. 7-9). Arguments: SSAMF's but num_samples, same defaults
+    (costs weigh entries, not Fisher mass), and drop_rate (default 0.5): alpha of Eq. 9. total_steps
+    (required): T of Eq. 9, the run's step count. seed (None): its own generator's (in state_dict)."""
     _COUNTERS = _SparseSAM._COUNTERS + ("generator",)
 
     def __init__(self, params, base_optimizer, rho=0.05, sparsity=0.5, drop_rate=0.5, update_interval=1000,
-                 total_steps=None, structure=None, norm=None, seed=None, **kwargs):
+                 total_steps=None, structure=None, norm=None, seed=None, costs=None, **kwargs):
         if not 0 <= drop_rate <= 1:
             raise ValueError(f"drop_rate must be in [0, 1], got {drop_rate!r}")
         if not (isinstance(total_steps, int) and total_steps >= 1):
-            raise ValueError(f"total_steps must be the run's number of steps (an integer >= 1), got {total_steps!r}")
-        super().__init__(params, base_optimizer, rho, sparsity, update_interval, structure, norm, **kwargs)
+            raise ValueError(f"total_steps must be the run's number of steps (int >= 1), got {total_steps!r}")
+        super().__init__(params, base_optimizer, rho=rho, sparsity=sparsity, update_interval=update_interval,
+                         structure=structure, norm=norm, costs=costs, **kwargs)
         self.drop_rate, self.total_steps = drop_rate, total_steps
         self.generator = torch.Generator(device=self.masked[0].device)
         self.generator.manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
-        self.set_masks(select_masks([self._rand(p) for p in self.masked], 1 - sparsity, self.nm, self.costs, True))
+        rand = [self._rand(p) for p in self.masked]  # Alg. 1 line 1: a random mask
+        self.set_masks(select_masks(rand, 1 - sparsity, self.nm, self.costs, by_count=True))
 
     def _rand(self, p):
-        shape = () if self.nm == "tensor" else p.shape      # structure='tensor': one draw per tensor
-        return torch.rand(shape, generator=self.generator, device=self.generator.device).to(p.device).expand(p.shape)
+        shape = () if self.nm == "tensor" else p.shape  # structure='tensor': one draw per tensor
+        gen = self.generator
+        return torch.rand(shape, generator=gen, device=gen.device).to(p.device).expand(p.shape)
 
     def drop_count(self, t):
         """N_drop = f_decay(t; alpha)·(1-s)·|w| (Alg. 2 line 8, Eq. 9), |w| counting trainable entries."""
@@ -369,17 +397,17 @@ class SSAMD(_SparseSAM):
         """One drop-and-grow round with `grads`, one per parameter of opt.masked (None: zero)."""
         masks = self.masks()
         g = [torch.zeros_like(p) if gr is None else gr for p, gr in zip(self.masked, grads)]
-        # Eq. 7: drop the n_drop perturbed entries of smallest |g|: keep the others (whole tensors: by mean |g|)
+        # Eq. 7: drop the n_drop perturbed entries of smallest |g|, keep the rest (whole tensors: by mean |g|)
         keep = (int(sum(m.sum() for m in masks)) - self.drop_count(self.steps)) / self.size
         keep_scores = [torch.where(m, gr.abs(), -math.inf) for m, gr in zip(masks, g)]
-        nm = "tensor" if self.nm == "tensor" else None      # N:M: the grow below restores the pattern
+        nm = "tensor" if self.nm == "tensor" else None  # N:M: the grow below restores the pattern
         kept = [k & m for k, m in zip(select_masks(keep_scores, max(keep, 0), nm), masks)]
         # Eq. 8: grow at random among the unperturbed: kept entries score 2, the rest uniform in [0, 1)
         grow_scores = [torch.where(k, 2.0, self._rand(p)) for k, p in zip(kept, self.masked)]
         self.set_masks(select_masks(grow_scores, 1 - self.sparsity, self.nm, self.costs, True))
 
     def _mask_for_step(self, params, grads):
-        if self.mask_update_due:                            # grads are the params' p.grad
+        if self.mask_update_due:  # grads are the params' p.grad
             self.update_mask([p.grad for p in self.masked])
         return super()._mask_for_step(params, grads)
 
@@ -387,7 +415,6 @@ class SSAMD(_SparseSAM):
 # ---- The 2:4 sparse backward ("implicit" SSAM): dX = dY·(W ⊙ M) in the ascent pass of nn.Linear layers
 class _MaskedInputGrad(torch.autograd.Function):
     """y = x W^T + b; backward dX = dY (W ⊙ M), dW = dY^T X, db = sum dY. Under autocast in its dtype."""
-
     @staticmethod
     def forward(ctx, x, weight, bias, mask):
         if torch.is_autocast_enabled(x.device.type):
@@ -400,9 +427,9 @@ class _MaskedInputGrad(torch.autograd.Function):
     def backward(ctx, gy):
         x, weight, mask = ctx.saved_tensors
         gy2 = gy.reshape(-1, gy.shape[-1]).to(weight.dtype)
-        gx = sparse_input_grad(gy2, weight, mask).reshape(*gy.shape[:-1], -1) if ctx.needs_input_grad[0] else None
-        return gx, gy2.t() @ x.reshape(-1, x.shape[-1]), gy2.sum(0) if ctx.needs_input_grad[2] else None, None
-
+        need_x, _, need_b, _ = ctx.needs_input_grad
+        gx = sparse_input_grad(gy2, weight, mask).reshape(*gy.shape[:-1], -1) if need_x else None
+        return gx, gy2.t() @ x.reshape(-1, x.shape[-1]), gy2.sum(0) if need_b else None, None
 
 def sparse_input_grad(gy, weight, mask):
     """dX = dY (W ⊙ M), dY [B, out]: on CUDA in fp16/bf16 via 2:4 sparse tensor cores, elsewhere dense."""
@@ -410,37 +437,38 @@ def sparse_input_grad(gy, weight, mask):
     key = (wm.shape, gy.shape, wm.dtype, wm.device)
     if wm.is_cuda and wm.dtype in (torch.float16, torch.bfloat16) and key not in _REFUSED:
         try:
-            wt = torch.sparse.to_sparse_semi_structured(wm.t().contiguous())     # [in, out]; W changes: each call
+            wt = torch.sparse.to_sparse_semi_structured(wm.t().contiguous())  # [in, out]; W moves: each step
             return (wt @ gy.t().contiguous()).t()
         except (RuntimeError, ValueError, NotImplementedError):
-            _REFUSED.add(key)                               # kernel refused this shape/GPU: dense from now on
+            _REFUSED.add(key)  # kernel refused this shape/GPU: dense from now on
     return gy @ wm
-
 
 @contextmanager
 def sparse_ascent(model, opt):
-    """Around the FIRST pass: nn.Linear layers with an N:M mask in `opt` take dX = dY·(W ⊙ M), so layers below see
-    dY through W ⊙ M (the TPAMI follow-up's "implicit" SSAM). Yields the patched layers (not torch.compile'd)."""
+    """Around the FIRST pass: nn.Linear layers with an N:M mask in `opt` take dX = dY·(W ⊙ M), so the layers
+    below see dY through W ⊙ M (the TPAMI follow-up's "implicit" SSAM). Yields the patched layers."""
     if not isinstance(getattr(opt, "nm", None), tuple):
-        raise ValueError("sparse_ascent needs an SSAMF/SSAMD optimizer built with structure='N:M' (e.g. '2:4')")
-    patched = [m for m in model.modules() if isinstance(m, nn.Linear) and "mask" in opt.state.get(m.weight, {})
-               and m.weight.shape[0] % opt.nm[1] == 0]          # an N:M mask, not the pooled top-k
-    for mod in patched:
-        mod.forward = (lambda x, m=mod: _MaskedInputGrad.apply(x, m.weight, m.bias, opt.state[m.weight]["mask"]))
+        raise ValueError("sparse_ascent needs an SSAMF/SSAMD optimizer built with structure='N:M' ('2:4')")
+    state = opt.state
+    masked = [m for m in model.modules() if isinstance(m, nn.Linear) and "mask" in state.get(m.weight, ())]
+    patched = [m for m in masked if m.weight.shape[0] % opt.nm[1] == 0]  # N:M masks, not the pooled top-k
+    for lin in patched:
+        lin.forward = lambda x, m=lin: _MaskedInputGrad.apply(x, m.weight, m.bias, state[m.weight]["mask"])
     try:
         yield patched
     finally:
-        for mod in patched:
-            del mod.forward                             # back to nn.Linear.forward
+        for lin in patched:
+            del lin.forward  # back to nn.Linear.forward
 
 
 # ---- BatchNorm: running statistics follow the first pass only --------------------------------------
 @contextmanager
 def frozen_bn_stats(model):
-    """Around the SECOND pass: train-mode BatchNorm uses the batch's statistics but updates no running statistic."""
-    bns = [m for m in model.modules() if isinstance(m, _BN._NormBase) and m.training and m.track_running_stats]
+    """Around the SECOND pass: train-mode BatchNorm normalizes by the batch's statistics but updates none."""
+    bns = [m for m in model.modules()
+           if isinstance(m, _BN._NormBase) and m.training and m.track_running_stats]
     for m in bns:
-        m.track_running_stats = False                   # BatchNorm then neither updates nor counts
+        m.track_running_stats = False  # BatchNorm then neither updates nor counts
     try:
         yield
     finally:

@@ -1,0 +1,74 @@
+"""SAM / SSAM in PyTorch Lightning: manual optimization, the descent pass as the closure of opt.step().
+
+    python examples/lightning_loop.py          # a tiny MLP on random data, on the CPU
+
+Calling first_step / second_step on the optimizer directly skips Lightning's step: global_step stays 0 and
+ModelCheckpoint(every_n_train_steps=...) never saves. Instead run pass 1 with manual_backward, then
+opt.step(closure=descent): Lightning counts the step and hands the closure to SAM.step, which runs
+first_step, descent() at w + eps, second_step. The SAM state (base optimizer, counters, masks) is saved in the
+checkpoint and a resumed run continues exactly. SSAM-F's mask is refreshed from on_train_batch_start.
+"""
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import ssam
+
+
+class SAMModule(L.LightningModule):
+    def __init__(self, make_optimizer, fisher_data=None):
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        self.make_optimizer, self.fisher_data = make_optimizer, fisher_data
+
+    def forward(self, x):
+        return self.net(x)
+
+    def configure_optimizers(self):
+        return self.make_optimizer(self.parameters())
+
+    def on_train_batch_start(self, batch, batch_idx):  # SSAM-F: a new mask every update_interval steps
+        sam = self.optimizers().optimizer
+        if isinstance(sam, ssam.SSAMF) and sam.mask_update_due:
+            sam.update_mask(self, self.fisher_data or [batch])
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()  # a LightningOptimizer around the SAM
+        x, y = batch
+        opt.zero_grad()
+        loss = F.cross_entropy(self(x), y)
+        self.manual_backward(loss)  # pass 1 at w
+
+        def descent():  # pass 2 at w + eps: SAM.step runs first_step before it, second_step after
+            with ssam.frozen_bn_stats(self):
+                loss2 = F.cross_entropy(self(x), y)
+            self.manual_backward(loss2)
+            return loss2
+
+        opt.step(closure=descent)  # Lightning counts it: global_step, checkpoints
+        return loss.detach()
+
+
+def main(max_epochs=3):
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    module = SAMModule(
+        lambda ps: ssam.SSAMF(ps, torch.optim.SGD, rho=0.05, num_samples=16, update_interval=4, lr=0.1)
+    )
+    trainer = L.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(module, loader)
+    print(f"global_step {trainer.global_step}, loss {F.cross_entropy(module(x), y).item():.4f}")
+
+
+if __name__ == "__main__":
+    main()
