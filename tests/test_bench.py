@@ -545,8 +545,8 @@ def test_demo_prints_lambda1(tmp_path):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("│ ") and "%" in line]
-    names = [row.split("│")[1].strip() for row in rows]
-    assert names == ["sgd", "sam", "ssamf", "ssamd", "ssamf tensor cost"]
+    methods = ["sgd", "sam", "ssamf", "ssamd", "ssamf tensor cost"]  # the last: cost-aware, 0.9
+    assert [row.split("│")[1].strip() for row in rows] == methods
     lam = [float(row.split("│")[7]) for row in rows]  # the Hessian's lambda_1 column
     assert (
         all(v > 0 for v in lam) and "10,000 test images" not in r.stdout and "10000 test images" in r.stdout
