@@ -700,8 +700,7 @@ def demo(argv):
     """SGD, SAM, SSAM-F, SSAM-D, then cost-aware whole-tensor SSAM-F at 0.9, with the other flags given; runs
     in runs/demo/ (or --out-dir); finished runs of the same config are reused (--fresh trains again). Prints
     accuracy, cost and the Hessian's lambda_1."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import sharpness  # bench/sharpness.py: Lanczos on Hessian-vector products
+    from lab import sharpness  # Lanczos on Hessian-vector products
 
     args, t0 = get_args(argv), time.perf_counter()
     for k in ("optimizer", "name", "resume"):  # a flag the demo would ignore is an error, as in train()

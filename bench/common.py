@@ -1,5 +1,5 @@
-"""What the benchmarks share: the methods (as train.py flags), the models, the timed step (train.py's own), the
-FLOP count each method could reach, and the optimizer-state byte count.
+"""What the benchmarks share: the methods (as train.py flags), the models, the timed step (train.py's own),
+the FLOP count each method could reach, and the optimizer-state byte count.
 
 The timed step is the trained step: models come from train.make_model (TinyViT, which train.py does not train,
 is defined here), optimizers from train.make_optimizer with the method's train.py flags, and every step is
@@ -10,22 +10,24 @@ import contextlib
 import math
 import os
 import platform
-import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: train, ssam
-import ssam  # noqa: E402
-import train  # noqa: E402
+import ssam
+import train
+from lab import models
+from lab.config import resolve_config
+from lab.data import augment, load_subset, normalize
+from lab.methods import SPARSE
 
 # The paper's mask-update interval: once an epoch, 50,000 CIFAR images -> 391 steps at batch 128.
 CIFAR_TRAIN_IMAGES = 50_000
 # The paper's theoretical cost of one step relative to SGD (Tables 1-3, FLOPs column), by sparsity; SAM = 0.
 PAPER_FLOPS = {0.0: 2.0, 0.5: 1.65, 0.8: 1.44, 0.9: 1.36, 0.95: 1.33, 0.98: 1.31, 0.99: 1.30}
 
-COST = "--sparsity 0.9 --structure tensor --mask-select cost"  # whole-tensor masks picked by score per ascent cost
+COST = "--sparsity 0.9 --structure tensor --mask-select cost"  # tensor masks picked by score per ascent cost
 # The methods timed: name -> (train.py flags, weights). "fresh": the seed-0 init; "trained": after
 # --bench-train-steps SGD steps on the shipped CIFAR-10 subset (Fisher and |g| rankings change with training).
 METHODS = {
@@ -56,9 +58,9 @@ def config(flags, num_samples=128):
     updated by a timed step (update interval 10^9 steps; SSAM-F's first mask is made before timing)."""
     argv = ["--preset", "cifar10-resnet18", *flags.split()]
     opt = argv[argv.index("--optimizer") + 1] if "--optimizer" in argv else "sgd"
-    argv += ["--update-interval", str(10**9)] if opt in ("ssamf", "ssamd") else []  # train.py refuses flags
+    argv += ["--update-interval", str(10**9)] if opt in SPARSE else []  # train.py refuses flags
     argv += ["--num-samples", str(num_samples)] if opt == "ssamf" else []  # an optimizer ignores
-    return train.resolve_config(train.get_args(argv))
+    return resolve_config(train.get_args(argv))
 
 
 def make_optimizer(model, flags, num_samples=128):
@@ -104,8 +106,8 @@ def ssamd_grads(model, x, y):
 
 def batch(n, device, start=0):
     """n normalized training images of the subset and their labels, on `device`."""
-    x, y = train.load_subset()[:2]
-    return train.normalize(x[start : start + n]).to(device), y[start : start + n].to(device)
+    x, y = load_subset()[:2]
+    return normalize(x[start : start + n]).to(device), y[start : start + n].to(device)
 
 
 def trained_model(name, width, device, steps, batch_size):
@@ -113,11 +115,11 @@ def trained_model(name, width, device, steps, batch_size):
     torch.manual_seed(0)
     model = make_model(name, width).to(device)
     opt, cfg = make_optimizer(model, "--optimizer sgd")
-    x_all, y_all = train.load_subset()[:2]
+    x_all, y_all = load_subset()[:2]
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         idx = torch.randint(len(y_all), (batch_size,), generator=g)
-        train_step(model, opt, cfg, train.augment(x_all[idx].to(device), g), y_all[idx].to(device))
+        train_step(model, opt, cfg, augment(x_all[idx].to(device), g), y_all[idx].to(device))
     return model
 
 
@@ -163,9 +165,10 @@ def pass_macs(model, x):
 
 
 def flops_x_sgd(model, opt, cfg, x):
-    """The method's step in multiply-adds as a multiple of SGD's, the bound its kernels could reach: SGD is one
-    full pass; a SAM-type step adds the ascent pass on the first ascent_fraction of x, with the tensors
-    opt.ascent_pass() freezes getting no weight gradient and no input gradient below the lowest perturbed layer."""
+    """The method's step in multiply-adds as a multiple of SGD's, the bound its kernels could reach: SGD is
+    one full pass; a SAM-type step adds the ascent pass on the first ascent_fraction of x, with the tensors
+    opt.ascent_pass() freezes getting no weight gradient and no input gradient below the lowest perturbed
+    layer."""
     full = pass_macs(model, x)
     if not isinstance(opt, ssam.SAM):
         return 1.0
@@ -233,7 +236,7 @@ class TinyViT(nn.Module):
 def make_model(name, width=256):
     """'resnet18': train.py's (CIFAR stem, §5.1); 'vit': TinyViT, almost all of its weights in nn.Linear."""
     if name == "resnet18":
-        return train.make_model("resnet18", 10, small_images=True)
+        return models.make_model("resnet18", 10, small_images=True)
     if name == "vit":
         return TinyViT(width=width)
     raise ValueError(f"unknown model {name!r}: resnet18 or vit")
@@ -246,7 +249,8 @@ def make_model(name, width=256):
 def optimizer_state_bytes(opt):
     """Bytes of the tensors an optimizer holds, each storage counted once: 'masks' = SSAM's opt.state,
     'momentum' = the base optimizer's state (opt.state of a plain optimizer), 'weight_copy' = the copy of w
-    that SAM-type optimizers keep between first_step and second_step (opt._w; measure right after first_step)."""
+    that SAM-type optimizers keep between first_step and second_step (opt._w; measure right after
+    first_step)."""
     seen = set()
 
     def count(tensors):
@@ -278,7 +282,10 @@ def machine():
     cpu = platform.processor() or "unknown CPU"
     try:
         info = open("/proc/cpuinfo").read().splitlines()
-        field = lambda k: next((l.split(":", 1)[1].strip() for l in info if l.startswith(k)), None)
+
+        def field(key):
+            return next((line.split(":", 1)[1].strip() for line in info if line.startswith(key)), None)
+
         cpu = field("model name") or cpu
         if field("cpu family"):
             cpu += f" (family {field('cpu family')}, model {field('model')})"

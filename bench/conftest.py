@@ -1,28 +1,24 @@
-"""pytest-benchmark setup for bench/: the repo root on sys.path, size options, the machine in the JSON.
+"""pytest-benchmark setup for bench/: size options, the machine in the JSON.
 
-    OMP_WAIT_POLICY=PASSIVE pytest bench/ --benchmark-only --benchmark-json bench/results/throughput.json   # CPU
+    # the CPU:
+    OMP_WAIT_POLICY=PASSIVE pytest bench/ --benchmark-only --benchmark-json bench/results/throughput.json
     pytest bench/ --benchmark-only --bench-device cuda --bench-batch 128 --bench-width 512 \\
-        --bench-rounds 20 --benchmark-json bench/results/throughput-gpu.json                        # a GPU
+        --bench-rounds 20 --benchmark-json bench/results/throughput-gpu.json      # a GPU
 """
 
 import os
 import sys
 
-# libgomp's default is to spin while waiting for the other thread: on a box shared with other jobs a descheduled
-# thread then costs the whole step (measured: a 0.6 s step took 2.9-3.1 s). Passive waiting is immune. Must be set
-# before torch loads libgomp; `make bench-throughput` sets it in the environment as well.
+# libgomp's default is to spin while waiting for the other thread: on a box shared with other jobs a
+# descheduled thread then costs the whole step (measured: a 0.6 s step took 2.9-3.1 s). Passive waiting is
+# immune. Must be set before torch loads libgomp; `make bench-throughput` sets it in the environment as well.
 if "torch" not in sys.modules:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for path in (ROOT, os.path.join(ROOT, "bench")):
-    if path not in sys.path:
-        sys.path.insert(0, path)
-
-import common  # noqa: E402  (needs the path above)
+from bench import common  # noqa: E402
 
 
 def pytest_addoption(parser):

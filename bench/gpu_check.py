@@ -1,18 +1,20 @@
-"""The checks that need a CUDA GPU, in one script; on a machine without CUDA it prints "no CUDA device: skipped"
-and exits 0.
+"""The checks that need a CUDA GPU, in one script; on a machine without CUDA it prints "no CUDA device:
+skipped" and exits 0.
 
-    python bench/gpu_check.py                 # all checks + the throughput benchmark at GPU sizes (a few minutes)
-    python bench/gpu_check.py --no-bench      # correctness and kernel timings only (under a minute)
+    python bench/gpu_check.py                    # all checks + the throughput benchmark at GPU sizes
+    python bench/gpu_check.py --no-bench         # correctness and kernel timings only (under a minute)
     python bench/gpu_check.py --cpu --no-bench   # run the same code on the CPU (the 2:4 kernel is CUDA-only)
 
-1. ssam.sparse_input_grad, dX = dY (W ⊙ M), with torch.sparse semi-structured (2:4) against the dense product, in
-   fp16 and bf16, on weights the kernel accepts (1024x1024 and 4096x1024, masks from ssam.nm_mask): error, time.
-2. The first (ascent) pass of a bf16 TinyViT under ssam.sparse_ascent with the 2:4 kernel against the same pass
-   with the kernel refused (dense fallback): the gradients must agree to bf16 precision.
+1. ssam.sparse_input_grad, dX = dY (W ⊙ M), with torch.sparse semi-structured (2:4) against the dense product,
+   in fp16 and bf16, on weights the kernel accepts (1024x1024 and 4096x1024, masks from ssam.nm_mask): error,
+   time.
+2. The first (ascent) pass of a bf16 TinyViT under ssam.sparse_ascent with the 2:4 kernel against the same
+   pass with the kernel refused (dense fallback): the gradients must agree to bf16 precision.
 3. Every method in common.METHODS on CUDA (ResNet-18 and TinyViT, fp32): 3 steps, finite weights, w restored
    bit for bit after first_step.
-4. The throughput benchmark at GPU sizes (batch 128, TinyViT width 512) -> bench/results/throughput-gpu.{json,md},
-   including batched Fisher vs the batch-1 loop (target >= 10x) and the mask-update costs.
+4. The throughput benchmark at GPU sizes (batch 128, TinyViT width 512) ->
+   bench/results/throughput-gpu.{json,md}, including batched Fisher vs the batch-1 loop (target >= 10x) and
+   the mask-update costs.
 Exit status 1 if a correctness check (1-3) fails, or if on CUDA the 2:4 kernel never ran inside
 ssam.sparse_input_grad (every shape fell back to the dense product: checks 1-2 would then compare dense with
 dense). Performance targets, and a kernel that refuses some shapes only, are reported as PASS/MISS.
@@ -28,13 +30,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+import ssam
+from bench import common
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path[:0] = [HERE, ROOT]
-
-import common  # noqa: E402
-
-import ssam  # noqa: E402
 
 # Sizes: the GPU's, and tiny ones for --cpu (which only tests this script: fp16 matmuls crawl on a CPU).
 SIZES = dict(
@@ -87,8 +87,9 @@ KERNEL_RUNS = [0]  # calls in which ssam.sparse_input_grad ran the 2:4 kernel, o
 
 @contextlib.contextmanager
 def count_kernel_runs():
-    """Counts (into the yielded list, and KERNEL_RUNS) the weights that ssam.sparse_input_grad compressed to 2:4
-    and then multiplied on the kernel: a compression whose matmul failed lands in ssam._REFUSED, and is taken off."""
+    """Counts (into the yielded list, and KERNEL_RUNS) the weights that ssam.sparse_input_grad compressed to
+    2:4 and then multiplied on the kernel: a compression whose matmul failed lands in ssam._REFUSED, and is
+    taken off."""
     original = torch.sparse.to_sparse_semi_structured
     refused = getattr(ssam, "_REFUSED", set())
     n_refused, runs = len(refused), [0]
@@ -108,7 +109,8 @@ def count_kernel_runs():
 
 
 def expects_kernel(device):
-    """On CUDA the 2:4 kernel must run at least once; on the CPU it cannot (torch's semi-structured is CUDA only)."""
+    """On CUDA the 2:4 kernel must run at least once; on the CPU it cannot (torch's semi-structured is CUDA
+    only)."""
     return torch.device(device).type == "cuda"
 
 

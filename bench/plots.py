@@ -1,14 +1,14 @@
-"""PNG plots from bench/accuracy.py's results or from a folder of train.py runs:
-accuracy_vs_sparsity.png (the paper's Fig. 3: SSAM-F and SSAM-D against sparsity, SAM and SGD as horizontal lines)
-and training_curves.png (Fig. 2: train loss and test accuracy per epoch, one line per method).
+"""PNG plots from bench/accuracy.py's results or from a folder of train.py runs: accuracy_vs_sparsity.png
+(the paper's Fig. 3: SSAM-F and SSAM-D against sparsity, SAM and SGD as horizontal lines) and
+training_curves.png (Fig. 2: train loss and test accuracy per epoch, one line per method).
 
-    python bench/plots.py                                   # bench/results/accuracy.json -> bench/results/*.png
-    python bench/plots.py runs/                             # every runs/*/ holding metrics.jsonl + final.json
+    python bench/plots.py                          # bench/results/accuracy.json -> bench/results/*.png
+    python bench/plots.py runs/                    # every runs/*/ holding metrics.jsonl + final.json
     python bench/plots.py runs/ --out-dir /tmp/figs
 
-Runs with the same optimizer and sparsity are seeds of one method: lines are their mean, bars and bands the 95%
-confidence interval of that mean (t-distribution over seeds). Test accuracy is drawn at the epochs where every
-seed of the method was evaluated (train.py --eval-every).
+Runs with the same method and sparsity (lab/methods.py) are seeds of one method: lines are their mean, bars
+and bands the 95% confidence interval of that mean (lab/stats.py: t-distribution over seeds). Test accuracy
+is drawn at the epochs where every seed of the method was evaluated (train.py --eval-every).
 """
 
 import argparse
@@ -23,54 +23,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from lab.methods import COLORS, color, label, method_of
+from lab.stats import mean_ci
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-COLORS = dict(
-    sgd="tab:gray",
-    sam="tab:blue",
-    ssamf="tab:orange",
-    ssamd="tab:green",
-    samon="tab:purple",
-    **{"ssamd-tensor": "tab:red", "ssamf-tensor": "tab:brown"},
-)
-LABELS = dict(
-    sgd="SGD",
-    sam="SAM",
-    ssamf="SSAM-F",
-    ssamd="SSAM-D",
-    samon="SAM-ON (norm layers)",
-    **{"ssamd-tensor": "SSAM-D, tensor masks", "ssamf-tensor": "SSAM-F, tensor masks"},
-)
-EXTRA_COLORS = ["tab:pink", "tab:olive", "tab:cyan", "black", "gold", "navy", "teal", "maroon"]
-
-
-def color(opt):
-    """A fixed colour per method; methods without one (bench/accuracy.py --cheaper) get the next of EXTRA_COLORS."""
-    if opt not in COLORS:
-        COLORS[opt] = EXTRA_COLORS[(len(COLORS) - 7) % len(EXTRA_COLORS)]
-        base, *rest = opt.split("-")  # e.g. ssamf-cost-f0.25 -> "SSAM-F, cost-aware, f=0.25"
-        LABELS.setdefault(
-            opt,
-            ", ".join(
-                [LABELS.get(base, base)]
-                + [
-                    "cost-aware" if r == "cost" else "tensor masks" if r == "tensor" else f"f={r[1:]}"
-                    for r in rest
-                ]
-            ),
-        )
-    return COLORS[opt]
-
-
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
 def load(source):
-    """-> list of runs: dict(optimizer, sparsity, seed, test_acc, metrics=[per-epoch dicts]), and a title."""
+    """-> list of runs: dict(method, sparsity, seed, test_acc, metrics=[per-epoch dicts]), and a title."""
     if os.path.isfile(source):
         with open(source) as f:
             result = json.load(f)
-        for r in result["runs"]:
-            r.setdefault("optimizer", r.get("method"))
         return result["runs"], result["settings"]["title"]
     runs = []
     for final_path in sorted(glob.glob(os.path.join(source, "**", "final.json"), recursive=True)):
@@ -82,18 +45,11 @@ def load(source):
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             metrics = [json.loads(line) for line in f if line.strip()]
         cfg = final["config"]
-        masks = (
-            ""
-            if cfg.get("structure") != "tensor"
-            else "-cost"
-            if cfg.get("mask_select") == "cost"
-            else "-tensor"
-        )
-        fraction = cfg.get("ascent_fraction", 1.0)  # the method names of bench/accuracy.py (method_of)
+        method, sparsity = method_of(cfg)
         runs.append(
             dict(
-                optimizer=cfg["optimizer"] + masks + ("" if fraction == 1.0 else f"-f{fraction:g}"),
-                sparsity=cfg.get("sparsity"),
+                method=method,
+                sparsity=sparsity,
                 seed=cfg.get("seed"),
                 test_acc=final["test_acc"],
                 metrics=metrics,
@@ -104,7 +60,7 @@ def load(source):
         )
     if not runs:
         raise SystemExit(f"no runs found under {source} (expected <run>/final.json and <run>/metrics.jsonl)")
-    # Runs of another model, dataset or length are not seeds of the same method: plot the largest setting only.
+    # Runs of another model, dataset or length are not seeds of one method: plot the largest setting only.
     settings = sorted({r["setting"] for r in runs}, key=lambda k: -sum(r["setting"] == k for r in runs))
     for other in settings[1:]:
         print(
@@ -114,15 +70,15 @@ def load(source):
 
 
 def mean_std(values):
-    """-> mean and the half-width of its 95% confidence interval (0 for a single value)."""
-    n = len(values)
-    return statistics.mean(values), T975[n - 1] * statistics.stdev(values) / math.sqrt(n) if n > 1 else 0.0
+    """-> mean and the half-width of its 95% confidence interval (0 for a single value: nothing to draw)."""
+    m, h = mean_ci(values)
+    return m, 0.0 if math.isnan(h) else h
 
 
 def by_method(runs):
     groups = {}
     for r in runs:
-        groups.setdefault((r["optimizer"], r["sparsity"]), []).append(r)
+        groups.setdefault((r["method"], r["sparsity"]), []).append(r)
     return groups
 
 
@@ -137,8 +93,8 @@ def plot_accuracy_vs_sparsity(runs, title, path):
     for opt in ("sgd", "sam", "samon"):  # fixed-mask methods: a horizontal line and a band of ±1 std
         if (opt, None) in groups:
             m, s = mean_std([100 * r["test_acc"] for r in groups[(opt, None)]])
-            ax.axhline(m, color=COLORS[opt], ls="--", label=f"{LABELS[opt]} ({m:.1f})")
-            ax.axhspan(m - s, m + s, color=COLORS[opt], alpha=0.12)
+            ax.axhline(m, color=color(opt), ls="--", label=f"{label(opt)} ({m:.1f})")
+            ax.axhspan(m - s, m + s, color=color(opt), alpha=0.12)
     sparsities = sorted({s for _, s in groups if s is not None})
     for opt in ("ssamf", "ssamd", "ssamf-tensor", "ssamd-tensor"):
         xs = [s for s in sparsities if (opt, s) in groups]
@@ -150,8 +106,8 @@ def plot_accuracy_vs_sparsity(runs, title, path):
                 yerr=[s for _, s in stats],
                 marker="o",
                 capsize=3,
-                color=COLORS[opt],
-                label=LABELS[opt],
+                color=color(opt),
+                label=label(opt),
             )
     ax.set_xlabel("sparsity of the perturbation (%)")
     ax.set_ylabel("test accuracy (%)")
@@ -170,16 +126,16 @@ def plot_accuracy_vs_sparsity(runs, title, path):
 def plot_training_curves(runs, title, path):
     groups = by_method(runs)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    known = list(COLORS)  # the legend's order: the methods with a fixed colour first, then by name
     order = sorted(
-        groups, key=lambda k: (list(COLORS).index(k[0]) if k[0] in COLORS else len(COLORS), k[0], k[1] or 0)
+        groups, key=lambda k: (known.index(k[0]) if k[0] in known else len(known), k[0], k[1] or 0)
     )
     sparse_levels = sorted({s for _, s in groups if s is not None})
     for opt, sparsity in order:
         rs = groups[(opt, sparsity)]
         n = min(len(r["metrics"]) for r in rs)
         epochs = [r["metrics"][i]["epoch"] for r in rs[:1] for i in range(n)]
-        c = color(opt)
-        label = LABELS[opt] + ("" if sparsity is None else f" s={sparsity:g}")
+        c, name = color(opt), label(opt, sparsity)
         # one colour per optimizer; the SSAM sparsities by line style: solid, dashed, dotted, ...
         style = "-" if sparsity is None else ["-", "--", ":", "-."][sparse_levels.index(sparsity) % 4]
         for ax, key in ((ax_loss, "loss"), (ax_acc, "test_acc")):
@@ -187,7 +143,7 @@ def plot_training_curves(runs, title, path):
             at = [i for i in range(n) if all(r["metrics"][i].get(key) is not None for r in rs)]
             stats = [mean_std([scale * r["metrics"][i][key] for r in rs]) for i in at]
             xs, mean, ci = [epochs[i] for i in at], [m for m, _ in stats], [h for _, h in stats]
-            ax.plot(xs, mean, color=c, ls=style, marker="." if key == "loss" else "o", ms=3, label=label)
+            ax.plot(xs, mean, color=c, ls=style, marker="." if key == "loss" else "o", ms=3, label=name)
             ax.fill_between(
                 xs, [m - h for m, h in zip(mean, ci)], [m + h for m, h in zip(mean, ci)], color=c, alpha=0.08
             )

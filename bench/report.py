@@ -1,25 +1,26 @@
-"""bench/results/throughput.json (pytest-benchmark) -> bench/results/throughput.md: step time of each method as a
-multiple of SGD's, next to the FLOP bound the method could reach and the paper's FLOPs column (Tables 1-3), the
-mask-update costs, the optimizer memory, and the targets marked PASS, MISS or UNDECIDED.
+"""bench/results/throughput.json (pytest-benchmark) -> bench/results/throughput.md: step time of each method
+as a multiple of SGD's, next to the FLOP bound the method could reach and the paper's FLOPs column (Tables
+1-3), the mask-update costs, the optimizer memory, and the targets marked PASS, MISS or UNDECIDED.
 
     python bench/report.py [bench/results/throughput.json] [-o bench/results/throughput.md]
 
 Every method runs once per round and the methods of a round run seconds apart (bench/test_throughput.py), so a
 ratio between two methods is taken per round, where load from other jobs hits both alike, and reported as the
 median over rounds with a bootstrap 95% interval (percentiles of the median of 2,000 resamples of the rounds).
-A target is PASS when the whole interval meets it, MISS when the whole interval misses it, UNDECIDED otherwise.
+A target is PASS when the whole interval meets it, MISS when the whole interval misses it, UNDECIDED
+otherwise (lab/stats.py holds these statistics).
 """
 
 import argparse
 import json
 import os
-import random
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [HERE, os.path.dirname(HERE)]  # bench/ and the repo root
-import common  # noqa: E402
+from bench import common
+from lab.methods import SPARSE
+from lab.stats import estimate, interval, median, target_verdict
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 SAM_LIMIT = 2.05  # SAM's step <= 2.05x SGD's: two passes and a little bookkeeping, nothing more
 SSAM_LIMIT = 1.02  # an element-wise/N:M SSAM non-update step <= 1.02x SAM's: the mask costs one multiply
 COST_MASK_LIMIT = 1.45  # cost-aware whole-tensor SSAM at 90% sparsity <= 1.45x SGD (bound: ~1.33x)
@@ -27,37 +28,13 @@ ASCENT_LIMIT = 1.35  # SAM with the ascent on a quarter of the batch <= 1.35x SG
 AMORTIZED_LIMIT = 0.01  # mask updates at the paper's interval < 1% of training time
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Statistics
-
-
-def median(xs):
-    xs = sorted(xs)
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
-
-
-def interval(samples, stat=median, n=2000, seed=0):
-    """Bootstrap 95% interval of stat(*samples): each list in `samples` resampled with replacement on its own."""
-    rng = random.Random(seed)
-    draws = sorted(stat(*[rng.choices(s, k=len(s)) for s in samples]) for _ in range(n))
-    return draws[int(0.025 * n)], draws[int(0.975 * n) - 1]
-
-
-def estimate(values):
-    """(median, low, high) of per-round values."""
-    return (median(values), *interval([values]))
-
-
-def verdict(lo, hi, limit, at_most=True):
-    if at_most:
-        return "PASS" if hi <= limit else "MISS" if lo > limit else "UNDECIDED"
-    return "PASS" if lo >= limit else "MISS" if hi < limit else "UNDECIDED"
-
-
 def per_round(a, b, fn=lambda ta, tb: ta / tb):
     """fn of a's and b's time in every round both ran, in round order."""
     return [fn(a["t"][r], b["t"][r]) for r in sorted(a["t"]) if r in b["t"]]
+
+
+def median_ms(row):
+    return 1e3 * median(list(row["t"].values()))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -65,8 +42,8 @@ def per_round(a, b, fn=lambda ta, tb: ta / tb):
 
 
 def collect(benchmarks):
-    """{key: row}: row["t"] = {round: seconds (fastest timed call of that round)}, plus the extra_info of all
-    rounds (round 0 alone holds the memory and FLOP measurements)."""
+    """{key: row}: row["t"] = {round: seconds (fastest timed call of that round)}, plus the extra_info of
+    all rounds (round 0 alone holds the memory and FLOP measurements)."""
     rows = {}
     for b in sorted(benchmarks, key=lambda b: b["extra_info"].get("bench_round", 0)):
         e = b["extra_info"]
@@ -82,6 +59,15 @@ def collect(benchmarks):
         row.update({k: v for k, v in e.items() if k != "bench_round"})
         row["t"][e.get("bench_round", 0)] = b["stats"]["min"]
     return rows
+
+
+def group(benchmarks):
+    """-> steps {(model, batch): {method: row}}, first {model: {method: row}}, updates {model: {what: row}}"""
+    steps, first, updates = {}, {}, {}
+    for key, row in collect(benchmarks).items():
+        at = key[1:3] if key[0] == "step" else key[1]  # (model, batch) or model
+        dict(step=steps, first_step=first, update=updates)[key[0]].setdefault(at, {})[key[-1]] = row
+    return steps, first, updates
 
 
 def paper_flops(r):
@@ -103,141 +89,122 @@ def target(out, text, values, limit, at_most=True, fmt="{:.3f}x"):
             hi=hi,
             rounds=len(values) if isinstance(values, list) else None,
             value=f"{fmt.format(m)} [{fmt.format(lo)}, {fmt.format(hi)}]",
-            verdict=verdict(lo, hi, limit, at_most),
+            verdict=target_verdict(lo, hi, limit, at_most),
         )
     )
 
 
-def summarize(data):
-    """The numbers behind the report, as plain dicts (tests check these). `data`: the loaded JSON."""
-    steps, first, updates = {}, {}, {}
-    for key, row in collect(data["benchmarks"]).items():
-        {
-            "step": lambda: steps.setdefault((key[1], key[2]), {}),
-            "first_step": lambda: first.setdefault(key[1], {}),
-            "update": lambda: updates.setdefault(key[1], {}),
-        }[key[0]]()[key[-1]] = row
-    out = dict(steps=[], first_steps=[], updates=[], targets=[])
-    for (model, batch), rows in steps.items():
-        sgd, sam = rows.get("sgd"), rows.get("sam")
-        for name, r in rows.items():
-            out["steps"].append(
-                dict(
-                    model=model,
-                    batch=batch,
-                    method=name,
-                    weights=r.get("weights", "fresh"),
-                    ms=1e3 * median(list(r["t"].values())),
-                    rounds=len(r["t"]),
-                    x_sgd=estimate(per_round(r, sgd)) if sgd else None,
-                    x_sam=median(per_round(r, sam)) if sam else None,
-                    flops=r.get("flops_x_sgd"),
-                    paper=paper_flops(r),
-                    density=r.get("density"),
-                    memory=r.get("memory"),
-                    param_bytes=r["param_bytes"],
-                )
-            )
-        where = f"{model} b{batch}"
-        if sgd and sam:
-            target(out["targets"], f"{where}: SAM step <= {SAM_LIMIT}x SGD", per_round(sam, sgd), SAM_LIMIT)
-        for name, r in rows.items():
-            if not sgd or r.get("opt") == "sgd":
-                continue
-            if r.get("ascent_fraction") == 0.25 and r["opt"] == "sam":
-                target(
-                    out["targets"],
-                    f"{where}: {name} (SAM, ascent on 1/4 of the batch) <= {ASCENT_LIMIT}x SGD",
-                    per_round(r, sgd),
-                    ASCENT_LIMIT,
-                )
-            if (
-                "--mask-select cost" in r.get("flags", "")
-                and r["sparsity"] == 0.9
-                and r.get("ascent_fraction", 1.0) == 1.0
-            ):
-                target(
-                    out["targets"],
-                    f"{where}: {name} ({r['weights']} weights) <= {COST_MASK_LIMIT}x SGD",
-                    per_round(r, sgd),
-                    COST_MASK_LIMIT,
-                )
-        fs = first.get(model, {})
-        for name, r in fs.items():
-            if sam and name != "sam" and "sam" in fs:
-                # A non-update element-wise SSAM step runs SAM's code plus eps ⊙ m inside first_step: per round,
-                # SAM's step plus the first_step difference is SSAM's step without the noise of a whole step.
-                x = [
-                    (s + d) / s
-                    for s, d in zip(
-                        per_round(sam, sam, lambda a, _: a), per_round(r, fs["sam"], lambda a, b: a - b)
-                    )
-                ]
-                target(
-                    out["targets"],
-                    f"{where}: {name} non-update step <= {SSAM_LIMIT}x SAM (from first_step)",
-                    x,
-                    SSAM_LIMIT,
-                    fmt="{:.4f}x",
-                )
+def step_rows(model, batch, rows):
+    """The step table's rows of one model and batch: ms, x SGD with its interval, x SAM, FLOP bounds."""
+    sgd, sam = rows.get("sgd"), rows.get("sam")
+    return [
+        dict(
+            model=model,
+            batch=batch,
+            method=name,
+            weights=r.get("weights", "fresh"),
+            ms=median_ms(r),
+            rounds=len(r["t"]),
+            x_sgd=estimate(per_round(r, sgd)) if sgd else None,
+            x_sam=median(per_round(r, sam)) if sam else None,
+            flops=r.get("flops_x_sgd"),
+            paper=paper_flops(r),
+            density=r.get("density"),
+            memory=r.get("memory"),
+            param_bytes=r["param_bytes"],
+        )
+        for name, r in rows.items()
+    ]
+
+
+def step_targets(out, where, rows, fs):
+    """The step-time targets of one model and batch: SAM, the quarter-batch ascent, the cost-aware masks, and
+    the element-wise SSAM steps against SAM's (from first_step alone, fs)."""
+    sgd, sam = rows.get("sgd"), rows.get("sam")
+    if sgd and sam:
+        target(out, f"{where}: SAM step <= {SAM_LIMIT}x SGD", per_round(sam, sgd), SAM_LIMIT)
+    for name, r in rows.items():
+        if not sgd or r.get("opt") == "sgd":
+            continue
+        if r.get("ascent_fraction") == 0.25 and r["opt"] == "sam":
+            text = f"{where}: {name} (SAM, ascent on 1/4 of the batch) <= {ASCENT_LIMIT}x SGD"
+            target(out, text, per_round(r, sgd), ASCENT_LIMIT)
+        cost = "--mask-select cost" in r.get("flags", "")
+        if cost and r["sparsity"] == 0.9 and r.get("ascent_fraction", 1.0) == 1.0:
+            text = f"{where}: {name} ({r['weights']} weights) <= {COST_MASK_LIMIT}x SGD"
+            target(out, text, per_round(r, sgd), COST_MASK_LIMIT)
+    for name, r in fs.items():
+        if sam and name != "sam" and "sam" in fs:
+            # A non-update element-wise SSAM step runs SAM's code plus eps ⊙ m inside first_step: per round,
+            # SAM's step plus the first_step difference is SSAM's step without the noise of a whole step.
+            sam_t = per_round(sam, sam, lambda a, _: a)
+            x = [(s + d) / s for s, d in zip(sam_t, per_round(r, fs["sam"], lambda a, b: a - b))]
+            text = f"{where}: {name} non-update step <= {SSAM_LIMIT}x SAM (from first_step)"
+            target(out, text, x, SSAM_LIMIT, fmt="{:.4f}x")
+
+
+def first_step_rows(first, steps):
+    """first_step alone per model and method, and its difference to SAM's as a share of SAM's whole step."""
+    out = []
     for model, fs in first.items():
         sam_step = next((rows["sam"] for (m, _), rows in steps.items() if m == model and "sam" in rows), None)
         for name, r in fs.items():
             delta = median(per_round(r, fs["sam"], lambda a, b: a - b)) if "sam" in fs else None
-            out["first_steps"].append(
+            share = delta / median(list(sam_step["t"].values())) if delta is not None and sam_step else None
+            out.append(
                 dict(
                     model=model,
                     method=name,
-                    ms=1e3 * median(list(r["t"].values())),
+                    ms=median_ms(r),
                     rounds=len(r["t"]),
                     delta_ms=None if delta is None else 1e3 * delta,
-                    of_sam_step=delta / median(list(sam_step["t"].values()))
-                    if delta is not None and sam_step
-                    else None,
+                    of_sam_step=share,
                 )
             )
+    return out
+
+
+def update_rows(model, u, rows, targets):
+    """The mask-update rows of one model (and their amortized-share targets, appended to targets)."""
+    out = []
+    for opt in SPARSE:
+        upd = u.get(f"{opt}-update_mask")
+        step = next((r for r in rows.values() if r.get("opt") == opt), None)  # a non-update step of opt
+        if not upd:
+            continue
+        row = dict(model=model, what=f"{opt} update_mask", ms=median_ms(upd), rounds=len(upd["t"]))
+        if step:
+            steps = common.steps_per_epoch(step["batch"])  # once an epoch: 391 steps at batch 128
+
+            def share(tu, ts):
+                return median(tu) / steps / median(ts)
+
+            tu, ts = list(upd["t"].values()), list(step["t"].values())
+            m, (lo, hi) = share(tu, ts), interval([tu, ts], share)
+            row.update(interval=steps, step_ms=1e3 * median(ts), step=step["method"], amortized=m)
+            text = (
+                f"{model}: {opt} mask updates once an epoch ({steps} steps at batch {step['batch']}, "
+                f"{step['method']} steps) < {AMORTIZED_LIMIT:.0%} of training"
+            )
+            target(targets, text, (m, lo, hi), AMORTIZED_LIMIT, fmt="{:.3%}")
+        out.append(row)
+    if u.get("fisher"):
+        r = u["fisher"]
+        what = f"Fisher (ssam.empirical_fisher), {r['num_samples']} samples"
+        out.append(dict(model=model, what=what, ms=median_ms(r), rounds=len(r["t"])))
+    return out
+
+
+def summarize(data):
+    """The numbers behind the report, as plain dicts (tests check these). `data`: the loaded JSON."""
+    steps, first, updates = group(data["benchmarks"])
+    out = dict(steps=[], first_steps=first_step_rows(first, steps), updates=[], targets=[])
+    for (model, batch), rows in steps.items():
+        out["steps"] += step_rows(model, batch, rows)
+        step_targets(out["targets"], f"{model} b{batch}", rows, first.get(model, {}))
     for model, u in updates.items():
         rows = next((rows for (m, _), rows in steps.items() if m == model), {})
-        for opt in ("ssamf", "ssamd"):
-            upd = u.get(f"{opt}-update_mask")
-            step = next((r for r in rows.values() if r.get("opt") == opt), None)  # a non-update step of opt
-            if not upd:
-                continue
-            row = dict(
-                model=model,
-                what=f"{opt} update_mask",
-                ms=1e3 * median(list(upd["t"].values())),
-                rounds=len(upd["t"]),
-            )
-            if step:
-                interval_steps = common.steps_per_epoch(
-                    step["batch"]
-                )  # once an epoch: 391 steps at batch 128
-                share = lambda tu, ts: median(tu) / interval_steps / median(ts)
-                tu, ts = list(upd["t"].values()), list(step["t"].values())
-                m, (lo, hi) = share(tu, ts), interval([tu, ts], share)
-                row.update(
-                    interval=interval_steps, step_ms=1e3 * median(ts), step=step["method"], amortized=m
-                )
-                target(
-                    out["targets"],
-                    f"{model}: {opt} mask updates once an epoch ({interval_steps} steps at batch "
-                    f"{step['batch']}, {step['method']} steps) < {AMORTIZED_LIMIT:.0%} of training",
-                    (m, lo, hi),
-                    AMORTIZED_LIMIT,
-                    fmt="{:.3%}",
-                )
-            out["updates"].append(row)
-        if u.get("fisher"):
-            r = u["fisher"]
-            out["updates"].append(
-                dict(
-                    model=model,
-                    what=f"Fisher (ssam.empirical_fisher), {r['num_samples']} samples",
-                    ms=1e3 * median(list(r["t"].values())),
-                    rounds=len(r["t"]),
-                )
-            )
+        out["updates"] += update_rows(model, u, rows, out["targets"])
     return out
 
 
@@ -249,10 +216,10 @@ def fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
-def render(data, source):
-    s, m = summarize(data), data.get("machine_info", {}).get("bench", {})
+def render_head(data, source):
+    m = data.get("machine_info", {}).get("bench", {})
     device = sorted({b["extra_info"]["device"] for b in data["benchmarks"]})
-    lines = [
+    return [
         "# Throughput: SGD, SAM, SSAM-F, SSAM-D, SAM-ON",
         "",
         f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores ({m.get('threads', '?')} torch threads)"
@@ -260,16 +227,20 @@ def render(data, source):
         + f"; torch {m.get('torch', '?')}; device "
         + ", ".join(device)
         + f"; load average {m.get('loadavg', '?')} at the start, "
-        f"{m.get('loadavg_end', '?')} at the end (1, 5, 15 min); OMP_WAIT_POLICY {m.get('omp_wait_policy', '?')}.",
-        f"Source: `{source}` ({data.get('datetime', '?')}). Every ratio is the median over rounds of the ratio "
-        "within a round, with its bootstrap 95% interval in brackets; ms: the median over rounds.",
+        f"{m.get('loadavg_end', '?')} at the end (1, 5, 15 min); "
+        f"OMP_WAIT_POLICY {m.get('omp_wait_policy', '?')}.",
+        f"Source: `{source}` ({data.get('datetime', '?')}). Every ratio is the median over rounds of the "
+        "ratio within a round, with its bootstrap 95% interval in brackets; ms: the median over rounds.",
         "",
     ]
-    lines += [
+
+
+def render_steps(s):
+    lines = [
         "## One training step (train.train_step)",
         "",
-        "| model | batch | method | weights | ms/step | x SGD [95% interval] | FLOP bound x SGD | paper FLOPs x SGD "
-        "| x SAM | density | rounds |",
+        "| model | batch | method | weights | ms/step | x SGD [95% interval] | FLOP bound x SGD | "
+        "paper FLOPs x SGD | x SAM | density | rounds |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in s["steps"]:
@@ -277,21 +248,25 @@ def render(data, source):
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['method']} | {r['weights']} | {r['ms']:.1f} | "
             + (f"{x[0]:.2f} [{x[1]:.2f}, {x[2]:.2f}]" if x else "-")
-            + f" | {fmt(r['flops'], '.2f')} | "
-            f"{fmt(r['paper'], '.2f')} | {fmt(r['x_sam'], '.3f')} | {fmt(r['density'], '.3f')} | {r['rounds']} |"
+            + f" | {fmt(r['flops'], '.2f')} | {fmt(r['paper'], '.2f')} | {fmt(r['x_sam'], '.3f')} | "
+            f"{fmt(r['density'], '.3f')} | {r['rounds']} |"
         )
-    lines += [
+    return lines + [
         "",
         "FLOP bound: the step's multiply-adds as a multiple of SGD's, counted per layer with hooks "
         "(bench/common.py pass_macs: forward 1 unit, input gradient 1, weight gradient 1; the ascent pass "
         "with the tensors `ascent_pass()` freezes and on the `--ascent-fraction` of the batch): what the "
-        "method's kernels could reach (dense: `--sparse-ascent`'s 2:4 input gradients are counted in full). The paper's column counts a sparse perturbation as proportionally "
-        "cheaper (Tables 1-3, footnote 4); dense kernels do the same work whatever an element-wise mask says. "
+        "method's kernels could reach (dense: `--sparse-ascent`'s 2:4 input gradients are counted in full). "
+        "The paper's column counts a sparse perturbation as proportionally cheaper (Tables 1-3, footnote 4); "
+        "dense kernels do the same work whatever an element-wise mask says. "
         "density: the share of weights perturbed. weights: the seed-0 init, or after a few SGD steps on the "
         "CIFAR-10 subset (`trained`).",
         "",
     ]
-    lines += [
+
+
+def render_first_and_updates(s):
+    lines = [
         "## first_step alone (the only code where a non-update element-wise SSAM step differs from SAM's)",
         "",
         "| model | method | first_step ms | minus SAM's, ms | as a share of SAM's whole step | rounds |",
@@ -314,16 +289,20 @@ def render(data, source):
             f"| {r['model']} | {r['what']} | {r['ms']:.1f} | {r.get('interval', '-')} | "
             f"{fmt(r.get('step_ms'), '.1f')} | {fmt(r.get('amortized'), '.3%')} | {r['rounds']} |"
         )
-    lines += [
+    return lines + [
         "",
         "amortized = update time / interval / step time; interval = one CIFAR epoch "
         f"({common.CIFAR_TRAIN_IMAGES} images) at the benchmark's batch, the paper's once-an-epoch schedule.",
         "",
     ]
-    lines += [
+
+
+def render_memory_and_targets(s):
+    lines = [
         "## Optimizer memory (right after first_step)",
         "",
-        "| model | method | total bytes | total MiB | x parameter bytes | masks MiB | momentum MiB | copy of w MiB |",
+        "| model | method | total bytes | total MiB | x parameter bytes | masks MiB | momentum MiB | "
+        "copy of w MiB |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in s["steps"]:
@@ -331,15 +310,13 @@ def render(data, source):
             mem, mb = r["memory"], 2**20
             lines.append(
                 f"| {r['model']} | {r['method']} | {mem['total']:,} | {mem['total'] / mb:.1f} | "
-                f"{mem['total'] / r['param_bytes']:.2f} | {mem['masks'] / mb:.1f} | {mem['momentum'] / mb:.1f}"
-                f" | {mem['weight_copy'] / mb:.1f} |"
+                f"{mem['total'] / r['param_bytes']:.2f} | {mem['masks'] / mb:.1f} | "
+                f"{mem['momentum'] / mb:.1f} | {mem['weight_copy'] / mb:.1f} |"
             )
     lines += [
         "",
         "Masks are torch.bool (1 byte an entry, 0.25x fp32 parameter bytes). Gradients are not counted.",
         "",
-    ]
-    lines += [
         "## Targets",
         "",
         "PASS: the whole 95% interval meets the target; MISS: the whole interval misses it; "
@@ -348,16 +325,21 @@ def render(data, source):
         "| target | median [95% interval] | verdict |",
         "|---|---|---|",
     ]
-    for t in s["targets"]:
-        lines.append(f"| {t['target']} | {t['value']} | {t['verdict']} |")
+    lines += [f"| {t['target']} | {t['value']} | {t['verdict']} |" for t in s["targets"]]
     count = {v: sum(t["verdict"] == v for t in s["targets"]) for v in ("PASS", "MISS", "UNDECIDED")}
-    lines += [
+    return lines + [
         "",
         f"{count['PASS']} PASS, {count['MISS']} MISS, {count['UNDECIDED']} UNDECIDED of "
         f"{len(s['targets'])} targets.",
         "",
     ]
-    return "\n".join(lines)
+
+
+def render(data, source):
+    """The loaded throughput JSON -> the Markdown report; source: the JSON's path as the report names it."""
+    s = summarize(data)
+    lines = render_head(data, source) + render_steps(s) + render_first_and_updates(s)
+    return "\n".join(lines + render_memory_and_targets(s))
 
 
 def main():

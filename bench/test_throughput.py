@@ -3,10 +3,10 @@
     OMP_WAIT_POLICY=PASSIVE pytest bench/ --benchmark-only --benchmark-json bench/results/throughput.json
     python bench/report.py                        # -> bench/results/throughput.md
 
-Rounds, interleaved: pytest runs round 0 of every benchmark of a group, then round 1, and so on (--bench-rounds,
-the outermost loop), so the methods alternate in time and a burst of load from another job hits one round of
-all of them alike. report.py takes each ratio between two methods per round and reports the median over rounds
-with a bootstrap 95% interval.
+Rounds, interleaved: pytest runs round 0 of every benchmark of a group, then round 1, and so on
+(--bench-rounds, the outermost loop), so the methods alternate in time and a burst of load from another job
+hits one round of all of them alike. report.py takes each ratio between two methods per round and reports the
+median over rounds with a bootstrap 95% interval.
 
 Group "step: <model> b<batch>": one full training step (train.train_step, fp32) of every method in
 common.METHODS, on subset images already on the device; one timed step per round, after one untimed warm-up
@@ -19,12 +19,13 @@ Group "mask update: <model>": SSAM-F's Fisher over N_F samples (ssam.empirical_f
 update_mask and SSAM-D's, once in each of --bench-update-rounds rounds.
 """
 
-import common
 import pytest
 import torch
 import torch.nn.functional as F
 
 import ssam
+from bench import common
+from lab.methods import SPARSE
 
 LIVE = {}  # (what, model, method, device, batch, width) -> objects kept across rounds
 TRAINED = {}
@@ -96,7 +97,7 @@ def test_step(benchmark, bench_round, model_name, method, cfg):
         warmup_rounds=1 if first else 0,
         iterations=1,
     )
-    if tcfg["optimizer"] in ("ssamf", "ssamd"):
+    if tcfg["optimizer"] in SPARSE:
         assert opt.last_mask_update == 0, "a timed step updated the mask"
     if first:  # after steps: the momentum buffers exist
         if isinstance(opt, ssam.SAM):  # what is held between first_step and second_step

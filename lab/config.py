@@ -5,8 +5,8 @@ optimizer reads it), the paper's recipes as presets, the command line (get_args)
 A run's config travels as a plain dict, its *record*: resolve_config's result, final.json's "config". The
 record leaves out what the run does not use (None values, knobs its optimizer does not read, and the settings
 added after the first checkpoints while they are at their default), so run names and older files stay as they
-were.
-`whole(record)` is the Config it stands for; each checkpoint holds that whole (dataclasses.asdict)."""
+were. `whole(record)` is the Config it stands for; each checkpoint holds that whole (dataclasses.asdict), and
+config_diff compares whole configs, so a config saved in any of these forms compares alike."""
 
 import argparse
 import dataclasses

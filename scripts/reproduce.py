@@ -1,12 +1,14 @@
-"""Run the paper's grids with train.py and write our accuracy beside the paper's (Tables 1-3 of Mi et al. 2022).
+"""Run the paper's grids with train.py and write our accuracy beside the paper's (Tables 1-3 of Mi et al.
+2022).
 
-    python scripts/reproduce.py cifar                      # Tables 1-2: {resnet18, wrn28-10} x {cifar10, cifar100}
-    DATA=/data/imagenet python scripts/reproduce.py imagenet                 # Table 3: resnet50 on ImageNet-1K
-    MODELS=resnet18 DATASETS=cifar10 OPTIMIZERS=sgd,ssamf SPARSITIES=0.5,0.9 SEEDS=0,1 python scripts/reproduce.py cifar
+    python scripts/reproduce.py cifar                # Tables 1-2: {resnet18, wrn28-10} x {cifar10, cifar100}
+    DATA=/data/imagenet python scripts/reproduce.py imagenet              # Table 3: resnet50 on ImageNet-1K
+    MODELS=resnet18 DATASETS=cifar10 OPTIMIZERS=sgd,ssamf SPARSITIES=0.5,0.9 SEEDS=0,1 \\
+        python scripts/reproduce.py cifar
     LAUNCH="torchrun --standalone --nproc_per_node 8" DATA=/data/imagenet python scripts/reproduce.py imagenet
-    DATA=/data/cifar10 python scripts/reproduce.py cifar-short      # ResNet-18, CIFAR-10, SHORT_EPOCHS, one GPU
-    python scripts/reproduce.py cifar --dry-run            # list the runs and their state, train nothing
-    python scripts/reproduce.py cifar --report             # only (re)write the tables from what has finished
+    DATA=/data/cifar10 python scripts/reproduce.py cifar-short    # ResNet-18, CIFAR-10, SHORT_EPOCHS, one GPU
+    python scripts/reproduce.py cifar --dry-run         # list the runs and their state, train nothing
+    python scripts/reproduce.py cifar --report          # only (re)write the tables from what has finished
 
 Runs go through train.py's run_grid, the one runner the demo and bench/accuracy.py use too: the run's name
 comes from its config (<dataset>-<model>... plus every setting that differs from the paper's recipe, e.g.
@@ -23,10 +25,7 @@ missing), LAUNCH (prefix such as torchrun ...), EXTRA (more train.py flags, e.g.
 cifar-short (make reproduce-cifar-short): ResNet-18 on CIFAR-10 for SGD, SAM, SSAM-F 0.5, SSAM-D 0.5 and
 SSAM-F 0.9 with whole-tensor masks, SHORT_EPOCHS epochs (default 15) with bf16 autocast, channels-last and
 torch.compile (SHORT_FLAGS); prints accuracy, ms/step and x SGD. 15 epochs is an estimate of what fits in
-about 8 minutes of one H100, not a measurement: one SGD epoch is 3 x 0.56 GFLOP x 50,000 images = 84 TFLOP
-(forward + backward), SAM-type steps twice that, tensor masks ~1.6x: 8.6 SGD-epochs = 0.72 PFLOP per epoch
-of the grid; at an assumed 10% of the H100's 989 bf16 TFLOP/s (small 32x32 convolutions at batch 128) that
-is 7 s per grid epoch, 1.9 min for 15, plus evaluation and about a minute of compilation per run.
+about 8 minutes of one H100, not a measurement (its arithmetic: bench/README.md, "Reproducing Tables 1-3").
 """
 
 import argparse
@@ -37,9 +36,10 @@ import statistics
 import sys
 from pathlib import Path
 
+from lab.config import RESUME_FREE
+from lab.runs import grid_run, run_grid, run_state
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
 SHORT_EPOCHS = 15
@@ -71,7 +71,8 @@ for model, rows in {
         ("ssamd", 0.98, 96.61, 79.79),
         ("ssamd", 0.99, 96.59, 79.61),
     ],
-    "wrn28-10": [  # Table 2 (its SSAM-F 99% row is printed under the SSAM-D label; the deltas place it in SSAM-F)
+    # Table 2 (its SSAM-F 99% row is printed under the SSAM-D label; the deltas place it in SSAM-F)
+    "wrn28-10": [
         ("sgd", None, 97.11, 81.93),
         ("sam", None, 97.48, 84.20),
         ("ssamf", 0.5, 97.71, 85.16),
@@ -158,14 +159,14 @@ def finished_runs(runs_dir):
         r = json.loads(f.read_text())
         c = r["config"]
         base = ["--preset", c["preset"], "--optimizer", c["optimizer"], "--seed", str(c["seed"])]
-        recipe, _ = train.grid_run(
+        recipe, _ = grid_run(
             base + ([] if c.get("sparsity") is None else ["--sparsity", str(c["sparsity"])]), runs_dir
         )
         model, dataset = recipe["model"], recipe["dataset"]  # the preset's
         differ = [
             f"{k.replace('_', '-')} {c.get(k)}"
             for k in sorted(set(c) | set(recipe))
-            if k not in train.RESUME_FREE and c.get(k) != recipe.get(k)
+            if k not in RESUME_FREE and c.get(k) != recipe.get(k)
         ]
         out.append(
             dict(
@@ -317,17 +318,17 @@ def main():
             (
                 cfg,
                 json.loads((Path(cfg["out_dir"]) / "final.json").read_text())
-                if train.run_state(cfg) == "done"
+                if run_state(cfg) == "done"
                 else None,
             )
-            for cfg, _ in (train.grid_run(f, runs_dir) for f in runs)
+            for cfg, _ in (grid_run(f, runs_dir) for f in runs)
         ]
     elif args.dry_run:
-        done = train.run_grid(runs, runs_dir, fresh=args.fresh, launch=launch, dry_run=True)
+        done = run_grid(runs, runs_dir, fresh=args.fresh, launch=launch, dry_run=True)
     else:
         done = []
         for flags in runs:  # one at a time, so the tables are rewritten after every run
-            done += train.run_grid([flags], runs_dir, fresh=args.fresh, launch=launch, dry_run=args.dry_run)
+            done += run_grid([flags], runs_dir, fresh=args.fresh, launch=launch, dry_run=args.dry_run)
             if args.grid != "cifar-short" and not args.dry_run:
                 write_tables(runs_dir)
     if args.grid == "cifar-short":

@@ -1,18 +1,13 @@
 """Cheaper SAM-type steps: the ascent pass on part of the batch (train.py --ascent-fraction) and cost-aware
 whole-tensor masks. CPU only, tiny models."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import ssam  # noqa: E402
-import train  # noqa: E402
+import ssam
+import train
 
 NO_AMP = torch.autocast("cpu", enabled=False)
 
@@ -125,7 +120,7 @@ def test_train_runs_with_ascent_fraction(tmp_path):
     assert 0 <= result["train_acc"] <= 1 and result["config"]["ascent_fraction"] == 0.5
 
 
-# -------------------------------------------------------------------------------------------- cost-aware tensor masks
+# ---------------------------------------------------------------------------------- cost-aware tensor masks
 def test_ascent_costs_count_forward_input_and_weight_gradients():
     model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
     stats = [b.clone() for b in model.buffers()]
@@ -158,7 +153,10 @@ def test_ascent_costs_place_a_container_parameter_where_its_module_starts():
 def test_cost_masks_trade_score_against_cost_near_the_budget():
     ones = [torch.ones(10) for _ in range(3)]
     costs = [(100, 100, 10), (100, 50, 10), (100, 0, 10)]  # tensor 0 lowest, tensor 2 on top
-    keep = lambda scores, d=1 / 3: [bool(m.all()) for m in ssam.cost_tensor_masks(scores, d, costs)]
+
+    def keep(scores, d=1 / 3):
+        return [bool(m.all()) for m in ssam.cost_tensor_masks(scores, d, costs)]
+
     assert keep(ones) == [False, False, True]  # equal scores: the cheap one on top
     assert keep([3 * ones[0], ones[1], ones[2]]) == [True, False, False]  # 30/210 beats 10/110
     assert keep([ones[0], 1.2 * ones[1], ones[2]]) == [False, False, True]  # 12/160 loses to 10/110
@@ -211,29 +209,49 @@ def test_cost_masks_on_resnet18_pick_the_top_of_the_network_when_scores_are_equa
     assert paper[0] == "conv1.weight"
 
 
+def four_layer_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(48, 16),
+        nn.Tanh(),
+        nn.Linear(16, 16),
+        nn.Tanh(),
+        nn.Linear(16, 16),
+        nn.Tanh(),
+        nn.Linear(16, 10),
+    )
+
+
 @pytest.mark.parametrize("kind", ["ssamf", "ssamd"])
 def test_ssam_with_costs_perturbs_what_the_cost_rule_picks(kind):
-    model, x, y = convnet(), torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    """A setting where the costs change the choice (sparsity 0.9, a budget of 150 of 1,498 entries): the
+    paper's ranking by mean Fisher takes the head, the third layer's bias and the second layer's bias (3),
+    whose dX would run the ascent down through the third layer; the cost rule leaves that bias out. The cost
+    rule itself is checked by hand in test_oracles.py; here, that SSAM-F and SSAM-D apply it to their own
+    scores."""
+    torch.manual_seed(0)
+    model, x, y = four_layer_mlp(), torch.randn(8, 3, 4, 4), torch.randint(0, 10, (8,))
     costs = ssam.ascent_costs(model, x[:1])
     extra = dict(num_samples=8) if kind == "ssamf" else dict(total_steps=10, seed=0)
     opt = (ssam.SSAMF if kind == "ssamf" else ssam.SSAMD)(
         model.parameters(),
         torch.optim.SGD,
         rho=0.1,
-        sparsity=0.5,
+        sparsity=0.9,
         structure="tensor",
         costs=costs,
         lr=0.1,
         **extra,
     )
+    params = list(model.parameters())
     if kind == "ssamf":
         opt.update_mask(model, [(x, y)])
         scores = ssam.empirical_fisher(model, [(x, y)], 8)
-        expect = ssam.cost_tensor_masks(
-            [scores[p] for p in model.parameters()], 0.5, [costs[p] for p in model.parameters()]
-        )
-        assert all(torch.equal(m, e) for m, e in zip(opt.masks(), expect))
-    assert 0 < opt.density() <= 0.5
+        paper = ssam.select_masks([scores[p] for p in params], 0.1, "tensor")
+        assert [i for i, m in enumerate(paper) if m.all()] == [3, 5, 6, 7]
+        assert [i for i, m in enumerate(opt.masks()) if m.all()] == [5, 6, 7]
+    assert all(m.all() or not m.any() for m in opt.masks()) and 0 < opt.density() <= 0.125
     train.train_step(model, opt, x, y, NO_AMP)
     with pytest.raises(ValueError, match="needs structure='tensor'"):
         ssam.SSAMD(model.parameters(), torch.optim.SGD, sparsity=0.5, total_steps=10, costs=costs, lr=0.1)

@@ -1,16 +1,10 @@
-"""Tests of bench/gpu_check.py that run on the CPU: `make gpu-check` must fail (exit 1, a message) when the 2:4
-kernel never ran, instead of printing "ok" for a comparison of the dense fallback with itself."""
-
-import sys
-from pathlib import Path
+"""Tests of bench/gpu_check.py that run on the CPU: `make gpu-check` must fail (exit 1, a message) when the
+2:4 kernel never ran, instead of printing "ok" for a comparison of the dense fallback with itself."""
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
-import gpu_check  # noqa: E402
-
-import ssam  # noqa: E402
+import ssam
+from bench import gpu_check
 
 
 def test_kernel_that_never_ran_fails_the_script(monkeypatch, capsys):

@@ -179,27 +179,59 @@ def make_opt(kind, params, **kw):
     raise AssertionError(kind)
 
 
+def fisher_topk_masks(model, data, num_samples, density):
+    """SSAM-F's mask by hand: the batch-1 loop's Fisher (Eq. 5), its global top round(density * |w|) (Eq.
+    6)."""
+    fisher = loop_fisher(model, data, num_samples)
+    fl = flat(fisher)
+    keep = torch.zeros(fl.numel(), dtype=torch.bool)
+    keep[torch.topk(fl, round(density * fl.numel())).indices] = True
+    return [m.reshape(f.shape) for m, f in zip(keep.split([f.numel() for f in fisher]), fisher)]
+
+
+def check_drop_and_grow(old, new, g, n_drop):
+    """SSAM-D by hand: the n_drop perturbed entries of smallest |g| leave (Eq. 7), every other perturbed entry
+    stays, and as many entries grow (Eq. 8, at random: any set of that size)."""
+    score = torch.where(old, g.abs(), torch.tensor(math.inf, dtype=g.dtype))
+    kept = old.clone()
+    kept[torch.argsort(score)[:n_drop]] = False
+    assert not (kept & ~new).any(), "an entry outside the n_drop smallest |g| was dropped"
+    assert int(new.sum()) == int(old.sum()) and int((old & ~new).sum()) <= n_drop
+
+
 @pytest.mark.parametrize(
     "kind,adaptive", [("sam", False), ("sam", True), ("ssamf", False), ("ssamd", False), ("ssamd", True)]
 )
 def test_matches_reference_implementation(kind, adaptive):
-    model = convbn(0)
+    """The reference computes its own SSAM-F mask (loop Fisher, top-k) and checks SSAM-D's drop (Eq. 7, N_drop
+    from Eq. 9 with s = 0.6, alpha = 0.5, T = 10) against the first pass's gradient; SSAM-D's random growth is
+    the one input it takes from the optimizer."""
+    model = convbn(0, torch.float64)
     ref = copy.deepcopy(model)
     opt = make_opt(kind, model.parameters(), adaptive=adaptive)
     rsgd = RefSGD(list(ref.parameters()), lr=0.1, momentum=0.9, weight_decay=5e-3)
-    fisher_data = [img_batch(100, 6), img_batch(101, 6)]
-    used = []
+    fisher_data = [img_batch(100, 6, torch.float64), img_batch(101, 6, torch.float64)]
+    d = sum(p.numel() for p in model.parameters())
+    masks, used = None, []
     for t in range(5):
-        x, y = img_batch(t)
-        if kind == "ssamf" and opt.mask_update_due:
+        x, y = img_batch(t, dtype=torch.float64)
+        if kind == "ssamf" and t % 2 == 0:  # update_interval=2
             opt.update_mask(model, fisher_data)
+            masks = fisher_topk_masks(ref, fisher_data, 12, 0.4)
+        old = flat(opt.masks()).clone() if kind == "ssamd" else None
         loss_of(model, x, y).backward()
+        g = flat([p.grad for p in model.parameters()]).clone()
         opt.first_step(zero_grad=True)
-        masks = None
+        if kind == "ssamd":
+            new = flat(opt.masks())
+            if t in (2, 4):  # update_interval=2 from the initial mask (step 0)
+                check_drop_and_grow(old, new, g, int(0.25 * (1 + math.cos(math.pi * t / 10)) * 0.4 * d))
+            else:
+                assert torch.equal(old, new)
+            masks = [m.clone() for m in opt.masks()]
         if kind != "sam":
-            masks = [opt.state[p]["mask"].clone() for p in model.parameters()]
-            assert all(m.dtype == torch.bool for m in masks)
-            assert 0 < int(flat(masks).sum()) < flat(masks).numel()
+            assert [torch.equal(m, r) for m, r in zip(opt.masks(), masks)] == [True] * len(masks)
+            assert 0 < int(flat(masks).sum()) < d
             used.append(flat(masks))
         with ssam.frozen_bn_stats(model):
             loss_of(model, x, y).backward()
@@ -207,17 +239,18 @@ def test_matches_reference_implementation(kind, adaptive):
         ref_sam_step(ref, rsgd, x, y, rho=0.2, masks=masks, adaptive=adaptive)
     assert opt.steps == 5
     for p, q in zip(model.parameters(), ref.parameters()):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-10)
     for b, c in zip(model.buffers(), ref.buffers()):  # running stats follow the first pass only
-        torch.testing.assert_close(b, c, rtol=0, atol=1e-6)
+        torch.testing.assert_close(b, c, rtol=0, atol=1e-10)
     moved = max((p - q).abs().max().item() for p, q in zip(model.parameters(), convbn(0).parameters()))
     assert moved > 1e-2  # the run did something
-    if kind == "ssamd":
-        assert any(not torch.equal(used[0], u) for u in used[1:])  # drop-and-grow happened within the run
+    if kind != "sam":
+        assert any(not torch.equal(used[0], u) for u in used[1:])  # the masks changed within the run
 
 
 def test_per_group_rho_and_unused_parameter_match_reference():
-    """rho may differ between param groups (norm still over all grads); a parameter without .grad is skipped."""
+    """rho may differ between param groups (norm still over all grads); a parameter without .grad is
+    skipped."""
     model = mlp(0)
     unused = nn.Parameter(torch.randn(3))
     ref = copy.deepcopy(model)
@@ -409,8 +442,8 @@ def test_empirical_fisher_stops_inside_a_batch():
 
 
 def test_empirical_fisher_of_softmax_regression_has_a_closed_form():
-    """An independent reference: for y = Wx + b under cross-entropy, sample i's gradient is (p_i - e_yi) x_i^T for W
-    and p_i - e_yi for b, so Eq. 5 is a sum of their squares (no autograd in the reference)."""
+    """An independent reference: for y = Wx + b under cross-entropy, sample i's gradient is (p_i - e_yi) x_i^T
+    for W and p_i - e_yi for b, so Eq. 5 is a sum of their squares (no autograd in the reference)."""
     torch.manual_seed(0)
     model = nn.Linear(5, 3).double()
     x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
@@ -554,21 +587,20 @@ def test_ssamf_mask_is_global_topk_of_fisher(s):
 
 
 def test_drop_count_follows_eq9():
+    """N_drop(t) = f_decay(t; alpha) (1 - s) |w| with f_decay = alpha / 2 (1 + cos(pi t / T)) (Eq. 9, Alg. 2),
+    rounded down; |w| = 224 for the MLP (6*12 + 12 + 12*8 + 8 + 8*4 + 4). The values by hand, e.g. s = 0.5,
+    alpha = 0.5, T = 30, t = 5: 0.25 (1 + cos(pi / 6)) 112 = 28 * 1.8660 = 52.25 -> 52."""
     model = mlp(0)
-    d = sum(p.numel() for p in model.parameters())
-    for s, alpha, T in [(0.5, 0.5, 30), (0.8, 0.3, 7), (0.1, 1.0, 100)]:
+    table = {
+        (0.5, 0.5, 30): {0: 56, 5: 52, 25: 3, 30: 0, 60: 56},  # 28 (1 + cos): 56, 52.25, 3.75, 0; t = 2T: 56
+        (0.8, 0.3, 7): {0: 13, 3: 8, 7: 0, 14: 13},  # 6.72 (1 + cos): 13.44, 8.215, 0, 13.44
+        (0.1, 1.0, 100): {0: 201, 50: 100, 100: 0},  # 100.8 (1 + cos): 201.6, 100.8, 0
+    }
+    for (s, alpha, T), expected in table.items():
         opt = ssam.SSAMD(
             model.parameters(), torch.optim.SGD, sparsity=s, drop_rate=alpha, total_steps=T, seed=0, lr=0.1
         )
-        for t in list(range(T + 1)) + [T // 3, 2 * T]:
-            assert opt.drop_count(t) == int(alpha / 2 * (1 + math.cos(math.pi * t / T)) * (1 - s) * d), (
-                s,
-                alpha,
-                T,
-                t,
-            )
-        assert opt.drop_count(0) == int(alpha * (1 - s) * d)
-        assert opt.drop_count(T) == 0
+        assert {t: opt.drop_count(t) for t in expected} == expected, (s, alpha, T)
 
 
 def test_ssamd_drops_smallest_gradients_and_keeps_density():
@@ -769,7 +801,8 @@ def test_ssamd_24_masks_initially_and_after_updates():
 
 
 def test_sparse_input_grad_is_masked_matmul():
-    """dX[b, i] = sum over the kept outputs o of dY[b, o] W[o, i], written as loops over the mask's True entries."""
+    """dX[b, i] = sum over the kept outputs o of dY[b, o] W[o, i], written as loops over the mask's True
+    entries."""
     g = torch.Generator().manual_seed(0)
     gy, w = (
         torch.randn(5, 8, generator=g, dtype=torch.float64),
@@ -820,7 +853,10 @@ def test_sparse_ascent_masks_input_grads_of_linear_layers_only_inside():
         da1 = d2 @ (l2.weight * m2)
         dh1 = da1 * (1 - a1**2)
         dx = dh1 @ (l1.weight * m1)
-        fl = lambda t: t.reshape(-1, t.shape[-1])
+
+        def fl(t):
+            return t.reshape(-1, t.shape[-1])
+
     torch.testing.assert_close(out, h3, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gx, dx, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(l3.weight.grad, fl(d3).T @ fl(h2), rtol=1e-5, atol=1e-6)
@@ -978,7 +1014,10 @@ def v(name, value):
 
 
 def test_constructor_errors_name_the_bad_value():
-    ps = lambda: mlp(0).parameters()
+
+    def ps():
+        return mlp(0).parameters()
+
     SGD = torch.optim.SGD
     cases = [
         (lambda: ssam.SAM(ps(), SGD, rho=-0.1, lr=0.1), v("rho", -0.1)),
@@ -1114,11 +1153,13 @@ def test_step_closure_raising_restores_weights():
 
 
 def test_step_closure_equals_manual_passes():
-    a, b = mlp(0), mlp(0)
+    """step(closure, both_passes=True) against the reference SAM step written in this file (Eq. 2 + SGD with
+    momentum), and the loss it returns is the loss at w."""
+    a, ref = mlp(0, torch.float64), mlp(0, torch.float64)
     oa = ssam.SAM(a.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9)
-    ob = ssam.SAM(b.parameters(), torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9)
+    rsgd = RefSGD(list(ref.parameters()), lr=0.1, momentum=0.9, weight_decay=0.0)
     for t in range(3):
-        x, y = vec_batch(t)
+        x, y = vec_batch(t, dtype=torch.float64)
 
         def closure():
             loss = loss_of(a, x, y)
@@ -1127,13 +1168,19 @@ def test_step_closure_equals_manual_passes():
 
         loss = oa.step(closure, both_passes=True)
         oa.zero_grad()
-        lb = loss_of(b, x, y)
-        lb.backward()
-        ob.first_step(zero_grad=True)
-        loss_of(b, x, y).backward()
-        ob.second_step(zero_grad=True)
-        assert torch.equal(loss.detach(), lb.detach())
-    assert_bitwise(snapshot(a), snapshot(b))
+        with torch.no_grad():
+            expected = loss_of(ref, x, y)
+        ref_sam_step(ref, rsgd, x, y, rho=0.2)
+        torch.testing.assert_close(loss.detach(), expected, rtol=1e-12, atol=0)
+    for p, q in zip(a.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-14)
+    assert (
+        max(
+            float((p - q).detach().abs().max())
+            for p, q in zip(a.parameters(), mlp(0, torch.float64).parameters())
+        )
+        > 1e-2
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1243,8 +1290,8 @@ def test_vendored_copy_trains(tmp_path):
             torch.manual_seed(0)
             model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 2))
             if name == "ssamd":
-                opt = ssam.SSAMD(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, update_interval=2,
-                                 total_steps=30, seed=0, lr=0.2, momentum=0.9)
+                opt = ssam.SSAMD(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5,
+                                 update_interval=2, total_steps=30, seed=0, lr=0.2, momentum=0.9)
             else:
                 opt = ssam.SSAMF(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, num_samples=16,
                                  update_interval=10, lr=0.2, momentum=0.9)
@@ -1432,13 +1479,42 @@ def _davda_closure(model, x, y, calls):
     return closure
 
 
+def davda54_sam_step(model, sgd, x, y, rho, masks=None):
+    """davda54/sam's SAM as published, re-written here: the user's loss.backward() at w, then step(closure):
+    grad_norm = ||g||_2 over all parameters, e_w = g * rho / (grad_norm + 1e-12) (times the SSAM mask), w +=
+    e_w; the closure's forward + backward at w + e_w; w restored, base step. BatchNorm statistics follow both
+    passes."""
+    params = sgd.params
+    loss_of(model, x, y).backward()
+    with torch.no_grad():
+        norm = torch.norm(torch.stack([p.grad.norm(p=2) for p in params]), p=2)
+        e_w = [p.grad * (rho / (norm + 1e-12)) for p in params]
+        if masks is not None:
+            e_w = [e * m for e, m in zip(e_w, masks)]
+        old = [p.clone() for p in params]
+        for p, e in zip(params, e_w):
+            p.add_(e)
+            p.grad = None
+    loss = loss_of(model, x, y)
+    loss.backward()
+    with torch.no_grad():
+        for p, w in zip(params, old):
+            p.copy_(w)
+    sgd.step([p.grad for p in params])
+    for p in params:
+        p.grad = None
+    return loss.detach()
+
+
 @pytest.mark.parametrize("kind", ["sam", "ssamd"])
 def test_davda54_loop_runs_unchanged_two_passes_a_step(kind):
-    """davda54's documented loop: loss.backward(); optimizer.step(closure); optimizer.zero_grad(). One closure call
-    (2 forward/backward passes a step, BatchNorm statistics updated twice, as in davda54's SAM) and the weights
-    of first_step / closure / second_step."""
+    """davda54's documented loop: loss.backward(); optimizer.step(closure); optimizer.zero_grad(). One closure
+    call (2 forward/backward passes a step, BatchNorm statistics updated twice, as in davda54's SAM), the
+    weights, BatchNorm buffers and loss of davda54's algorithm re-written in davda54_sam_step (SSAM-D: with
+    the mask the optimizer used, which the other tests check)."""
     a, b = convbn(0, torch.float64), convbn(0, torch.float64)
-    oa, ob = make_opt(kind, a.parameters()), make_opt(kind, b.parameters())
+    oa = make_opt(kind, a.parameters())
+    rsgd = RefSGD(list(b.parameters()), lr=0.1, momentum=0.9, weight_decay=5e-3)
     forwards = []
     a.register_forward_hook(lambda *args: forwards.append(1))
     for t in range(3):
@@ -1449,13 +1525,18 @@ def test_davda54_loop_runs_unchanged_two_passes_a_step(kind):
         loss2 = oa.step(_davda_closure(a, x, y, calls))
         oa.zero_grad()
         assert len(calls) == 1 and len(forwards) == 2 * (t + 1)
-        loss_of(b, x, y).backward()
-        ob.first_step(zero_grad=True)
-        expected = loss_of(b, x, y)  # BN stats not frozen, as davda54
-        expected.backward()
-        ob.second_step(zero_grad=True)
-        assert torch.equal(loss2.detach(), expected.detach())
-    assert_bitwise(snapshot(a), snapshot(b))  # weights and BatchNorm buffers
+        masks = [m.clone() for m in oa.masks()] if kind == "ssamd" else None
+        expected = davda54_sam_step(b, rsgd, x, y, rho=0.2, masks=masks)
+        torch.testing.assert_close(loss2.detach(), expected, rtol=1e-12, atol=0)
+    for u, v in zip(snapshot(a), snapshot(b)):  # weights and BatchNorm buffers
+        torch.testing.assert_close(u, v, rtol=1e-10, atol=1e-12)
+    assert (
+        max(
+            float((p - q).detach().abs().max())
+            for p, q in zip(a.parameters(), convbn(0, torch.float64).parameters())
+        )
+        > 1e-2
+    )
 
 
 def test_davda54_loop_equals_the_reference_sam_step():
@@ -1485,8 +1566,8 @@ def test_step_without_a_first_backward_says_what_to_do():
 
 
 def _davda54_state_dict(model, lr):
-    """What davda54's SAM.state_dict() holds: torch.optim.Optimizer's state_dict of the SGD groups plus rho and
-    adaptive, and {'old_p': w} per parameter; no momentum (that lives in its base optimizer)."""
+    """What davda54's SAM.state_dict() holds: torch.optim.Optimizer's state_dict of the SGD groups plus rho
+    and adaptive, and {'old_p': w} per parameter; no momentum (that lives in its base optimizer)."""
     sgd = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     sd = sgd.state_dict()
     for g in sd["param_groups"]:
@@ -1527,7 +1608,10 @@ def test_sparse_ascent_under_autocast_bf16():
             out = model(x)
         assert out.dtype == torch.bfloat16
         out.float().sum().backward()
-    bf = lambda t: t.to(torch.bfloat16).double()
+
+    def bf(t):
+        return t.to(torch.bfloat16).double()
+
     with torch.no_grad():  # the same in float64 from bf16 operands
         a1 = torch.tanh(bf(x) @ bf(model[0].weight).T + bf(model[0].bias))
         dh = (torch.ones(5, 4, dtype=torch.float64) @ (bf(model[2].weight) * m2)) * (1 - a1**2)

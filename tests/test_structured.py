@@ -1,4 +1,5 @@
-"""structure='tensor', norm='masked' and the SAM-ON preset: the masks that skip real work in the ascent pass."""
+"""structure='tensor', norm='masked' and the SAM-ON preset: the masks that skip real work in the ascent
+pass."""
 
 import copy
 

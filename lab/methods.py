@@ -1,0 +1,76 @@
+"""The one place that names methods. A method is '<optimizer>[-tensor|-cost][-f<fraction>]', with a
+sparsity beside it (None for SGD, SAM, SAM-ON):
+- '-tensor': whole-tensor masks (--structure tensor, the paper's ranking);
+- '-cost': the same, chosen by score per ascent cost (--structure tensor --mask-select cost);
+- '-f0.25': the ascent pass on the first quarter of each batch (--ascent-fraction 0.25).
+Examples: 'ssamf' at 0.5, 'ssamd-cost' at 0.9, 'sam-f0.5'. No torch here: bench/plots.py uses it too.
+"""
+
+SPARSE = ("ssamf", "ssamd")  # the optimizers with a sparsity and a mask that is updated
+NAMES = dict(sgd="SGD", sam="SAM", ssamf="SSAM-F", ssamd="SSAM-D", samon="SAM-ON")
+MASKS = dict(tensor=" tensor", cost=" cost-aware")  # the mask suffixes and their words in a label
+
+# A fixed colour per method in the figures (bench/plots.py); a method not listed gets one of EXTRA_COLORS.
+COLORS = {
+    "sgd": "tab:gray",
+    "sam": "tab:blue",
+    "ssamf": "tab:orange",
+    "ssamd": "tab:green",
+    "samon": "tab:purple",
+    "ssamd-tensor": "tab:red",
+    "ssamf-tensor": "tab:brown",
+    "sam-f0.25": "tab:pink",
+    "sam-f0.5": "tab:olive",
+    "ssamd-cost": "tab:cyan",
+    "ssamf-cost": "black",
+    "ssamf-cost-f0.25": "gold",
+    "ssamf-cost-f0.5": "navy",
+}
+EXTRA_COLORS = ["teal", "maroon", "lime", "indigo"]
+
+
+def parse(method):
+    """'<optimizer>[-tensor|-cost][-f<fraction>]' -> (optimizer, masks: None / 'tensor' / 'cost', fraction or
+    None). ValueError for anything else."""
+    opt, *rest = method.split("-")
+    masks = rest.pop(0) if rest and rest[0] in MASKS else None
+    fraction = float(rest.pop(0)[1:]) if rest and rest[0].startswith("f") and rest[0][1:] else None
+    if rest or opt not in NAMES:
+        raise ValueError(
+            f"method {method!r}: expected <optimizer>[-tensor|-cost][-f<fraction>] with an optimizer of "
+            f"{', '.join(NAMES)}"
+        )
+    return opt, masks, fraction
+
+
+def flags(method, sparsity):
+    """-> the train.py flags that run this method at this sparsity (None: no --sparsity)."""
+    opt, masks, fraction = parse(method)
+    f = ["--optimizer", opt] + ([] if sparsity is None else ["--sparsity", str(sparsity)])
+    f += [] if masks is None else ["--structure", "tensor"]
+    f += ["--mask-select", "cost"] if masks == "cost" else []
+    return f + ([] if fraction is None else ["--ascent-fraction", f"{fraction:g}"])
+
+
+def method_of(cfg):
+    """A run's config (train.py's; a flag at its default may be absent) -> (method, sparsity)."""
+    structure = cfg.get("structure", "unstructured")
+    if structure not in ("unstructured", "tensor"):
+        raise ValueError(f"--structure {structure} has no method name (named: unstructured, tensor)")
+    cost = cfg.get("mask_select", "paper") == "cost"
+    masks = "" if structure != "tensor" else "-cost" if cost else "-tensor"
+    fraction = cfg.get("ascent_fraction", 1.0)
+    return cfg["optimizer"] + masks + ("" if fraction == 1.0 else f"-f{fraction:g}"), cfg.get("sparsity")
+
+
+def label(method, sparsity=None):
+    """e.g. 'SSAM-F 0.5', 'SSAM-D tensor 0.9', 'SSAM-F cost-aware 0.9, f=0.25', 'SAM f=0.5'."""
+    opt, masks, fraction = parse(method)
+    text = NAMES[opt] + MASKS.get(masks, "") + ("" if sparsity is None else f" {sparsity:g}")
+    return text + ("" if fraction is None else ("," if sparsity is not None else "") + f" f={fraction:g}")
+
+
+def color(method):
+    """The method's colour in the figures: COLORS, else one of EXTRA_COLORS picked by the name."""
+    parse(method)
+    return COLORS.get(method) or EXTRA_COLORS[sum(map(ord, method)) % len(EXTRA_COLORS)]
