@@ -11,9 +11,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 _INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # first_step's bitwise eps = 0
-_BN = nn.modules.batchnorm
 _REFUSED = set()  # (shapes, dtype, device) the 2:4 kernel refused: dense from then on
 def _full(t): return t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2: a DTensor's whole tensor
 
@@ -145,8 +145,7 @@ class SAM(torch.optim.Optimizer):
             super().load_state_dict(state_dict)
             self.base_optimizer.load_state_dict(base)
             for k, v in counters.items():  # SSAMD's generator takes its state back
-                gen = isinstance(getattr(self, k), torch.Generator)
-                getattr(self, k).set_state(v) if gen else setattr(self, k, v)
+                self.generator.set_state(v) if k == "generator" else setattr(self, k, v)
         self.param_groups = self.base_optimizer.param_groups  # loading replaced the list: share it again
 
 
@@ -163,21 +162,18 @@ def topk_masks(scores, k, largest=True):
     flat = torch.cat([s.reshape(-1).to(scores[0].device) for s in scores])
     keep = torch.zeros_like(flat, dtype=torch.bool)
     keep[flat.topk(k, largest=largest, sorted=False).indices] = True
-    pieces = keep.split([s.numel() for s in scores])
-    return [piece.reshape(s.shape).to(s.device) for piece, s in zip(pieces, scores)]
+    return [m.reshape(s.shape).to(s.device) for m, s in zip(keep.split([s.numel() for s in scores]), scores)]
 
 def ascent_costs(model, *inputs):
     """{parameter: (forward, later layers' input grads, its weight grad)} in multiply-adds, from one forward.
     A layer's place is its first call's start: a parameter a container holds (a ViT's pos) counts from it."""
     order, macs = {}, {}
-
     def count(m, args, out):  # multiply-adds per output: a Linear row, a conv window, else elementwise
         rows = m.weight[0].numel() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) else 1
         macs[m] = macs.get(m, 0) + (out[0] if isinstance(out, tuple) else out).numel() * rows
     mods = [m for m in model.modules() if list(m.parameters(recurse=False))]
     place = lambda m, _: order.update({m: order.get(m, len(order))})  # noqa: E731 (a hook returns None)
-    hooks = [m.register_forward_pre_hook(place) for m in mods]
-    hooks += [m.register_forward_hook(count) for m in mods]
+    hooks = [h for m in mods for h in (m.register_forward_pre_hook(place), m.register_forward_hook(count))]
     try:
         with torch.no_grad(), frozen_bn_stats(model):
             model(*inputs)
@@ -244,8 +240,7 @@ class _SparseSAM(SAM):
         if costs is not None and self.nm != "tensor":
             raise ValueError("costs= picks whole tensors by their ascent cost: it needs structure='tensor'")
         super().__init__(params, base, rho=rho, **kw)
-        self.sparsity, self.update_interval, self.structure = sparsity, update_interval, structure
-        self.norm = norm
+        vars(self).update(sparsity=sparsity, update_interval=update_interval, structure=structure, norm=norm)
         self.masked = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         if not self.masked:
             raise ValueError("every parameter has requires_grad=False: there is nothing to train or perturb")
@@ -278,8 +273,7 @@ class _SparseSAM(SAM):
         if self.last_mask_update < 0:
             raise ValueError("no mask yet: call opt.update_mask(model, data) first (if opt.mask_update_due)")
         if any("mask" not in self.state.get(p, ()) for p in params):
-            raise ValueError("a parameter frozen at the optimizer's creation has a gradient: rebuild it "
-                             "after unfreezing")
+            raise ValueError("a parameter frozen when opt was built has a gradient: rebuild after unfreezing")
         return [self.state[p]["mask"] for p in params]
 
     def load_state_dict(self, state_dict):
@@ -306,8 +300,7 @@ def empirical_fisher(model, data, num_samples, loss_fn=None):
     params = [p for p in model.parameters() if p.requires_grad]
     device, fsdp, grads = params[0].device, hasattr(params[0], "device_mesh"), [p.grad for p in params]
     fisher, seen, check = [torch.zeros_like(p) for p in params], 0, torch.zeros((), device=device)
-    bns = [m for m in model.modules()
-           if isinstance(m, _BN._BatchNorm) and (m.training or m.running_mean is None)]
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and (m.training or m.running_mean is None)]
     for m in bns:
         m.forward = lambda a, m=m: _bn_one_sample(m, a)
     try:
@@ -349,13 +342,11 @@ def _bn_one_sample(m, a):
 
 class SSAMF(_SparseSAM):
     """SSAM-F: perturb the (1-s)·|w| entries of largest empirical Fisher (Eq. 6); call opt.update_mask(model,
-    data) whenever opt.mask_update_due. Arguments: SAM's (rho=0.05, adaptive=False, **kwargs) and
-    sparsity (default 0.5): s, the share of trainable entries left unperturbed. num_samples (128): N_F, Eq. 5.
-    update_interval (1000): steps between mask updates. structure (None): element-wise; "N:M" such as "2:4"
-    (sparsity must be 1 - N/M); "tensor": whole tensors (then `with opt.ascent_pass():` saves work). norm
-    (None): "full", eps by ||g|| (the paper), or "masked", by ||g ⊙ m|| (the default and a must for "tensor").
-    costs (None): with "tensor", ascent_costs(model, x): tensors by Fisher mass per multiply-add of ascent."""
-
+    data) when opt.mask_update_due. Arguments: SAM's (rho=0.05, adaptive=False, **kwargs); sparsity (default
+    0.5): s, the share of trainable entries unperturbed; num_samples (128): N_F of Eq. 5; update_interval
+    (1000): steps between mask updates; structure (None): element-wise, "N:M" such as "2:4" (sparsity 1 - N/M)
+    or "tensor" (whole tensors; `with opt.ascent_pass():` then saves work); norm (None): "full", ||g|| as the
+    paper, or "masked", ||g ⊙ m|| ("tensor" needs it); costs (None): ascent_costs(model, x) for "tensor"."""
     def __init__(self, params, base_optimizer, rho=0.05, sparsity=0.5, num_samples=128, update_interval=1000,
                  structure=None, norm=None, costs=None, **kwargs):
         if not (isinstance(num_samples, int) and num_samples >= 1):
@@ -464,24 +455,22 @@ def sparse_ascent(model, opt):
     below see dY through W ⊙ M (the TPAMI follow-up's "implicit" SSAM). Yields the patched layers."""
     if not isinstance(getattr(opt, "nm", None), tuple) or hasattr(opt.masked[0], "device_mesh"):
         raise ValueError("sparse_ascent needs SSAMF/SSAMD, structure='N:M' ('2:4'), unsharded (not FSDP2)")
-    state = opt.state
-    masked = [m for m in model.modules() if isinstance(m, nn.Linear) and "mask" in state.get(m.weight, ())]
-    patched = [m for m in masked if m.weight.shape[0] % opt.nm[1] == 0]  # N:M masks, not the pooled top-k
-    for lin in patched:
-        lin.forward = lambda x, m=lin: _MaskedInputGrad.apply(x, m.weight, m.bias, state[m.weight]["mask"])
+    lins = [m for m in model.modules() if isinstance(m, nn.Linear) and "mask" in opt.state.get(m.weight, ())]
+    patched = [m for m in lins if m.weight.shape[0] % opt.nm[1] == 0]  # N:M masks, not the pooled top-k
+    for m in patched:
+        m.forward = lambda x, m=m: _MaskedInputGrad.apply(x, m.weight, m.bias, opt.state[m.weight]["mask"])
     try:
         yield patched
     finally:
-        for lin in patched:
-            del lin.forward  # back to nn.Linear.forward
+        for m in patched:
+            del m.forward  # back to nn.Linear.forward
 
 
 # ---- BatchNorm: running statistics follow the first pass only --------------------------------------
 @contextmanager
 def frozen_bn_stats(model):
     """Around the SECOND pass: train-mode BatchNorm normalizes by the batch's statistics but updates none."""
-    bns = [m for m in model.modules()
-           if isinstance(m, _BN._NormBase) and m.training and m.track_running_stats]
+    bns = [m for m in model.modules() if isinstance(m, _NormBase) and m.training and m.track_running_stats]
     for m in bns:
         m.track_running_stats = False  # BatchNorm then neither updates nor counts
     try:
