@@ -729,7 +729,8 @@ def demo(argv):
         f"lambda_1: top eigenvalue of the training-loss Hessian on 128 training images ({DEMO_HVPS} Lanczos "
         f"steps, {sum(r[3] for r in rows):.0f} s for all {len(rows)}): lower = flatter minimum, what SAM is "
         "for. One seed after a few epochs; the converged comparison (seeds, confidence intervals) is "
-        "`make bench-accuracy` -> bench/results/accuracy.md."
+        "`make bench-accuracy` -> bench/results/accuracy.md. ssamf-cost: whole-tensor masks, the most score "
+        "per unit of ascent-pass cost (--structure tensor --mask-select cost), the cheap SSAM-F."
     )
 
 
@@ -768,7 +769,7 @@ def demo_table(rows, t0):
     table = Table(*columns, title=title)
     for cfg, r, lam, _ in rows:
         c = whole(cfg)
-        masks = (" tensor" if c.structure == "tensor" else "") + (" cost" if c.mask_select == "cost" else "")
+        masks = "-cost" if c.mask_select == "cost" else "-tensor" if c.structure == "tensor" else ""
         table.add_row(
             c.optimizer + masks,
             f"{cfg.get('sparsity', '-')}",

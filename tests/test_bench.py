@@ -545,7 +545,7 @@ def test_demo_prints_lambda1(tmp_path):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("│ ") and "%" in line]
-    methods = ["sgd", "sam", "ssamf", "ssamd", "ssamf tensor cost"]  # the last: cost-aware, 0.9
+    methods = ["sgd", "sam", "ssamf", "ssamd", "ssamf-cost"]  # the last: cost-aware tensor masks, 0.9
     assert [row.split("│")[1].strip() for row in rows] == methods
     lam = [float(row.split("│")[7]) for row in rows]  # the Hessian's lambda_1 column
     assert (
