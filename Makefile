@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 # ruff first (config in pyproject.toml): a lint or layout violation fails `make test`, as a failing test does
 test: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
-	$(PYTHON) -m pytest tests
+	$(PYTHON) -m pytest -n 2 tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks mutants
