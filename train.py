@@ -66,16 +66,13 @@ import lab.data
 import lab.runs
 import ssam
 from lab import config
-from lab.config import MOMENTUM, PRESETS, SPARSE, USED_BY, Config, config_diff, record, resolve_config, whole
+from lab.config import MOMENTUM, PRESETS, USED_BY, Config, config_diff, record, resolve_config, whole
+from lab.methods import SPARSE
 from lab.models import make_model, samon
 from lab.runs import console, load_checkpoint, out_dir_lock, read_log, run_grid, write_atomic
 
 ROOT = Path(__file__).resolve().parent
 MASKED = (*SPARSE, "samon")  # the optimizers with a mask: their density is logged
-# Names bench/ and scripts/ still take from train, until they import lab/ (helper bench); `train.samon` stays.
-CifarOnDevice, augment, normalize = lab.data.CifarOnDevice, lab.data.augment, lab.data.normalize
-load_subset, grid_run, run_state = lab.data.load_subset, lab.runs.grid_run, lab.runs.run_state
-RESUME_FREE = config.RESUME_FREE
 
 
 # -----------------------------------------------------------------------------------------------------------

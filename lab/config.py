@@ -14,11 +14,9 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent  # the repository
+from lab.methods import OPTIMIZERS, SAM_TYPES, SPARSE  # noqa: F401 (methods are named in lab/methods.py only)
 
-OPTIMIZERS = ("sgd", "sam", "ssamf", "ssamd", "samon")
-SAM_TYPES = ("sam", "ssamf", "ssamd", "samon")  # two passes a step: ascent, then descent at w + eps
-SPARSE = ("ssamf", "ssamd")  # the sparse-mask methods (helper bench moves the method names to lab/methods.py)
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 MOMENTUM = 0.9  # SGD momentum of every preset (§5.1); with a cosine LR and crop+flip (+Cutout 16x16 on CIFAR)
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import ssam
 from bench import accuracy, common, report
-from lab import methods, sharpness, stats
+from lab import methods, runs, sharpness, stats
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -324,15 +324,14 @@ def test_accuracy_verdict_rule():
 
 
 def test_accuracy_method_names_round_trip_through_train_config(tmp_path):
-    import train
 
     cfgs = {}
     every = accuracy.METHODS + accuracy.MORE + accuracy.CHEAPER
     for method, sp in every:
-        cfg, _ = train.grid_run(accuracy.SETTING + methods.flags(method, sp) + ["--seed", "3"], tmp_path)
+        cfg, _ = runs.grid_run(accuracy.SETTING + methods.flags(method, sp) + ["--seed", "3"], tmp_path)
         assert methods.method_of(cfg) == (method, sp)
         flags = methods.flags(*methods.method_of(cfg))
-        again, _ = train.grid_run(accuracy.SETTING + flags + ["--seed", "3"], tmp_path)
+        again, _ = runs.grid_run(accuracy.SETTING + flags + ["--seed", "3"], tmp_path)
         assert again == cfg
         cfgs[method, sp] = cfg
         methods.label(method, sp)  # every method has a name
@@ -376,7 +375,7 @@ def test_runner_names_and_done_rule(tmp_path):
     import train
 
     toy = ["--model", "wrn10-1", "--epochs", "1", "--train-size", "128"]
-    cfg, recipe = train.grid_run(
+    cfg, recipe = runs.grid_run(
         ["--preset", "cifar10-resnet18", "--optimizer", "ssamf", "--sparsity", "0.5"], tmp_path
     )
     assert (
@@ -384,25 +383,25 @@ def test_runner_names_and_done_rule(tmp_path):
         and cfg["name"] == "cifar10-resnet18-ssamf-s0.5-seed0"
         and cfg["out_dir"] == str(tmp_path / cfg["name"])
     )
-    cfg, recipe = train.grid_run(["--optimizer", "sam", "--seed", "3"] + toy, tmp_path)
+    cfg, recipe = runs.grid_run(["--optimizer", "sam", "--seed", "3"] + toy, tmp_path)
     assert not recipe and cfg["name"] == "cifar10-subset-sam-seed3-epochs1-train-size128"
-    assert train.run_state(cfg) == "todo"
+    assert runs.run_state(cfg) == "todo"
     d = tmp_path / cfg["name"]
     d.mkdir()
     (d / "final.json").write_text(
         json.dumps(dict(config=dict(cfg, out_dir="elsewhere", fresh=True), test_acc=0.5))
     )
-    assert train.run_state(cfg) == "done"  # where it was stored does not matter
+    assert runs.run_state(cfg) == "done"  # where it was stored does not matter
     done = train.run_grid([["--optimizer", "sam", "--seed", "3"] + toy], tmp_path)  # reused, nothing trained
     assert done[0][1]["test_acc"] == 0.5
     (d / "final.json").write_text(json.dumps(dict(config=dict(cfg, lr=0.1), test_acc=0.5)))
-    assert train.run_state(cfg).startswith("other: lr=0.1 (now 0.05)")
+    assert runs.run_state(cfg).startswith("other: lr=0.1 (now 0.05)")
     with pytest.raises(
         SystemExit, match="holds a run of another config .lr=0.1 .now 0.05..: move it away, or pass --fresh"
     ):
         train.run_grid([["--optimizer", "sam", "--seed", "3"] + toy], tmp_path)
     with pytest.raises(ValueError, match="drop --name/--out-dir"):
-        train.grid_run(["--out-dir", "x"], tmp_path)
+        runs.grid_run(["--out-dir", "x"], tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -412,8 +411,6 @@ def test_runner_names_and_done_rule(tmp_path):
 def test_reproduce_toy_grid_table(tmp_path):
     import json
     import subprocess
-
-    import train
 
     root = str(ROOT)
     toy = "--dataset cifar10-subset --model wrn10-1 --epochs 1 --train-size 192 --batch-size 64"
@@ -451,7 +448,7 @@ def test_reproduce_toy_grid_table(tmp_path):
     assert f"{sum(accs) / 2:.2f} ± " in other and "(2 seeds)" in other and all(n in other for n in names)
 
     # a finished run with the paper's recipe goes into the table, with its seed count and its folder
-    recipe, _ = train.grid_run(
+    recipe, _ = runs.grid_run(
         ["--preset", "cifar10-resnet18", "--optimizer", "sgd", "--seed", "0"], tmp_path / "rep"
     )
     os.makedirs(recipe["out_dir"])

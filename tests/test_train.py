@@ -633,8 +633,8 @@ def test_a_checkpoint_of_the_old_format_resumes_and_ends_as_the_old_code_did(tmp
         line["loss"] == pytest.approx(old["loss"], rel=1e-5)
         and abs(line["test_acc"] - old["test_acc"]) < 1e-3
     )
-    assert {k: done["config"][k] for k in saved if k not in train.RESUME_FREE} == {
-        k: v for k, v in saved.items() if k not in train.RESUME_FREE
+    assert {k: done["config"][k] for k in saved if k not in lab.config.RESUME_FREE} == {
+        k: v for k, v in saved.items() if k not in lab.config.RESUME_FREE
     }
     whole = torch.load(out / "ckpt.pt", weights_only=True)["config"]
     assert list(whole) == list(lab.config.FIELDS) and whole["ascent_fraction"] == 1.0 and whole["epochs"] == 2
