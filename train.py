@@ -66,7 +66,7 @@ import lab.data
 import lab.runs
 import ssam
 from lab import config
-from lab.config import MOMENTUM, PRESETS, USED_BY, Config, config_diff, record, resolve_config, whole
+from lab.config import MOMENTUM, USED_BY, Config, config_diff, record, resolve_config, whole
 from lab.methods import SPARSE
 from lab.models import make_model, samon
 from lab.runs import console, load_checkpoint, out_dir_lock, read_log, run_grid, write_atomic
@@ -688,15 +688,16 @@ def finish(run, line, test_acc, elapsed):
 # -----------------------------------------------------------------------------------------------------------
 DEMO = ("sgd", "sam", "ssamf", "ssamd")  # + cost-aware whole-tensor SSAM-F at sparsity 0.9 (DEMO_FAST)
 DEMO_FAST = ["--sparsity", "0.9", "--structure", "tensor", "--mask-select", "cost"]
+DEMO_EPOCHS = 2  # unless --epochs: the five rows in under 3 minutes on a 2-core CPU (bench/README.md)
 DEMO_HVPS = (
     10  # lambda_1 agreed with 20 and 40 steps to 3 digits on a wrn10-1 checkpoint (bench/sharpness.py)
 )
 
 
 def demo(argv):
-    """SGD, SAM, SSAM-F, SSAM-D, then cost-aware whole-tensor SSAM-F at 0.9, with the other flags given; runs
-    in runs/demo/ (or --out-dir); finished runs of the same config are reused (--fresh trains again). Prints
-    accuracy, cost and the Hessian's lambda_1."""
+    """SGD, SAM, SSAM-F, SSAM-D, then cost-aware whole-tensor SSAM-F at 0.9, for DEMO_EPOCHS epochs unless
+    --epochs, with the other flags given; runs in runs/demo/ (or --out-dir); finished runs of the same config
+    are reused (--fresh trains again). Prints accuracy, cost and the Hessian's lambda_1."""
     from lab import sharpness  # Lanczos on Hessian-vector products
 
     args, t0 = get_args(argv), time.perf_counter()
@@ -706,9 +707,9 @@ def demo(argv):
                 f"--demo trains sgd, sam, ssamf and ssamd in runs of its own, and reuses finished ones: "
                 f"drop --{k}"
             )
-    keep = demo_flags(argv)
+    keep = demo_flags(argv) + ([] if args.epochs else ["--epochs", str(DEMO_EPOCHS)])
     if args.eval_every is None:  # 10,000 test images: measure once, at the end
-        keep += ["--eval-every", str(args.epochs or PRESETS[args.preset].get("epochs", Config.epochs))]
+        keep += ["--eval-every", str(args.epochs or DEMO_EPOCHS)]
     grid = [flags_for(keep, o) for o in DEMO]
     grid += [
         flags_for(keep, "ssamf", drop=("sparsity", "structure", "mask_select", "sparse_ascent")) + DEMO_FAST

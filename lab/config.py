@@ -183,7 +183,8 @@ def get_args(argv=None, description=None):
     ap.add_argument(
         "--demo",
         action="store_true",
-        help="train SGD, SAM, SSAM-F, SSAM-D on the preset and print a comparison table",
+        help="train SGD, SAM, SSAM-F, SSAM-D and cost-aware SSAM-F 0.9 on the preset for 2 epochs "
+        "(or --epochs) and print a comparison table",
     )
     recipe_flags(ap.add_argument_group("recipe (default: the preset's value)"))
     optimizer_flags(ap.add_argument_group("optimizer"))

@@ -299,16 +299,29 @@ def test_flags_that_would_be_ignored_are_errors():
             cfg_for(argv)
     # what stays allowed: the demo passes one set of flags to every optimizer; torchvision's folder: no cache
     assert cfg_for(["--demo", "--sparsity", "0.9"])["optimizer"] == "sgd"
-    plans = []  # each optimizer gets the flags it reads
-    monkey = pytest.MonkeyPatch()
-    monkey.setattr(train, "run_grid", lambda grid, *a, **k: plans.extend(grid) or [])
-    monkey.setattr(train, "Console", lambda: type("C", (), {"print": lambda *a: None})())
-    try:
-        train.demo(["--demo", "--sparsity", "0.9", "--rho", "0.05", "--epochs", "1"])
-    except (IndexError, TypeError):
-        pass  # no runs came back: nothing to print
-    finally:
-        monkey.undo()
+
+    def demo_plans(*argv):  # the runs the demo would train, one list of flags each
+        plans = []
+        monkey = pytest.MonkeyPatch()
+        monkey.setattr(train, "run_grid", lambda grid, *a, **k: plans.extend(grid) or [])
+        monkey.setattr(train, "Console", lambda: type("C", (), {"print": lambda *a: None})())
+        try:
+            train.demo(["--demo", *argv])
+        except (IndexError, TypeError):
+            pass  # no runs came back: nothing to print
+        finally:
+            monkey.undo()
+        return plans
+
+    def value(plan, flag):
+        return [plan[i + 1] for i, a in enumerate(plan) if a == flag]
+
+    # the demo's own length (train.DEMO_EPOCHS = 2) unless --epochs; the test set once, after the last epoch
+    assert all(value(p, "--epochs") == ["2"] and value(p, "--eval-every") == ["2"] for p in demo_plans())
+    both = demo_plans("--epochs", "5", "--eval-every", "1")
+    assert all(value(p, "--epochs") == ["5"] and value(p, "--eval-every") == ["1"] for p in both)
+    plans = demo_plans("--sparsity", "0.9", "--rho", "0.05", "--epochs", "1")  # each: the flags it reads
+    assert len(plans) == 5 and all(value(p, "--eval-every") == ["1"] for p in plans)
     assert [("--sparsity" in p, "--rho" in p, "--epochs" in p) for p in plans] == [
         (False, False, True),
         (False, True, True),
