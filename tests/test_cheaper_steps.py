@@ -116,8 +116,24 @@ def test_train_runs_with_ascent_fraction(tmp_path):
         "--out-dir",
         str(tmp_path),
     ]
-    result = train.train(train.resolve_config(train.get_args(argv)), show_config=False)
-    assert 0 <= result["train_acc"] <= 1 and result["config"]["ascent_fraction"] == 0.5
+    cfg = train.resolve_config(train.get_args(argv))
+    result = train.train(cfg, show_config=False)
+    assert result["config"]["ascent_fraction"] == 0.5
+    trained = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
+
+    def replay(fraction):  # the epoch by hand: the same data, and train_step with this ascent fraction
+        c = train.whole(cfg)
+        torch.manual_seed(c.seed)
+        run = train.set_up(c, torch.device("cpu"), 0, 1)
+        batches = run.data.batches(run.g)
+        for _ in range(run.data.steps_per_epoch):
+            x, y = next(batches)
+            train.train_step(run.model, run.opt, x, y, run.autocast, ascent_fraction=fraction)
+            run.sched.step()
+        return run.raw_model.state_dict()
+
+    assert all(torch.equal(trained[k], v) for k, v in replay(0.5).items())  # the flag's fraction, bit for bit
+    assert not all(torch.equal(trained[k], v) for k, v in replay(1.0).items())  # ...which changes the weights
 
 
 # ---------------------------------------------------------------------------------- cost-aware tensor masks
