@@ -424,6 +424,9 @@ def test_defaults_and_range_edges():
     assert [g["rho"] for g in f.param_groups + d.param_groups] == [0.05, 0.05]
     assert (f.sparsity, f.num_samples, f.update_interval) == (0.5, 128, 1000)
     assert (d.sparsity, d.drop_rate, d.update_interval) == (0.5, 0.5, 1000)
+    assert f.structure is None and f.norm == "full"  # kept as given; norm None: the paper's, Eq. 2
+    t = ssam.SSAMD(params, SGD, total_steps=10, seed=0, lr=0.1, structure="2:4", norm="masked")
+    assert (t.structure, t.norm, t.nm) == ("2:4", "masked", (2, 4))
     assert ssam.SSAMF(params, SGD, num_samples=1, lr=0.1).num_samples == 1
     one = ssam.SSAMD(params, SGD, total_steps=1, drop_rate=0.0, seed=0, lr=0.1)
     start = one.masks()[0].clone()
