@@ -154,6 +154,11 @@ def check_ssamf(rank, structure):
     def each(t, opts):
         if t % 2 == 0:  # just after an update
             masks.append([(full(a), full(b)) for a, b in zip(opts[0].masks(), opts[1].masks())])
+            sharded_masks = zip(opts[1].masked, opts[1].masks())  # each rank holds its parameter's shard
+            assert all(
+                m.placements == p.placements and m.to_local().shape == p.to_local().shape
+                for p, m in sharded_masks
+            )
 
     ref, sharded, opts = run_pair(opt, rank, steps=4, fisher=True, tensor=structure == "tensor", each=each)
     size = sum(p.numel() for p in ref.parameters())
@@ -313,6 +318,9 @@ def check_bad_input(rank):
     grads = [p.grad for p in sharded.parameters()]
     g = [p.grad.to_local().clone() for p in sharded.parameters()]
     raises(lambda: o.update_mask(sharded, [batch(9 + rank, n=4)]), "differ between ranks")  # other samples
+    x1 = data[0][0].clone()
+    x1[0] += rank  # rank 1's first sample differs, the rest are the same
+    raises(lambda: o.update_mask(sharded, [(x1, data[0][1])]), "differ between ranks")
     assert all(torch.equal(p.to_local(), v) for p, v in zip(sharded.parameters(), w))
     assert o.last_mask_update < 0  # no mask set
     o.update_mask(sharded, data)  # the same samples: fine, and the caller's gradients are back, unchanged
