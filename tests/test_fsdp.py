@@ -319,7 +319,7 @@ def check_bad_input(rank):
     g = [p.grad.to_local().clone() for p in sharded.parameters()]
     raises(lambda: o.update_mask(sharded, [batch(9 + rank, n=4)]), "differ between ranks")  # other samples
     x1 = data[0][0].clone()
-    x1[0] += rank  # rank 1's first sample differs, the rest are the same
+    x1[1] += rank  # rank 1's second sample differs, the rest are the same
     raises(lambda: o.update_mask(sharded, [(x1, data[0][1])]), "differ between ranks")
     assert all(torch.equal(p.to_local(), v) for p, v in zip(sharded.parameters(), w))
     assert o.last_mask_update < 0  # no mask set
