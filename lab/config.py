@@ -108,9 +108,8 @@ PRESETS = {
 }
 # Why the demo preset is what it is (2-core CPU, SGD): wrn10-1 ran an epoch of the subset in 3.9 s at batch
 # 64 and 4.9 s at batch 128, and reached 42.8% / 37.6% test accuracy after 5 epochs; wrn16-1 reached 34% in 3
-# epochs of about the same time. 6 epochs keep all four optimizers of --demo under 5 minutes (SAM-type steps
-# cost 2 passes): `make demo` took 370 s with 8 epochs on an idle box (SGD 79, SAM 148, SSAM-F 155, SSAM-D 148
-# ms/step).
+# epochs of about the same time. 6 epochs kept the four optimizers of --demo under 5 minutes (SAM-type steps
+# cost 2 passes; 370 s with 8 epochs, idle box); --demo now trains train.DEMO_EPOCHS (2) for its five rows.
 
 
 def flag(key):
