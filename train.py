@@ -67,12 +67,11 @@ import lab.runs
 import ssam
 from lab import config
 from lab.config import MOMENTUM, USED_BY, Config, config_diff, record, resolve_config, whole
-from lab.methods import SPARSE
+from lab.methods import MASKED
 from lab.models import make_model, samon
 from lab.runs import console, load_checkpoint, out_dir_lock, read_log, run_grid, write_atomic
 
 ROOT = Path(__file__).resolve().parent
-MASKED = (*SPARSE, "samon")  # the optimizers with a mask: their density is logged
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -288,8 +287,7 @@ def fingerprint(model, opt):
     ts = list(model.parameters())
     ts += [s["mask"] for s in opt.state.values() if "mask" in s]
     if isinstance(ts[0], DTensor):
-        counters = opt.state_dict()["counters"].values() if isinstance(opt, ssam.SAM) else []
-        ts = list(model.buffers()) + [torch.as_tensor(v, device=ts[0].device) for v in counters]
+        ts = list(model.buffers()) + [torch.as_tensor(v, device=ts[0].device) for v in counters(opt).values()]
     return torch.stack(
         [t.detach().double().sum() for t in ts] + [t.detach().double().abs().sum() for t in ts]
     )
@@ -640,8 +638,13 @@ def sharded_state(run):
     base = getattr(opt, "base_optimizer", opt)
     state = dict(model=get_model_state_dict(model), optimizer=get_optimizer_state_dict(model, base))
     state["masks"] = {names[p]: s["mask"] for p, s in opt.state.items() if "mask" in s}
-    state["counters"] = opt.state_dict()["counters"] if isinstance(opt, ssam.SAM) else {}
+    state["counters"] = counters(opt)
     return state
+
+
+def counters(opt):
+    """SSAM's counters (steps, SSAM-D's generator state...) as its state_dict() has them; none for SGD."""
+    return opt.state_dict()["counters"] if isinstance(opt, ssam.SAM) else {}
 
 
 def load_shards(run, path):
@@ -707,9 +710,10 @@ def demo(argv):
                 f"--demo trains sgd, sam, ssamf and ssamd in runs of its own, and reuses finished ones: "
                 f"drop --{k}"
             )
-    keep = demo_flags(argv) + ([] if args.epochs else ["--epochs", str(DEMO_EPOCHS)])
+    epochs = args.epochs or DEMO_EPOCHS
+    keep = demo_flags(argv) + ([] if args.epochs else ["--epochs", str(epochs)])
     if args.eval_every is None:  # 10,000 test images: measure once, at the end
-        keep += ["--eval-every", str(args.epochs or DEMO_EPOCHS)]
+        keep += ["--eval-every", str(epochs)]
     grid = [flags_for(keep, o) for o in DEMO]
     grid += [
         flags_for(keep, "ssamf", drop=("sparsity", "structure", "mask_select", "sparse_ascent")) + DEMO_FAST

@@ -9,6 +9,7 @@ Examples: 'ssamf' at 0.5, 'ssamd-cost' at 0.9, 'sam-f0.5'. No torch here: bench/
 OPTIMIZERS = ("sgd", "sam", "ssamf", "ssamd", "samon")  # train.py --optimizer
 SAM_TYPES = ("sam", "ssamf", "ssamd", "samon")  # two passes a step: ascent, then descent at w + eps
 SPARSE = ("ssamf", "ssamd")  # the optimizers with a sparsity and a mask that is updated
+MASKED = (*SPARSE, "samon")  # the optimizers with a mask: their density is logged
 NAMES = dict(sgd="SGD", sam="SAM", ssamf="SSAM-F", ssamd="SSAM-D", samon="SAM-ON")
 MASKS = dict(tensor=" tensor", cost=" cost-aware")  # the mask suffixes and their words in a label
 
