@@ -542,14 +542,14 @@ def test_demo_prints_lambda1(tmp_path):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("│ ") and "%" in line]
-    methods = ["sgd", "sam", "ssamf", "ssamd", "ssamf-cost"]  # the last: cost-aware tensor masks, 0.9
-    assert [row.split("│")[1].strip() for row in rows] == methods
+    names = ["sgd", "sam", "ssamf", "ssamd", "ssamf-cost"]  # the last: cost-aware tensor masks, 0.9
+    assert [row.split("│")[1].strip() for row in rows] == names
     assert "10,000 test images" not in r.stdout and "10000 test images" in r.stdout
     import train
 
     finals = [json.loads(f.read_text()) for f in tmp_path.glob("*/final.json")]
-    label = {f["config"]["optimizer"] + ("-cost" if "mask_select" in f["config"] else ""): f for f in finals}
-    assert sorted(label) == sorted(methods)  # ("mask_select" is kept in a record only when not the default)
+    label = {methods.method_of(f["config"])[0]: f for f in finals}
+    assert sorted(label) == sorted(names)
     for row in rows:  # each row's accuracy and lambda_1 are those of the run it names, recomputed here
         cells = [cell.strip() for cell in row.split("│")[1:-1]]
         final = label[cells[0]]

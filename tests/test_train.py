@@ -33,10 +33,12 @@ FIXTURES = ROOT / "tests" / "fixtures"
 TINY = ["--model", "wrn10-1", "--batch-size", "32", "--train-size", "384"]  # 12 steps an epoch, ~0.1 s a step
 
 
-def run_train(*args, env=None, **kw):
+def run_train(*args, env=None, processes=1, **kw):
+    """train.py in a subprocess, one-threaded; processes > 1: under torchrun on this machine (CPU, gloo)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
     return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args],
+        [sys.executable, *(launch if processes > 1 else []), str(ROOT / "train.py"), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -885,31 +887,19 @@ def test_ddp_two_processes_keep_weights_and_masks_identical(tmp_path):
 
 def test_torchrun_two_cpu_processes_end_to_end(tmp_path):
     out = tmp_path / "ddp"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(ROOT / "train.py"),
-            *TINY,
-            "--epochs",
-            "1",
-            "--optimizer",
-            "ssamd",
-            "--update-interval",
-            "3",
-            "--device",
-            "cpu",
-            "--out-dir",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
+    r = run_train(
+        *TINY,
+        "--epochs",
+        "1",
+        "--optimizer",
+        "ssamd",
+        "--update-interval",
+        "3",
+        "--device",
+        "cpu",
+        "--out-dir",
+        str(out),
+        processes=2,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     final = json.loads((out / "final.json").read_text())
@@ -932,30 +922,17 @@ def test_torchrun_diverged_run_stops_every_process(tmp_path):
     """The NaN check is all-reduced: both processes stop at the same step (no process left waiting in a
     collective), torchrun exits non-zero, nothing is written."""
     out = tmp_path / "ddp"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(ROOT / "train.py"),
-            *TINY,
-            "--epochs",
-            "2",
-            "--lr",
-            "1e6",
-            "--device",
-            "cpu",
-            "--out-dir",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    r = run_train(
+        *TINY,
+        "--epochs",
+        "2",
+        "--lr",
+        "1e6",
+        "--device",
+        "cpu",
+        "--out-dir",
+        str(out),
+        processes=2,
     )
     stops = re.findall(r"training diverged in epoch (\d+) \(by step (\d+) of 12\)", said(r))
     assert r.returncode != 0 and len(stops) == 2 and stops[0] == stops[1], r.stderr[-3000:]  # the same step
@@ -1047,34 +1024,22 @@ def test_torchrun_sync_ascent_with_tensor_masks_and_samon(tmp_path, optimizer):
     """The ascent pass skips tensors (requires_grad off): a synchronized backward over them used to crash
     DDP."""
     out = tmp_path / "ddp"
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(ROOT / "train.py"),
-            "--model",
-            "wrn10-1",
-            "--batch-size",
-            "32",
-            "--train-size",
-            "128",
-            "--epochs",
-            "1",
-            *optimizer,
-            "--sync-ascent",
-            "--device",
-            "cpu",
-            "--out-dir",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
+    r = run_train(
+        "--model",
+        "wrn10-1",
+        "--batch-size",
+        "32",
+        "--train-size",
+        "128",
+        "--epochs",
+        "1",
+        *optimizer,
+        "--sync-ascent",
+        "--device",
+        "cpu",
+        "--out-dir",
+        str(out),
+        processes=2,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     final = json.loads((out / "final.json").read_text())
