@@ -15,7 +15,10 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 _INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # first_step's bitwise eps = 0
 _REFUSED = set()  # (shapes, dtype, device) the 2:4 kernel refused: dense from then on
-def _full(t): return t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2: a DTensor's whole tensor
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2: a DTensor's whole tensor
 
 
 # ---- SAM (Foret et al. 2021), the frame SSAM's masks plug into -------------------------------------
@@ -24,6 +27,7 @@ class SAM(torch.optim.Optimizer):
     params: parameters or param groups (a group may set its own rho, adaptive). base_optimizer: an Optimizer
     class, built here over the same groups with **kwargs (lr, momentum, ...), or one built over the same
     parameters; param_groups are shared with it. rho (default 0.05): ||eps||. adaptive (False): ASAM."""
+
     _COUNTERS = ("steps",)  # saved in state_dict()["counters"]; subclasses add theirs
 
     def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, **kwargs):
@@ -33,11 +37,15 @@ class SAM(torch.optim.Optimizer):
         ours = {id(p) for g in self.param_groups for p in g["params"]}
         if isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
             base_optimizer = base_optimizer(self.param_groups, **kwargs)
-        elif not isinstance(base_optimizer, torch.optim.Optimizer) or kwargs or ours != {
-            id(p) for g in base_optimizer.param_groups for p in g["params"]
-        }:
-            raise ValueError(f"base_optimizer must be an Optimizer class, or one over the same parameters "
-                             f"(not other parameters), no kwargs: got {base_optimizer!r}, {sorted(kwargs)}")
+        elif (
+            not isinstance(base_optimizer, torch.optim.Optimizer)
+            or kwargs
+            or ours != {id(p) for g in base_optimizer.param_groups for p in g["params"]}
+        ):
+            raise ValueError(
+                f"base_optimizer must be an Optimizer class, or one over the same parameters "
+                f"(not other parameters), no kwargs: got {base_optimizer!r}, {sorted(kwargs)}"
+            )
         if len({hasattr(p, "device_mesh") for g in self.param_groups for p in g["params"]}) > 1:
             raise ValueError("FSDP2 (DTensor) and plain parameters in one optimizer: shard all or none")
         self.base_optimizer = base_optimizer
@@ -136,8 +144,11 @@ class SAM(torch.optim.Optimizer):
         if not {"base", "counters"} <= state_dict.keys():  # or a framework's that dropped them
             if "param_groups" not in state_dict:
                 raise ValueError(f"not an optimizer state_dict: keys {sorted(state_dict)}, no 'param_groups'")
-            warnings.warn(f"no {sorted({'base', 'counters'} - state_dict.keys())} in state_dict: only groups "
-                          "load; no base-optimizer state (momentum...), counters at 0", stacklevel=2)
+            warnings.warn(
+                f"no {sorted({'base', 'counters'} - state_dict.keys())} in state_dict: only groups "
+                "load; no base-optimizer state (momentum...), counters at 0",
+                stacklevel=2,
+            )
             self.base_optimizer.load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         else:
             state_dict = dict(state_dict)
@@ -157,6 +168,7 @@ def nm_mask(score, n, m):
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(n, dim=-1).indices, True)
     return keep.reshape(wt.shape).t().reshape(score.shape)
 
+
 def topk_masks(scores, k, largest=True):
     """Bool masks of the k largest (or smallest) entries across all tensors in `scores` (ArgTopK, Eq. 6)."""
     flat = torch.cat([s.reshape(-1).to(scores[0].device) for s in scores])
@@ -164,13 +176,16 @@ def topk_masks(scores, k, largest=True):
     keep[flat.topk(k, largest=largest, sorted=False).indices] = True
     return [m.reshape(s.shape).to(s.device) for m, s in zip(keep.split([s.numel() for s in scores]), scores)]
 
+
 def ascent_costs(model, *inputs):
     """{parameter: (forward, later layers' input grads, its weight grad)} in multiply-adds, from one forward.
     A layer's place is its first call's start: a parameter a container holds (a ViT's pos) counts from it."""
     order, macs = {}, {}
+
     def count(m, args, out):  # multiply-adds per output: a Linear row, a conv window, else elementwise
         rows = m.weight[0].numel() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) else 1
         macs[m] = macs.get(m, 0) + (out[0] if isinstance(out, tuple) else out).numel() * rows
+
     mods = [m for m in model.modules() if list(m.parameters(recurse=False))]
     place = lambda m, _: order.update({m: order.get(m, len(order))})  # noqa: E731 (a hook returns None)
     hooks = [h for m in mods for h in (m.register_forward_pre_hook(place), m.register_forward_hook(count))]
@@ -180,9 +195,16 @@ def ascent_costs(model, *inputs):
     finally:
         for h in hooks:
             h.remove()
-    return {p: (sum(macs.values()), sum(f for k, f in macs.items() if order[k] > order[m]),
-                macs[m] * p.numel() / sum(q.numel() for q in m.parameters(recurse=False)))  # dW: its share
-            for m in order for p in m.parameters(recurse=False)}
+    return {
+        p: (
+            sum(macs.values()),
+            sum(f for k, f in macs.items() if order[k] > order[m]),
+            macs[m] * p.numel() / sum(q.numel() for q in m.parameters(recurse=False)),
+        )  # dW: its share
+        for m in order
+        for p in m.parameters(recurse=False)
+    }
+
 
 def cost_tensor_masks(scores, density, costs, by_count=False):
     """Whole tensors by value per ascent cost. A cut is the lowest layer the ascent's backward may reach;
@@ -205,6 +227,7 @@ def cost_tensor_masks(scores, density, costs, by_count=False):
     _, take, _ = max([f for f in fills if f[2]] or fills)  # the best merit among the near fills, if any
     return [torch.full_like(s, i in take, dtype=torch.bool) for i, s in enumerate(scores)]
 
+
 def select_masks(scores, density, nm=None, costs=None, by_count=False):
     """Masks at density (Eq. 6): N:M where a tensor holds the pattern, else one global top-k; or by tensor."""
     if nm == "tensor":
@@ -218,8 +241,10 @@ def select_masks(scores, density, nm=None, costs=None, by_count=False):
             masks[i] = mk
     return masks
 
+
 class _SparseSAM(SAM):
     """SSAM-F's and SSAM-D's frame: bool masks opt.state[p]["mask"] for opt.masked, schedule, checks."""
+
     _COUNTERS = ("steps", "last_mask_update")
 
     def __init__(self, params, base, *, rho, sparsity, update_interval, structure, norm, costs, **kw):
@@ -235,8 +260,10 @@ class _SparseSAM(SAM):
         self.nm = (n, m) if n else "tensor" if structure == "tensor" else None
         norm = norm or ("masked" if self.nm == "tensor" else "full")
         if norm not in ("full", "masked") or (self.nm == "tensor" and norm != "masked"):
-            raise ValueError(f"norm={norm!r} not allowed: use 'full' (||g||, the paper) or 'masked' "
-                             "(||g ⊙ m||); structure='tensor' needs 'masked': others get no ascent gradient")
+            raise ValueError(
+                f"norm={norm!r} not allowed: use 'full' (||g||, the paper) or 'masked' "
+                "(||g ⊙ m||); structure='tensor' needs 'masked': others get no ascent gradient"
+            )
         if costs is not None and self.nm != "tensor":
             raise ValueError("costs= picks whole tensors by their ascent cost: it needs structure='tensor'")
         super().__init__(params, base, rho=rho, **kw)
@@ -307,7 +334,7 @@ def empirical_fisher(model, data, num_samples, loss_fn=None):
         for batch in data:  # (inputs, targets), or HF's dict of tensors
             hf = hasattr(batch, "keys")  # HF: model(**sample), each with its own attention_mask row
             for i in range(min(len(next(iter(batch.values())) if hf else batch[1]), num_samples - seen)):
-                one = {k: v[i:i + 1].to(device) for k, v in (batch.items() if hf else enumerate(batch))}
+                one = {k: v[i : i + 1].to(device) for k, v in (batch.items() if hf else enumerate(batch))}
                 model.zero_grad()  # backward fills p.grad afresh (the caller's come back below)
                 out, y = (model(**one), one) if hf else (model(one[0]), one[1])
                 loss = loss_fn(out, y) if loss_fn else out["loss"] if hf else F.cross_entropy(out, y)
@@ -331,14 +358,18 @@ def empirical_fisher(model, data, num_samples, loss_fn=None):
         raise ValueError(f"data gave {seen} samples but num_samples={num_samples}: pass more data")
     return {p: _full(f) for p, f in zip(params, fisher)}  # FSDP2: whole tensors, the same on every rank
 
+
 def _bn_one_sample(m, a):
     """Train-mode BatchNorm of one sample: its own statistics, or the running ones at one value a channel."""
     if a[0, 0].numel() > 1:
         return F.instance_norm(a, weight=m.weight, bias=m.bias, eps=m.eps)
     if m.running_mean is None:
-        raise ValueError(f"{m} sees [B, C] inputs and has no running statistics to normalize one sample "
-                         "(Fisher): build it with track_running_stats=True")
+        raise ValueError(
+            f"{m} sees [B, C] inputs and has no running statistics to normalize one sample "
+            "(Fisher): build it with track_running_stats=True"
+        )
     return F.batch_norm(a, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+
 
 class SSAMF(_SparseSAM):
     """SSAM-F: perturb the (1-s)·|w| entries of largest empirical Fisher (Eq. 6); call opt.update_mask(model,
@@ -347,12 +378,33 @@ class SSAMF(_SparseSAM):
     (1000): steps between mask updates; structure (None): element-wise, "N:M" such as "2:4" (sparsity 1 - N/M)
     or "tensor" (whole tensors; `with opt.ascent_pass():` then saves work); norm (None): "full", ||g|| as the
     paper, or "masked", ||g ⊙ m|| ("tensor" needs it); costs (None): ascent_costs(model, x) for "tensor"."""
-    def __init__(self, params, base_optimizer, rho=0.05, sparsity=0.5, num_samples=128, update_interval=1000,
-                 structure=None, norm=None, costs=None, **kwargs):
+
+    def __init__(
+        self,
+        params,
+        base_optimizer,
+        rho=0.05,
+        sparsity=0.5,
+        num_samples=128,
+        update_interval=1000,
+        structure=None,
+        norm=None,
+        costs=None,
+        **kwargs,
+    ):
         if not (isinstance(num_samples, int) and num_samples >= 1):
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-        super().__init__(params, base_optimizer, rho=rho, sparsity=sparsity, update_interval=update_interval,
-                         structure=structure, norm=norm, costs=costs, **kwargs)
+        super().__init__(
+            params,
+            base_optimizer,
+            rho=rho,
+            sparsity=sparsity,
+            update_interval=update_interval,
+            structure=structure,
+            norm=norm,
+            costs=costs,
+            **kwargs,
+        )
         self.num_samples = num_samples
 
     @torch.no_grad()
@@ -372,16 +424,39 @@ class SSAMD(_SparseSAM):
     inside first_step with that step's gradient (Eq. 7-9). Arguments: SSAMF's but num_samples, same defaults
     (costs weigh entries, not Fisher mass), and drop_rate (default 0.5): alpha of Eq. 9. total_steps
     (required): T of Eq. 9, the run's step count. seed (None): its own generator's (in state_dict)."""
+
     _COUNTERS = _SparseSAM._COUNTERS + ("generator",)
 
-    def __init__(self, params, base_optimizer, rho=0.05, sparsity=0.5, drop_rate=0.5, update_interval=1000,
-                 total_steps=None, structure=None, norm=None, seed=None, costs=None, **kwargs):
+    def __init__(
+        self,
+        params,
+        base_optimizer,
+        rho=0.05,
+        sparsity=0.5,
+        drop_rate=0.5,
+        update_interval=1000,
+        total_steps=None,
+        structure=None,
+        norm=None,
+        seed=None,
+        costs=None,
+        **kwargs,
+    ):
         if not 0 <= drop_rate <= 1:
             raise ValueError(f"drop_rate must be in [0, 1], got {drop_rate!r}")
         if not (isinstance(total_steps, int) and total_steps >= 1):
             raise ValueError(f"total_steps must be the run's number of steps (int >= 1), got {total_steps!r}")
-        super().__init__(params, base_optimizer, rho=rho, sparsity=sparsity, update_interval=update_interval,
-                         structure=structure, norm=norm, costs=costs, **kwargs)
+        super().__init__(
+            params,
+            base_optimizer,
+            rho=rho,
+            sparsity=sparsity,
+            update_interval=update_interval,
+            structure=structure,
+            norm=norm,
+            costs=costs,
+            **kwargs,
+        )
         self.drop_rate, self.total_steps = drop_rate, total_steps
         self.generator = torch.Generator(device=self.masked[0].device)
         self.generator.manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
@@ -421,6 +496,7 @@ class SSAMD(_SparseSAM):
 # ---- The 2:4 sparse backward ("implicit" SSAM): dX = dY·(W ⊙ M) in the ascent pass of nn.Linear layers
 class _MaskedInputGrad(torch.autograd.Function):
     """y = x W^T + b; backward dX = dY (W ⊙ M), dW = dY^T X, db = sum dY. Under autocast in its dtype."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, mask):
         if torch.is_autocast_enabled(x.device.type):
@@ -437,6 +513,7 @@ class _MaskedInputGrad(torch.autograd.Function):
         gx = sparse_input_grad(gy2, weight, mask).reshape(*gy.shape[:-1], -1) if need_x else None
         return gx, gy2.t() @ x.reshape(-1, x.shape[-1]), gy2.sum(0) if need_b else None, None
 
+
 def sparse_input_grad(gy, weight, mask):
     """dX = dY (W ⊙ M), dY [B, out]: on CUDA in fp16/bf16 via 2:4 sparse tensor cores, elsewhere dense."""
     wm = weight * mask
@@ -448,6 +525,7 @@ def sparse_input_grad(gy, weight, mask):
         except (RuntimeError, ValueError, NotImplementedError):
             _REFUSED.add(key)  # kernel refused this shape/GPU: dense from now on
     return gy @ wm
+
 
 @contextmanager
 def sparse_ascent(model, opt):
