@@ -168,6 +168,7 @@ def make_optimizer(cfg, model, steps_per_epoch):
     sgd = dict(lr=c.lr, momentum=MOMENTUM, weight_decay=c.weight_decay)
     if c.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), **sgd)
+    sgd.update(ascent_every=c.ascent_every, looksam_alpha=c.looksam_alpha)  # SAM-k, LookSAM-k: ssam.SAM
     if c.optimizer == "sam":
         return ssam.SAM(model.parameters(), torch.optim.SGD, rho=c.rho, adaptive=c.adaptive, **sgd)
     if c.optimizer == "samon":
@@ -222,8 +223,11 @@ def train_step(
     by |g|) do not depend on the scale; if it overflowed, ssam.py makes eps = 0. The descent gradient is
     unscaled by the scaler; if it holds inf/NaN, the step is skipped: second_step still restores w exactly,
     but with all gradients set to None, SGD leaves every parameter alone (no decay, no momentum). DDP
-    all-reduced that gradient, so every process skips together. Then the scaler lowers its scale."""
-    if not isinstance(opt, ssam.SAM):
+    all-reduced that gradient, so every process skips together. Then the scaler lowers its scale.
+
+    A step between two ascents (opt.ascent_due False: --ascent-every k, SAM-k or LookSAM-k) is SGD's: one pass
+    at w on all of x, then opt.step() (the base step, with LookSAM's g_v added)."""
+    if not isinstance(opt, ssam.SAM) or not opt.ascent_due:
         with autocast:
             out = model(x)
             loss = F.cross_entropy(out, y)
@@ -521,7 +525,7 @@ def one_step(run, x, y, tot):
     """SSAM's mask update when one is due, one training step, its loss and accuracy added to tot (on the
     device, no host sync). Returns the number of mask updates (0, 1)."""
     c, opt, updated = run.c, run.opt, 0
-    if c.optimizer == "ssamf" and opt.mask_update_due:
+    if c.optimizer == "ssamf" and opt.mask_update_due and opt.ascent_due:  # a mask only for an ascent
         # Fisher (Eq. 5) on the bare model (no DDP hooks), then rank 0's mask everywhere. The model is in
         # train mode: each sample is normalized alone; running stats are not touched (ssam.py).
         opt.update_mask(run.raw_model, run.data.fisher_batches(run.g, c.num_samples))

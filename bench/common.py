@@ -50,6 +50,25 @@ METHODS = {
     "ssamf-s0.9-tensor-cost-f0.5": (f"{COST} --optimizer ssamf --ascent-fraction 0.5", "fresh"),
     "ssamf-s0.9-tensor-cost-f0.25": (f"{COST} --optimizer ssamf --ascent-fraction 0.25", "fresh"),
     "samon": ("--optimizer samon", "fresh"),
+    # SAM-k and LookSAM-k (--ascent-every k): timed over whole periods of k steps (period()), alone and with
+    # the cheaper ascents they combine with
+    **{f"sam-k{k}": (f"--optimizer sam --ascent-every {k}", "fresh") for k in (2, 5, 10)},
+    **{
+        f"sam-k{k}-a0.7": (f"--optimizer sam --ascent-every {k} --looksam-alpha 0.7", "fresh")
+        for k in (2, 5, 10)
+    },
+    "sam-f0.5-k2-a0.7": (
+        "--optimizer sam --ascent-fraction 0.5 --ascent-every 2 --looksam-alpha 0.7",
+        "fresh",
+    ),
+    "sam-f0.5-k5-a0.7": (
+        "--optimizer sam --ascent-fraction 0.5 --ascent-every 5 --looksam-alpha 0.7",
+        "fresh",
+    ),
+    "ssamf-s0.9-tensor-cost-k2-a0.7": (
+        f"{COST} --optimizer ssamf --ascent-every 2 --looksam-alpha 0.7",
+        "fresh",
+    ),
 }
 
 
@@ -77,19 +96,27 @@ def sync(device):
 NO_AMP = torch.autocast("cpu", enabled=False)
 
 
+def period(cfg):
+    """Steps in one whole period of the method: --ascent-every k (one ascent step, k-1 steps without); 1."""
+    return cfg.get("ascent_every", 1)
+
+
 def train_step(model, opt, cfg, x, y):
-    """One step of train.py (train.train_step, fp32), then a device sync so the timer sees the work."""
-    train.train_step(
-        model,
-        opt,
-        x,
-        y,
-        NO_AMP,
-        None,
-        sync_ascent=cfg.get("sync_ascent", False),
-        sparse_ascent=cfg.get("sparse_ascent", False),
-        ascent_fraction=cfg.get("ascent_fraction", 1.0),
-    )
+    """One period of train.py's steps (train.train_step, fp32: period(cfg) of them, 1 for most methods), then
+    a device sync so the timer sees the work. A timer divides by period(cfg): the cost per step averaged over
+    whole periods."""
+    for _ in range(period(cfg)):
+        train.train_step(
+            model,
+            opt,
+            x,
+            y,
+            NO_AMP,
+            None,
+            sync_ascent=cfg.get("sync_ascent", False),
+            sparse_ascent=cfg.get("sparse_ascent", False),
+            ascent_fraction=cfg.get("ascent_fraction", 1.0),
+        )
     sync(x.device)
 
 
@@ -168,14 +195,14 @@ def flops_x_sgd(model, opt, cfg, x):
     """The method's step in multiply-adds as a multiple of SGD's, the bound its kernels could reach: SGD is
     one full pass; a SAM-type step adds the ascent pass on the first ascent_fraction of x, with the tensors
     opt.ascent_pass() freezes getting no weight gradient and no input gradient below the lowest perturbed
-    layer."""
+    layer; with --ascent-every k, one step in k (LookSAM's vector operations are not counted)."""
     full = pass_macs(model, x)
     if not isinstance(opt, ssam.SAM):
         return 1.0
     k = max(1, round(cfg.get("ascent_fraction", 1.0) * len(x)))  # as train.train_step
     with opt.ascent_pass() if hasattr(opt, "ascent_pass") else contextlib.nullcontext():
         ascent = pass_macs(model, x[:k])
-    return (ascent + full) / full
+    return (ascent / period(cfg) + full) / full
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ def median_ms(row):
 
 
 def collect(benchmarks):
-    """{key: row}: row["t"] = {round: seconds (fastest timed call of that round)}, plus the extra_info of
+    """{key: row}: row["t"] = {round: seconds a step (fastest timed call of that round, over the steps of
+    its period: --ascent-every k times k steps)}, plus the extra_info of
     all rounds (round 0 alone holds the memory and FLOP measurements)."""
     rows = {}
     for b in sorted(benchmarks, key=lambda b: b["extra_info"].get("bench_round", 0)):
@@ -57,7 +58,7 @@ def collect(benchmarks):
             continue
         row = rows.setdefault(key(), dict(t={}))
         row.update({k: v for k, v in e.items() if k != "bench_round"})
-        row["t"][e.get("bench_round", 0)] = b["stats"]["min"]
+        row["t"][e.get("bench_round", 0)] = b["stats"]["min"] / e.get("period", 1)  # per step
     return rows
 
 

@@ -10,7 +10,8 @@ median over rounds with a bootstrap 95% interval.
 
 Group "step: <model> b<batch>": one full training step (train.train_step, fp32) of every method in
 common.METHODS, on subset images already on the device; one timed step per round, after one untimed warm-up
-step in round 0. SSAM steps are non-update steps: SSAM-F's mask is made once before timing, no timed step
+step in round 0 (--ascent-every k: one whole period of k steps, its time divided by k in report.py). SSAM
+steps are non-update steps: SSAM-F's mask is made once before timing, no timed step
 updates a mask. Round 0 also stores, in extra_info, the method's FLOP bound (common.flops_x_sgd) and the bytes
 the optimizer holds right after first_step (masks, momentum, the copy of w).
 Group "first_step: <model>": first_step alone (SAM and the element-wise/N:M SSAM variants), the only place a
@@ -121,6 +122,7 @@ def test_step(benchmark, bench_round, model_name, method, cfg):
         opt=tcfg["optimizer"],
         sparsity=tcfg.get("sparsity", 0.0),
         ascent_fraction=tcfg.get("ascent_fraction", 1.0),
+        period=common.period(tcfg),  # the timed call ran this many steps: report.py divides by it
         **extra,
     )
 

@@ -69,6 +69,8 @@ class Config:
     workers: int = setting(8, at_least(0), "an integer >= 0", free=True)  # ImageNet DataLoader workers
     mask_select: str = setting("paper", users=SPARSE, added=True, choices=("paper", "cost"))  # tensor masks
     ascent_fraction: float = setting(1.0, users=SAM_TYPES, added=True)  # share of the batch the ascent sees
+    ascent_every: int = setting(1, at_least(1), "an integer >= 1", users=SAM_TYPES, added=True)  # SAM-k
+    looksam_alpha: float = setting(0.0, finite(0), "a finite number >= 0", users=SAM_TYPES, added=True)
     label_noise: float = setting(0.0, lambda v: 0 <= v < 1, "a fraction in [0, 1)", added=True)  # CIFAR
     eval_every: int = setting(1, at_least(1), "an integer >= 1", free=True)  # epochs between tests
     resume: bool = setting(False, free=True)  # continue from <out_dir>/ckpt.pt
@@ -297,6 +299,21 @@ def optimizer_flags(g):
     )
     add(
         g,
+        "ascent_every",
+        "SAM-type: the ascent (two passes) every k steps, one pass and a plain base step in between "
+        "(SAM-k); with --looksam-alpha, LookSAM-k",
+        show_default=True,
+    )
+    add(
+        g,
+        "looksam_alpha",
+        "LookSAM (Liu et al., CVPR 2022) with --ascent-every k > 1: between ascents descend with "
+        "g + alpha·||g||/||g_v||·g_v, g_v the part of the last SAM gradient orthogonal to g (the paper: "
+        "0.7); 0 = SAM-k",
+        show_default=True,
+    )
+    add(
+        g,
         "sync_ascent",
         "DDP: all-reduce the ascent (first) gradient too; default off = each process perturbs "
         "with its own batch's gradient, as in the SAM paper",
@@ -378,6 +395,11 @@ def check_choices(c):
             f"--ascent-fraction {c.ascent_fraction} is not in (0, 1]: the share of the batch the first pass "
             "sees"
         )
+    if c.looksam_alpha and c.ascent_every == 1:
+        raise SystemExit(
+            f"--looksam-alpha {c.looksam_alpha} needs --ascent-every k > 1: with an ascent every step there "
+            "is no step between ascents to reuse g_v on"
+        )
     if c.fsdp:
         check_fsdp(c)
     if c.mask_select == "cost" and (c.structure != "tensor" or not sparse):
@@ -398,12 +420,13 @@ def check_fsdp(c):
         amp="--amp fp16 (GradScaler) is not set up for sharded gradients; use --amp bf16",
         sparse_ascent="--sparse-ascent patches nn.Linear with its whole 2:4 mask, which FSDP2 shards",
         mask_select="--mask-select cost ranks tensors by parameter objects, which fully_shard replaces",
+        looksam_alpha="--looksam-alpha: LookSAM's g_v is not set up for sharded parameters (ssam.py refuses)",
     )
     bad = [
         k
         for k, v in (("amp", "fp16"), ("sparse_ascent", True), ("mask_select", "cost"))
         if getattr(c, k) == v
-    ]
+    ] + (["looksam_alpha"] if c.looksam_alpha else [])
     if bad:
         raise SystemExit(f"--fsdp with {why[bad[0]]}: drop one of them")
 
@@ -440,7 +463,8 @@ def ignored_data_flags(c, given):
 
 
 def run_name(c):
-    """<preset>-<optimizer>[-s<sparsity>][-<structure>][-cost][-f<ascent fraction>]-seed<seed>."""
+    """<preset>-<optimizer>[-s<sparsity>][-<structure>][-cost][-f<ascent fraction>][-k<ascent every>]
+    [-a<LookSAM alpha>]-seed<seed>."""
     sp = f"-s{c.sparsity:g}" if c.optimizer in SPARSE else ""
     sp += (
         f"-{c.structure.replace(':', 'of')}"
@@ -449,4 +473,6 @@ def run_name(c):
     )
     sp += "-cost" if c.mask_select != "paper" else ""
     sp += f"-f{c.ascent_fraction:g}" if c.optimizer in SAM_TYPES and c.ascent_fraction != 1.0 else ""
+    sp += f"-k{c.ascent_every}" if c.optimizer in SAM_TYPES and c.ascent_every != 1 else ""
+    sp += f"-a{c.looksam_alpha:g}" if c.optimizer in SAM_TYPES and c.looksam_alpha else ""
     return f"{c.preset}-{c.optimizer}{sp}-seed{c.seed}"
