@@ -28,14 +28,20 @@ class SAM(torch.optim.Optimizer):
             already built over the same parameters. Its param_groups are shared: schedulers just work.
         rho (float): ||eps||, the radius of the ascent (default 0.05).
         adaptive (bool): ASAM, eps scaled elementwise by w^2 (default False).
+        ascent_every, looksam_alpha (int, float): the ascent every k steps, one pass and opt.step() between
+            (default 1: SAM); alpha > 0: LookSAM (Liu et al., CVPR 2022) there, g + alpha·||g||/||g_v||·g_v.
         **kwargs: the base optimizer's arguments (lr, momentum, ...) when base_optimizer is a class.
     """
 
     _COUNTERS = ("steps",)  # saved in state_dict()["counters"]; subclasses add theirs
 
-    def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, **kwargs):
+    def __init__(
+        self, params, base_optimizer, rho=0.05, adaptive=False, ascent_every=1, looksam_alpha=0.0, **kwargs
+    ):
         if not rho >= 0:
             raise ValueError(f"rho must be >= 0, got {rho!r}")
+        if not (isinstance(ascent_every, int) and ascent_every >= 1) or not 0 <= looksam_alpha < math.inf:
+            raise ValueError(f"ascent_every={ascent_every} (int >= 1), looksam_alpha={looksam_alpha} (>= 0)")
         super().__init__(params, dict(rho=rho, adaptive=adaptive))
         if isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
             base_optimizer, kwargs = base_optimizer(self.param_groups, **kwargs), {}
@@ -46,16 +52,22 @@ class SAM(torch.optim.Optimizer):
                 f"base_optimizer must be an Optimizer class, or one over the same parameters "
                 f"(not other parameters), no kwargs: got {base_optimizer!r}, {sorted(kwargs)}"
             )
-        if len({hasattr(p, "device_mesh") for g in self.param_groups for p in g["params"]}) > 1:
-            raise ValueError("FSDP2 (DTensor) and plain parameters in one optimizer: shard all or none")
+        sharded = {hasattr(p, "device_mesh") for g in self.param_groups for p in g["params"]}
+        if len(sharded) > 1 or (looksam_alpha and True in sharded):
+            raise ValueError("FSDP2 (DTensor) parameters: all or none, and not with looksam_alpha")
         self.base_optimizer = base_optimizer
         self.param_groups = self.base_optimizer.param_groups  # one set of groups: schedulers just work
         for group in self.param_groups:  # rho and adaptive per group, as davda54's
             group.update(rho=group.get("rho", rho), adaptive=group.get("adaptive", adaptive))
         self.defaults.update(self.base_optimizer.defaults)
-        self.steps = 0  # completed steps (second_step calls)
+        self.steps = 0  # completed steps (second_step calls and steps between ascents)
         self.norm = "full"  # eps normalized by ||g|| over all parameters, as Eq. 2
         self._w = None  # the weights w while the model sits at w + eps
+        self.ascent_every, self.looksam_alpha, self._g = ascent_every, looksam_alpha, None  # _g: LookSAM's g
+
+    @property
+    def ascent_due(self):  # this step climbs to w + eps (two passes); else one pass at w, then opt.step()
+        return self.steps % self.ascent_every == 0
 
     def _mask_for_step(self, params, grads):
         return None  # dense SAM; the SSAM classes return (and update) their masks
@@ -65,12 +77,16 @@ class SAM(torch.optim.Optimizer):
         """w <- w + eps, eps = rho * g / ||g|| (Eq. 2) ⊙ m (Alg. 1, line 9); p.grad becomes eps in place."""
         if self._w is not None:
             raise ValueError("first_step called twice: the weights are already perturbed; call second_step()")
+        if not self.ascent_due:
+            raise ValueError(f"no ascent at step {self.steps} (opt.ascent_due): one pass, then opt.step()")
         groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
         params = [p for _, ps in groups for p in ps]
         grads = [p.grad for p in params]
         if not params:
             raise ValueError("no gradients: run loss.backward() first, or step(closure, both_passes=True)")
         masks = self._mask_for_step(params, grads)  # may raise (SSAMF without a mask): nothing changed yet
+        if self.looksam_alpha and self.ascent_every > 1:  # g at w, for LookSAM's g_v in second_step
+            self._g = (params, torch._foreach_clone(grads))
         if masks is not None and self.norm == "masked":
             torch._foreach_mul_(grads, masks)  # g ⊙ m, normalized by its own norm below
         ada = [p for g, ps in groups if g["adaptive"] for p in ps]
@@ -98,21 +114,51 @@ class SAM(torch.optim.Optimizer):
     def restore(self):  # back to exactly w: a copy, not a subtraction; no-op when not perturbed
         if self._w is not None:
             torch._foreach_copy_(*self._w)
-            self._w = None
+            self._w = self._g = None
 
     @torch.no_grad()
     def second_step(self, zero_grad=False):
         if self._w is None:
             raise ValueError("second_step called without first_step: the weights are not perturbed")
+        if self._g is not None and all(p.grad is not None for p in self._g[0]):  # None: GradScaler's skip
+            (params, g), g_s = self._g, [p.grad for p in self._g[0]]  # LookSAM (Alg. 1): g_v = g_s - c g,
+            dev = params[0].device  # c = g_s·g / ||g||^2: the part of SAM's gradient g_s orthogonal to g
+            dot = torch.stack([(a * b).sum().to(dev) for a, b in zip(g_s, g)]).sum()
+            c = dot / torch.stack([n.to(dev) for n in torch._foreach_norm(g)]).square().sum().clamp_min(1e-30)
+            torch._foreach_mul_(g, -c)
+            torch._foreach_add_(g, g_s)  # g is g_v now
+            for v in g:
+                v.masked_fill_(~torch.isfinite(c), 0.0)  # pass 1 overflowed: no g_v, plain steps
+            if torch.distributed.is_available() and torch.distributed.is_initialized():  # local ascents:
+                for v in g:  # one g_v, the mean over the processes, on every process
+                    torch.distributed.all_reduce(v.div_(torch.distributed.get_world_size()))
+            for state in self.state.values():
+                state.pop("g_v", None)
+            for p, v in zip(params, g):
+                self.state[p]["g_v"] = v
         self.restore()
         self.base_optimizer.step()
         self.steps += 1
         if zero_grad:
             self.zero_grad()
 
+    def _step_between_ascents(self):  # Alg. 1: g + alpha·||g||/||g_v||·g_v in p.grad (SAM-k: g), base step
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        params = [p for p in params if "g_v" in self.state[p]] if self.looksam_alpha else []
+        if params:
+            grads, g_v = [p.grad for p in params], [self.state[p]["g_v"] for p in params]
+            norm = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(t))) for t in (grads, g_v)]
+            scale = self.looksam_alpha * norm[0] / (norm[1] + 1e-12)
+            torch._foreach_add_(grads, torch._foreach_mul(g_v, scale))
+        self.base_optimizer.step()
+        self.steps += 1
+
     @torch.no_grad()
     def step(self, closure=None, both_passes=False):
-        """davda54's: first_step, closure() (forward + backward) at w + eps, second_step; both_passes: at w"""
+        """davda54's: first_step, closure() (forward + backward) at w + eps, second_step; both_passes: at w
+        too. Not opt.ascent_due: one step from the pass at w (the closure runs for it with both_passes)"""
+        if closure is None and self._w is None and not self.ascent_due:
+            return self._step_between_ascents()  # the caller's one pass at w
         if closure is None:  # scaler.step(opt), HF Trainer, accelerate: the second step
             if self._w is None:
                 raise ValueError("SAM.step needs a closure (forward + backward), or first_step() first")
@@ -124,6 +170,9 @@ class SAM(torch.optim.Optimizer):
         if both_passes:
             self.zero_grad()
             loss = closure()
+        if not self.ascent_due:  # no second pass: one step from the pass at w (both_passes', or the caller's)
+            self._step_between_ascents()
+            return loss if both_passes else None
         self.first_step(zero_grad=True)
         try:
             loss2 = closure()
