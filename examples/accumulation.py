@@ -6,7 +6,8 @@ Semantics: each pass sums the micro-batch gradients of loss / k (equal micro-bat
 gives the full batch's gradient at w (eps = rho * g / ||g|| from it; SSAM-D drops and grows from it) and
 pass 2 the full batch's gradient at w + eps. Without BatchNorm that is one step on the full batch (rounding
 of the sums aside); BatchNorm normalizes each micro-batch with its own statistics, as in any accumulated loop.
-SSAM-F's Fisher is per sample: update_mask takes the micro-batches as they come.
+SSAM-F's Fisher is per sample: update_mask takes the micro-batches as they come. SAM-k / LookSAM-k
+(ascent_every=k): when not opt.ascent_due, pass 1's accumulated gradient is the step's (opt.step()).
 """
 
 import torch
@@ -21,6 +22,10 @@ def sam_step_accumulated(model, opt, micro_batches):
     k = len(micro_batches)
     for x, y in micro_batches:  # pass 1 at w: the full batch's gradient
         (F.cross_entropy(model(x), y) / k).backward()
+    if not opt.ascent_due:  # ascent_every: no ascent this step; the accumulated gradient at w descends
+        opt.step()  # the base step (LookSAM: with g_v added)
+        opt.zero_grad()
+        return
     opt.first_step(zero_grad=True)  # w + eps, from the accumulated gradient
     with ssam.frozen_bn_stats(model):  # BatchNorm statistics follow pass 1 only
         for x, y in micro_batches:  # pass 2 at w + eps, the same micro-batches

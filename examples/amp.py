@@ -17,6 +17,10 @@ One step (the same lines run fp32 or bf16 with GradScaler(enabled=False), where 
     opt.restore()                         w exactly when scaler.step skipped the call (a no-op otherwise)
     scaler.update()                       an inf/NaN in either pass lowers the scale
 
+SAM-k / LookSAM-k (ascent_every=k): when not opt.ascent_due, pass 1 is the step's only pass: clip if you
+clip (after scaler.unscale_(opt)), scaler.step(opt) (opt.step(): the base step, with LookSAM's g_v added),
+scaler.update(). An inf/NaN there skips the step as usual; the step is then not counted.
+
 Under DDP with the ascent under no_sync, leave out the unscale_(opt.base_optimizer) line: its record is per
 process, so the scales would drift apart. opt.step() all-reduces its skip decision, and pass 2 at w (eps = 0)
 recomputes pass 1 on that process, so its overflow reaches every scaler through the all-reduced gradient.
@@ -36,6 +40,8 @@ def sam_step(model, opt, scaler, x, y, autocast=contextlib.nullcontext(), clip=N
     with autocast:
         loss = F.cross_entropy(model(x), y)
     scaler.scale(loss).backward()  # pass 1 at w
+    if not opt.ascent_due:  # ascent_every=k: no ascent this step, pass 1 is the only pass
+        return descend(model, opt, scaler, loss, clip)
     scaler.unscale_(opt.base_optimizer)  # its inf/NaN counts for update(); eps does not need it
     opt.first_step(zero_grad=True)  # w + eps (eps = 0 after an inf/NaN)
     with ssam.frozen_bn_stats(model), autocast:  # BatchNorm statistics follow pass 1 only
@@ -51,10 +57,22 @@ def sam_step(model, opt, scaler, x, y, autocast=contextlib.nullcontext(), clip=N
     return loss.detach()
 
 
+def descend(model, opt, scaler, loss, clip=None):
+    """A step between two ascents (SAM-k, LookSAM-k): the gradient of pass 1, unscaled, is the descent's."""
+    if clip is not None:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    scaler.step(opt)  # opt.step() without first_step: the base step (LookSAM: with g_v); skipped on inf/NaN
+    scaler.update()
+    opt.zero_grad()
+    return loss.detach()
+
+
 def main(steps=20, dtype=torch.float16):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     opt = ssam.SSAMD(model.parameters(), torch.optim.SGD, rho=0.05, sparsity=0.5, total_steps=steps, lr=0.1)
+    # LookSAM-5: ssam.SAM(model.parameters(), torch.optim.SGD, ascent_every=5, looksam_alpha=0.7, lr=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=dtype == torch.float16)
     autocast = torch.autocast("cpu", dtype=dtype)
     x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))

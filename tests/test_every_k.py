@@ -6,6 +6,8 @@ written from the equations on flat float64 vectors, never from ssam.py:
 The base step is SGD with momentum and weight decay, written out: b <- mu b + (d + wd w), w <- w - lr b."""
 
 import io
+import pathlib
+import runpy
 
 import pytest
 import torch
@@ -312,3 +314,56 @@ def test_train_py_flags_names_and_refusals():
         cfg("--ascent-every", "5")  # SGD has no ascent
     with pytest.raises(SystemExit, match="--ascent-every 0"):
         cfg("--optimizer", "sam", "--ascent-every", "0")
+
+
+# ---- the examples: GradScaler (amp.py) and accumulation (accumulation.py) follow opt.ascent_due ---------
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+def example(name):
+    return runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name=f"examples.{name}")
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_amp_example_with_looksam_equals_the_fp32_loop_bitwise(clip):
+    """LookSAM-3 through amp.py's sam_step, a fixed power-of-2 scale (exact): the fp32 loop's weights bit for
+    bit, clipping (of the descent gradient) included; an inf in the pass of a step between ascents skips it:
+    w exact, not counted, the scale halved, and the next step runs as the loop's."""
+    sam_step = example("amp")["sam_step"]
+    a, b = mlp().float(), mlp().float()
+    oa, ob = make(a, 3, 0.7), make(b, 3, 0.7)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=10**9)
+
+    def fp32_step(x, y):
+        F.cross_entropy(a(x), y).backward()
+        if oa.ascent_due:
+            oa.first_step(zero_grad=True)
+            F.cross_entropy(a(x), y).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(a.parameters(), clip)
+        oa.step()  # second_step after first_step, else the step between ascents
+        oa.zero_grad()
+
+    data = [(x.float(), y) for x, y in batches(7)]
+    for x, y in data[:5]:
+        sam_step(b, ob, scaler, x, y, clip=clip)
+        fp32_step(x, y)
+    assert flat(a.parameters()).equal(flat(b.parameters())) and ob.steps == 5
+    w = flat(b.parameters()).clone()
+    sam_step(b, ob, scaler, data[5][0] * float("inf"), data[5][1], clip=clip)  # step 5: no ascent, overflows
+    assert flat(b.parameters()).equal(w) and ob.steps == 5 and scaler.get_scale() == 2.0**11
+    sam_step(b, ob, scaler, *data[6], clip=clip)
+    fp32_step(*data[6])
+    assert flat(a.parameters()).equal(flat(b.parameters()))
+
+
+def test_accumulation_example_with_looksam_equals_one_full_batch_step():
+    """LookSAM-2 through accumulation.py, 4 micro-batches of 4 (float64): the full-batch loop, to 1e-12."""
+    step = example("accumulation")["sam_step_accumulated"]
+    a, b = mlp(), mlp()
+    oa, ob = make(a, 2, 0.7), make(b, 2, 0.7)
+    for x, y in batches(5):
+        step(b, ob, list(zip(x.chunk(4), y.chunk(4))))
+        loop_step(a, oa, x, y)
+    torch.testing.assert_close(flat(b.parameters()), flat(a.parameters()), atol=1e-12, rtol=0)
+    assert ob.steps == 5 and "g_v" in ob.state[next(b.parameters())]
