@@ -36,6 +36,7 @@ METHODS = {
     "sam-f0.5": ("--optimizer sam --ascent-fraction 0.5", "fresh"),
     "sam-f0.25": ("--optimizer sam --ascent-fraction 0.25", "fresh"),
     "ssamf-s0.5": ("--optimizer ssamf --sparsity 0.5", "fresh"),
+    "ssamd-s0.5": ("--optimizer ssamd --sparsity 0.5", "fresh"),
     "ssamd-s0.9": ("--optimizer ssamd --sparsity 0.9", "fresh"),
     "ssamd-s0.5-2:4": ("--optimizer ssamd --sparsity 0.5 --structure 2:4", "fresh"),
     "ssamd-s0.5-2:4-sparse_ascent": (
@@ -57,8 +58,8 @@ METHODS = {
         f"sam-k{k}-a0.7": (f"--optimizer sam --ascent-every {k} --looksam-alpha 0.7", "fresh")
         for k in (2, 5, 10)
     },
-    "sam-f0.5-k2-a0.7": (
-        "--optimizer sam --ascent-fraction 0.5 --ascent-every 2 --looksam-alpha 0.7",
+    "sam-f0.25-k2-a0.7": (
+        "--optimizer sam --ascent-fraction 0.25 --ascent-every 2 --looksam-alpha 0.7",
         "fresh",
     ),
     "sam-f0.5-k5-a0.7": (
