@@ -3,7 +3,7 @@ PY      ?= python3
 VENV    := .venv
 PYTHON  := $(VENV)/bin/python
 
-.PHONY: test demo venv clean mutation reproduce-cifar reproduce-cifar-short reproduce-imagenet subset bench-throughput bench-report bench-accuracy gpu-check
+.PHONY: test demo venv clean mutation reproduce-cifar reproduce-cifar-short reproduce-imagenet subset bench-throughput bench-report bench-accuracy bench-frontier bench-frontier-throughput gpu-check
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -63,6 +63,21 @@ bench-report: venv
 bench-accuracy: venv
 	OMP_WAIT_POLICY=PASSIVE $(PYTHON) bench/accuracy.py $(ACC_ARGS)
 	$(PYTHON) bench/plots.py bench/results/accuracy.json
+
+# The frontier (bench/README.md "Frontier"): step time of its configurations (one throughput run, --bench-methods),
+# then the accuracy screen (seeds 0-2) and the confirmation of the candidates the screen picked (seeds 3-14):
+# bench/results/frontier.{json,md,png}. Finished runs are reused; FRONTIER_ARGS="--runs-dir DIR --jobs N".
+FRONTIER_BENCH := sgd,sam,ssamf-s0.5,ssamd-s0.5,ssamf-s0.9-tensor-cost,sam-f0.5,sam-f0.25,sam-k2,sam-k5,sam-k10
+FRONTIER_BENCH := $(FRONTIER_BENCH),sam-k2-a0.7,sam-k5-a0.7,sam-k10-a0.7,sam-f0.5-k5-a0.7,sam-f0.25-k2-a0.7
+FRONTIER_BENCH := $(FRONTIER_BENCH),ssamf-s0.9-tensor-cost-k2-a0.7
+bench-frontier-throughput: venv
+	mkdir -p bench/results
+	OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m pytest bench/test_throughput.py::test_step --benchmark-only \
+	--bench-methods $(FRONTIER_BENCH) --benchmark-json bench/results/frontier-throughput.json $(BENCH_ARGS)
+
+bench-frontier: venv
+	OMP_WAIT_POLICY=PASSIVE $(PYTHON) bench/frontier.py screen $(FRONTIER_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(PYTHON) bench/frontier.py confirm $(FRONTIER_ARGS)
 
 # Mutation testing of ssam.py (issue 18): mutmut 3 against its fast unit tests ([tool.mutmut] in pyproject.toml),
 # one worker, niced; prints the score and each survivor, rewrites bench/results/mutation-survivors.md (reasons kept).

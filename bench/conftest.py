@@ -43,6 +43,7 @@ def pytest_addoption(parser):
     g.addoption("--bench-fisher-samples", type=int, default=128, help="SSAM-F's N_F (the paper: 128)")
     g.addoption("--bench-train-steps", type=int, default=30, help="SGD steps that make the 'trained' weights")
     g.addoption("--bench-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    g.addoption("--bench-methods", default="", help="comma-separated common.METHODS keys: time only these")
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +69,22 @@ def pytest_generate_tests(metafunc):
             metafunc.parametrize(name, range(metafunc.config.getoption(option)), ids=lambda i: f"round{i}")
     if "model_name" in metafunc.fixturenames:
         metafunc.parametrize("model_name", metafunc.config.getoption("--bench-models").split(","))
+
+
+def pytest_collection_modifyitems(config, items):
+    """--bench-methods: only the benchmarks of those methods (make bench-frontier-throughput)."""
+    names = [m for m in config.getoption("--bench-methods").split(",") if m]
+    unknown = sorted(set(names) - set(common.METHODS))
+    if unknown:
+        raise pytest.UsageError(f"--bench-methods: unknown {unknown}; known: {', '.join(common.METHODS)}")
+    if names:
+        out = [
+            it
+            for it in items
+            if getattr(it, "callspec", None) and it.callspec.params.get("method") not in names
+        ]
+        config.hook.pytest_deselected(items=out)
+        items[:] = [it for it in items if it not in out]
 
 
 def pytest_sessionstart(session):
