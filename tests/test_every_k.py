@@ -367,3 +367,84 @@ def test_accumulation_example_with_looksam_equals_one_full_batch_step():
         loop_step(a, oa, x, y)
     torch.testing.assert_close(flat(b.parameters()), flat(a.parameters()), atol=1e-12, rtol=0)
     assert ob.steps == 5 and "g_v" in ob.state[next(b.parameters())]
+
+
+def test_train_py_crash_and_resume_mid_period_is_bit_exact(tmp_path, monkeypatch):
+    """train.py, SSAM-D with LookSAM-3 (4 steps an epoch: epoch 2 starts at phase 1 of 3), crashing inside
+    epoch 2, then --resume: the same weights, counters and test accuracy as the run straight through."""
+    argv = [
+        "--model",
+        "wrn10-1",
+        "--batch-size",
+        "32",
+        "--train-size",
+        "128",
+        "--epochs",
+        "2",
+        "--eval-every",
+    ]
+    argv += [
+        "2",
+        "--optimizer",
+        "ssamd",
+        "--update-interval",
+        "2",
+        "--ascent-every",
+        "3",
+        "--looksam-alpha",
+        "0.7",
+    ]
+
+    def cfg(*more):
+        return train.resolve_config(train.get_args([*argv, *more]))
+
+    a = train.train(cfg("--out-dir", str(tmp_path / "a")), show_config=False)
+    real_step, calls = train.train_step, []
+
+    def crashing_step(*args, **kw):
+        calls.append(1)
+        if len(calls) == 4 + 2:  # step 2 of epoch 2
+            raise KeyboardInterrupt
+        return real_step(*args, **kw)
+
+    monkeypatch.setattr(train, "train_step", crashing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg("--out-dir", str(tmp_path / "b")), show_config=False)
+    monkeypatch.setattr(train, "train_step", real_step)
+    b = train.train(cfg("--out-dir", str(tmp_path / "b"), "--resume"), show_config=False)
+    ca, cb = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in "ab")
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    ka, kb = ca["optimizer"]["counters"], cb["optimizer"]["counters"]
+    assert (
+        a["test_acc"] == b["test_acc"] and torch.equal(ka.pop("generator"), kb.pop("generator")) and ka == kb
+    )
+    assert ka["steps"] == 8 and any("g_v" in s for s in ca["optimizer"]["state"].values())
+
+
+def _ddp_looksam_worker(rank, world, init_file, result_file):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
+    try:
+        model = convnet()  # the same weights on both processes
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = ssam.SAM(
+            model.parameters(), torch.optim.SGD, rho=0.1, lr=0.05, ascent_every=2, looksam_alpha=0.7
+        )
+        g = torch.Generator().manual_seed(100 + rank)  # different data on each process
+        for _ in range(4):  # the ascent under no_sync: each process its own g at w, hence its own g_v
+            x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+            train.train_step(ddp, opt, x, y, NO_AMP)
+        torch.save(flat(model.parameters()), f"{result_file}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_local_ascents_share_one_g_v(tmp_path):
+    """DDP with the ascent under no_sync (train.py's default): g_v, averaged over the processes in
+    second_step, is the same everywhere, so the steps between ascents keep the weights identical."""
+    torch.multiprocessing.spawn(
+        _ddp_looksam_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2
+    )
+    assert torch.equal(*(torch.load(tmp_path / f"out.{r}") for r in (0, 1)))
