@@ -275,10 +275,10 @@ def make_model(name, width=256):
 
 
 def optimizer_state_bytes(opt):
-    """Bytes of the tensors an optimizer holds, each storage counted once: 'masks' = SSAM's opt.state,
+    """Bytes of the tensors an optimizer holds, each storage counted once: 'masks' = SSAM's masks,
     'momentum' = the base optimizer's state (opt.state of a plain optimizer), 'weight_copy' = the copy of w
     that SAM-type optimizers keep between first_step and second_step (opt._w; measure right after
-    first_step)."""
+    first_step), 'looksam' = LookSAM's g_v and, during the ascent, its copy of g (opt._g)."""
     seen = set()
 
     def count(tensors):
@@ -290,11 +290,13 @@ def optimizer_state_bytes(opt):
         return total
 
     base = getattr(opt, "base_optimizer", None)
-    out = dict(masks=count(v for s in opt.state.values() for v in s.values()) if base is not None else 0)
+    ours = [s for s in opt.state.values()] if base is not None else []
+    out = dict(masks=count(s["mask"] for s in ours if "mask" in s))
     out["momentum"] = count(v for s in (base or opt).state.values() for v in s.values())
-    w = getattr(opt, "_w", None)
+    w, g = getattr(opt, "_w", None), getattr(opt, "_g", None)
     out["weight_copy"] = count(w[1]) if w is not None else 0
-    out["total"] = out["masks"] + out["momentum"] + out["weight_copy"]
+    out["looksam"] = count(s["g_v"] for s in ours if "g_v" in s) + (count(g[1]) if g is not None else 0)
+    out["total"] = out["masks"] + out["momentum"] + out["weight_copy"] + out["looksam"]
     return out
 
 
