@@ -213,8 +213,8 @@ def render(result):
         "",
         f"Accuracy: train.py {' '.join(s['setting'])} (bench/accuracy.py's setting), one run per "
         f"configuration and seed, test accuracy on the 10,000 CIFAR-10 test images; {s['jobs']} runs at a "
-        f"time, one thread each, on {m['cpu']} ({m['cores']} cores), load average {m.get('loadavg', '?')} "
-        "at the start.",
+        f"time, one thread each, on {m['cpu']} ({m['cores']} cores); load average {m.get('loadavg', '?')} "
+        "when this file was written.",
         f"Cost: {t['source']}" + (f" ({t['datetime']}, {t['machine']})" if t.get("datetime") else "") + ": "
         "the median over rounds of the step time over SGD's in the same round (bench/report.py); "
         "--ascent-every k is timed over whole periods of k steps. The bound: multiply-adds over SGD's "
