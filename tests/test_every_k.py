@@ -111,22 +111,23 @@ def test_every_k_matches_the_equations(k, alpha, sparse):
 
 
 def test_k1_is_exactly_sam_and_the_oracle_can_tell_k_apart():
-    """ascent_every=1 (any alpha) is SAM's step bit for bit; SAM-3 is not SAM (the oracle test can fail)."""
+    """ascent_every=1 (any alpha) is SAM's step bit for bit, with SSAM-D at sparsity 0 too; SAM-3 is not SAM
+    (the oracle test can fail)."""
     data = batches(4)
     runs = {}
     for name, kw in (
         ("sam", {}),
         ("k1", dict(ascent_every=1, looksam_alpha=0.7)),
+        ("ssamd-s0-k1", dict(ascent_every=1, looksam_alpha=0.7, sparsity=0.0, total_steps=4, seed=0)),
         ("k3", dict(ascent_every=3)),
     ):
         model = mlp()
-        opt = ssam.SAM(
-            model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=MU, weight_decay=WD, **kw
-        )
+        cls = ssam.SSAMD if "sparsity" in kw else ssam.SAM
+        opt = cls(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=MU, weight_decay=WD, **kw)
         for x, y in data:
             loop_step(model, opt, x, y)
         runs[name] = flat(p.detach() for p in model.parameters())
-    assert torch.equal(runs["k1"], runs["sam"])
+    assert torch.equal(runs["k1"], runs["sam"]) and torch.equal(runs["ssamd-s0-k1"], runs["sam"])
     assert not torch.allclose(runs["k3"], runs["sam"])
 
 
