@@ -373,28 +373,8 @@ def test_accumulation_example_with_looksam_equals_one_full_batch_step():
 def test_train_py_crash_and_resume_mid_period_is_bit_exact(tmp_path, monkeypatch):
     """train.py, SSAM-D with LookSAM-3 (4 steps an epoch: epoch 2 starts at phase 1 of 3), crashing inside
     epoch 2, then --resume: the same weights, counters and test accuracy as the run straight through."""
-    argv = [
-        "--model",
-        "wrn10-1",
-        "--batch-size",
-        "32",
-        "--train-size",
-        "128",
-        "--epochs",
-        "2",
-        "--eval-every",
-    ]
-    argv += [
-        "2",
-        "--optimizer",
-        "ssamd",
-        "--update-interval",
-        "2",
-        "--ascent-every",
-        "3",
-        "--looksam-alpha",
-        "0.7",
-    ]
+    argv = "--model wrn10-1 --batch-size 8 --train-size 32 --epochs 2 --eval-every 2 --optimizer ssamd"
+    argv = (argv + " --update-interval 2 --ascent-every 3 --looksam-alpha 0.7").split()
 
     def cfg(*more):
         return train.resolve_config(train.get_args([*argv, *more]))
