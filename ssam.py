@@ -29,7 +29,8 @@ class SAM(torch.optim.Optimizer):
         rho (float): ||eps||, the radius of the ascent (default 0.05).
         adaptive (bool): ASAM, eps scaled elementwise by w^2 (default False).
         ascent_every, looksam_alpha (int, float): the ascent every k steps, one pass and opt.step() between
-            (default 1: SAM); alpha > 0: LookSAM (Liu et al., CVPR 2022) there, g + alpha·||g||/||g_v||·g_v.
+            (default 1: SAM); alpha > 0: LookSAM (Liu et al., CVPR 2022) there, g + alpha·||g||/||g_v||·g_v
+            per tensor.
         **kwargs: the base optimizer's arguments (lr, momentum, ...) when base_optimizer is a class.
     """
 
@@ -121,14 +122,13 @@ class SAM(torch.optim.Optimizer):
         if self._w is None:
             raise ValueError("second_step called without first_step: the weights are not perturbed")
         if self._g is not None and all(p.grad is not None for p in self._g[0]):  # None: GradScaler's skip
-            (params, g), g_s = self._g, [p.grad for p in self._g[0]]  # LookSAM (Alg. 1): g_v = g_s - c g,
-            dev = params[0].device  # c = g_s·g / ||g||^2: the part of SAM's gradient g_s orthogonal to g
-            dot = torch.stack([(a * b).sum().to(dev) for a, b in zip(g_s, g)]).sum()
-            c = dot / torch.stack([n.to(dev) for n in torch._foreach_norm(g)]).square().sum().clamp_min(1e-30)
-            torch._foreach_mul_(g, -c)
+            (params, g), g_s = self._g, [p.grad for p in self._g[0]]  # LookSAM (Alg. 1), per tensor:
+            n2 = [n.square().clamp_min(1e-30) for n in torch._foreach_norm(g)]  # g_v = g_s - c g, c = g_s·g
+            c = [-(a * b).sum() / n for a, b, n in zip(g_s, g, n2)]  # / ||g||^2: g_s's part orthogonal to g
+            torch._foreach_mul_(g, c)
             torch._foreach_add_(g, g_s)  # g is g_v now
-            for v in g:
-                v.masked_fill_(~torch.isfinite(c), 0.0)  # pass 1 overflowed: no g_v, plain steps
+            for v, ci in zip(g, c):
+                v.masked_fill_(~torch.isfinite(ci), 0.0)  # pass 1 overflowed: no g_v, plain steps
             if torch.distributed.is_available() and torch.distributed.is_initialized():  # local ascents:
                 for v in g:  # one g_v, the mean over the processes, on every process
                     torch.distributed.all_reduce(v.div_(torch.distributed.get_world_size()))
@@ -142,14 +142,13 @@ class SAM(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
-    def _step_between_ascents(self):  # Alg. 1: g + alpha·||g||/||g_v||·g_v in p.grad (SAM-k: g), base step
+    def _step_between_ascents(self):  # Alg. 1 per tensor: g + alpha·||g||/||g_v||·g_v (SAM-k: g), base step
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         params = [p for p in params if "g_v" in self.state[p]] if self.looksam_alpha else []
         if params:
             grads, g_v = [p.grad for p in params], [self.state[p]["g_v"] for p in params]
-            norm = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(t))) for t in (grads, g_v)]
-            scale = self.looksam_alpha * norm[0] / (norm[1] + 1e-12)
-            torch._foreach_add_(grads, torch._foreach_mul(g_v, scale))
+            gn, vn = torch._foreach_norm(grads), torch._foreach_add(torch._foreach_norm(g_v), 1e-12)
+            torch._foreach_addcmul_(grads, g_v, torch._foreach_div(gn, vn), value=self.looksam_alpha)
         self.base_optimizer.step()
         self.steps += 1
 
