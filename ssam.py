@@ -13,9 +13,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
-_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # first_step's bitwise eps = 0
-_REFUSED = set()  # (shapes, dtype, device) the 2:4 kernel refused: dense from then on
-
 
 def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2: a DTensor's whole tensor
@@ -24,9 +21,15 @@ def _full(t):
 # ---- SAM (Foret et al. 2021), the frame SSAM's masks plug into -------------------------------------
 class SAM(torch.optim.Optimizer):
     """SAM (Foret et al.): first_step climbs to w + eps, second_step goes back to w and steps base_optimizer.
-    params: parameters or param groups (a group may set its own rho, adaptive). base_optimizer: an Optimizer
-    class, built here over the same groups with **kwargs (lr, momentum, ...), or one built over the same
-    parameters; param_groups are shared with it. rho (default 0.05): ||eps||. adaptive (False): ASAM."""
+
+    Args:
+        params (iterable): parameters or param groups; a group may set its own rho and adaptive.
+        base_optimizer: an Optimizer class, built here over the same groups with **kwargs, or an optimizer
+            already built over the same parameters. Its param_groups are shared: schedulers just work.
+        rho (float): ||eps||, the radius of the ascent (default 0.05).
+        adaptive (bool): ASAM, eps scaled elementwise by w^2 (default False).
+        **kwargs: the base optimizer's arguments (lr, momentum, ...) when base_optimizer is a class.
+    """
 
     _COUNTERS = ("steps",)  # saved in state_dict()["counters"]; subclasses add theirs
 
@@ -34,14 +37,11 @@ class SAM(torch.optim.Optimizer):
         if not rho >= 0:
             raise ValueError(f"rho must be >= 0, got {rho!r}")
         super().__init__(params, dict(rho=rho, adaptive=adaptive))
-        ours = {id(p) for g in self.param_groups for p in g["params"]}
         if isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer):
-            base_optimizer = base_optimizer(self.param_groups, **kwargs)
-        elif (
-            not isinstance(base_optimizer, torch.optim.Optimizer)
-            or kwargs
-            or ours != {id(p) for g in base_optimizer.param_groups for p in g["params"]}
-        ):
+            base_optimizer, kwargs = base_optimizer(self.param_groups, **kwargs), {}
+        ours = {id(p) for g in self.param_groups for p in g["params"]}
+        theirs = {id(p) for g in getattr(base_optimizer, "param_groups", ()) for p in g["params"]}
+        if not isinstance(base_optimizer, torch.optim.Optimizer) or kwargs or theirs != ours:
             raise ValueError(
                 f"base_optimizer must be an Optimizer class, or one over the same parameters "
                 f"(not other parameters), no kwargs: got {base_optimizer!r}, {sorted(kwargs)}"
@@ -85,8 +85,9 @@ class SAM(torch.optim.Optimizer):
             torch._foreach_mul_([p.grad for p in ada], ada)
         if masks is not None and self.norm == "full":
             torch._foreach_mul_(grads, masks)  # eps ⊙ m (Alg. 1, line 9)
-        # non-finite ||g||: eps = 0. A float times 0 stays NaN, so multiply the bits (an int view) by 0 or 1
-        torch._foreach_mul_([e.view(_INT[e.element_size()]) for e in grads], torch.isfinite(norm).long())
+        finite = torch.isfinite(norm)  # a tensor: no host sync
+        for eps in grads:  # non-finite ||g||: eps = 0 (eps * 0 would keep a NaN)
+            eps.masked_fill_(~finite, 0.0)
         w = [p.to_local() for p in params] if hasattr(params[0], "to_local") else params  # FSDP2: shards, and
         self._w, self._finite = (w, torch._foreach_clone(w)), torch.isfinite(_full(norm))  # a plain bool
         torch._foreach_add_(params, grads)  # climb to w + eps
@@ -155,8 +156,11 @@ class SAM(torch.optim.Optimizer):
             base, counters = state_dict.pop("base"), state_dict.pop("counters")
             super().load_state_dict(state_dict)
             self.base_optimizer.load_state_dict(base)
-            for k, v in counters.items():  # SSAMD's generator takes its state back
-                self.generator.set_state(v) if k == "generator" else setattr(self, k, v)
+            for k, v in counters.items():
+                if k == "generator":  # SSAMD's generator takes its state back
+                    self.generator.set_state(v)
+                else:
+                    setattr(self, k, v)
         self.param_groups = self.base_optimizer.param_groups  # loading replaced the list: share it again
 
 
@@ -195,15 +199,13 @@ def ascent_costs(model, *inputs):
     finally:
         for h in hooks:
             h.remove()
-    return {
-        p: (
-            sum(macs.values()),
-            sum(f for k, f in macs.items() if order[k] > order[m]),
-            macs[m] * p.numel() / sum(q.numel() for q in m.parameters(recurse=False)),
-        )  # dW: its share
-        for m in order
-        for p in m.parameters(recurse=False)
-    }
+    costs = {}
+    for m in order:
+        own = list(m.parameters(recurse=False))
+        later = sum(f for k, f in macs.items() if order[k] > order[m])  # input grads of the layers after m
+        for p in own:  # its weight gradient: its share of the layer's multiply-adds
+            costs[p] = (sum(macs.values()), later, macs[m] * p.numel() / sum(q.numel() for q in own))
+    return costs
 
 
 def cost_tensor_masks(scores, density, costs, by_count=False):
@@ -222,15 +224,19 @@ def cost_tensor_masks(scores, density, costs, by_count=False):
                 take, room = take + [i], room - sizes[i]
         cost = max(fwd) + max((dx[i] for i in take), default=0) + sum(dw[i] for i in take)
         value = sum(sizes[i] * (1 if by_count else mean[i]) for i in take)
-        near = abs(room) <= budget / 4
-        fills.append((value / cost if near else -abs(room), take, near))  # merit: value per cost or -distance
-    _, take, _ = max([f for f in fills if f[2]] or fills)  # the best merit among the near fills, if any
-    return [torch.full_like(s, i in take, dtype=torch.bool) for i, s in enumerate(scores)]
+        fills.append(dict(take=take, near=abs(room) <= budget / 4, value_per_cost=value / cost, room=room))
+    near = [f for f in fills if f["near"]]
+    if near:  # the most value per cost; ties: the first cut, the shallowest backward
+        best = max(near, key=lambda f: f["value_per_cost"])
+    else:  # none near: the fill nearest the budget
+        best = min(fills, key=lambda f: abs(f["room"]))
+    return [torch.full_like(s, i in best["take"], dtype=torch.bool) for i, s in enumerate(scores)]
 
 
-def select_masks(scores, density, nm=None, costs=None, by_count=False):
-    """Masks at density (Eq. 6): N:M where a tensor holds the pattern, else one global top-k; or by tensor."""
-    if nm == "tensor":
+def select_masks(scores, density, nm=None, by_tensor=False, costs=None, by_count=False):
+    """Masks at density (Eq. 6): N:M (nm=(n, m)) where a tensor holds the pattern, else one global top-k;
+    by_tensor: whole tensors (cost_tensor_masks, with costs if given)."""
+    if by_tensor:
         return cost_tensor_masks(scores, density, costs or [(1, 0, 0)] * len(scores), by_count)
     fits = [nm and s.dim() > 1 and s.shape[0] % nm[1] == 0 for s in scores]  # it holds the N:M pattern
     masks = [nm_mask(s, *nm) if fit else None for s, fit in zip(scores, fits)]
@@ -247,7 +253,9 @@ class _SparseSAM(SAM):
 
     _COUNTERS = ("steps", "last_mask_update")
 
-    def __init__(self, params, base, *, rho, sparsity, update_interval, structure, norm, costs, **kw):
+    def __init__(
+        self, params, base, sparsity=0.5, update_interval=1000, structure=None, norm=None, costs=None, **kw
+    ):
         if not 0 <= sparsity <= 1:
             raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}")
         if not (isinstance(update_interval, int) and update_interval >= 1):
@@ -257,17 +265,19 @@ class _SparseSAM(SAM):
             raise ValueError(f"unknown structure {structure!r}: use None, 'tensor' or 'N:M' with 0 < N <= M")
         if n and not math.isclose(sparsity, 1 - n / m):  # N:M fixes the density at N/M
             raise ValueError(f"structure {structure!r} needs sparsity={1 - n / m:g}, got {sparsity!r}")
-        self.nm = (n, m) if n else "tensor" if structure == "tensor" else None
-        norm = norm or ("masked" if self.nm == "tensor" else "full")
-        if norm not in ("full", "masked") or (self.nm == "tensor" and norm != "masked"):
+        self.nm = (n, m) if n else None  # N:M masks
+        self.by_tensor = structure == "tensor"  # whole-tensor masks
+        norm = norm or ("masked" if self.by_tensor else "full")
+        if norm not in ("full", "masked") or (self.by_tensor and norm != "masked"):
             raise ValueError(
                 f"norm={norm!r} not allowed: use 'full' (||g||, the paper) or 'masked' "
                 "(||g ⊙ m||); structure='tensor' needs 'masked': others get no ascent gradient"
             )
-        if costs is not None and self.nm != "tensor":
+        if costs is not None and not self.by_tensor:
             raise ValueError("costs= picks whole tensors by their ascent cost: it needs structure='tensor'")
-        super().__init__(params, base, rho=rho, **kw)
-        vars(self).update(sparsity=sparsity, update_interval=update_interval, structure=structure, norm=norm)
+        super().__init__(params, base, **kw)  # rho, adaptive, the base optimizer's arguments
+        self.sparsity, self.update_interval, self.structure = sparsity, update_interval, structure
+        self.norm = norm
         self.masked = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         if not self.masked:
             raise ValueError("every parameter has requires_grad=False: there is nothing to train or perturb")
@@ -275,6 +285,9 @@ class _SparseSAM(SAM):
         self.costs = costs and [costs.get(p, (0, 0, 0)) for p in self.masked]  # None: the paper's ranking
         self.last_mask_update = -1  # step of the last mask update; -1: never
         self._unperturbed = []  # structure='tensor': the tensors ascent_pass() freezes
+
+    def _select(self, scores, by_count=False):  # masks at density 1 - s in this optimizer's structure
+        return select_masks(scores, 1 - self.sparsity, self.nm, self.by_tensor, self.costs, by_count)
 
     @property
     def mask_update_due(self):  # before the first mask, then every update_interval steps
@@ -287,7 +300,7 @@ class _SparseSAM(SAM):
         return sum(int(_full(m).sum()) for m in self.masks()) / self.size
 
     def set_masks(self, masks, count_update=True):  # bool, one per opt.masked; also masks of your own
-        if self.nm == "tensor":
+        if self.by_tensor:
             self._unperturbed = [p for p, mk in zip(self.masked, masks) if not mk.any()]  # sync: per update
         for p, mk in zip(self.masked, masks):  # FSDP2: every rank has the whole mask and keeps its shard
             if hasattr(p, "device_mesh") and not hasattr(mk, "device_mesh"):
@@ -331,13 +344,15 @@ def empirical_fisher(model, data, num_samples, loss_fn=None):
     for m in bns:
         m.forward = lambda a, m=m: _bn_one_sample(m, a)
     try:
-        for batch in data:  # (inputs, targets), or HF's dict of tensors
-            hf = hasattr(batch, "keys")  # HF: model(**sample), each with its own attention_mask row
-            for i in range(min(len(next(iter(batch.values())) if hf else batch[1]), num_samples - seen)):
-                one = {k: v[i : i + 1].to(device) for k, v in (batch.items() if hf else enumerate(batch))}
+        for batch in data:
+            for x, y in _one_sample_batches(batch, device, num_samples - seen):
                 model.zero_grad()  # backward fills p.grad afresh (the caller's come back below)
-                out, y = (model(**one), one) if hf else (model(one[0]), one[1])
-                loss = loss_fn(out, y) if loss_fn else out["loss"] if hf else F.cross_entropy(out, y)
+                hf = y is None  # HF: model(**x), the loss in its output or loss_fn(out, x)
+                out = model(**x) if hf else model(x)
+                if loss_fn is not None:
+                    loss = loss_fn(out, x if hf else y)
+                else:
+                    loss = out["loss"] if hf else F.cross_entropy(out, y)
                 loss.backward()  # FSDP2: the mean over ranks, this sample's gradient if every rank has it
                 check += loss.detach() * (seen + 1)  # FSDP2: compared below
                 g = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
@@ -359,6 +374,16 @@ def empirical_fisher(model, data, num_samples, loss_fn=None):
     return {p: _full(f) for p, f in zip(params, fisher)}  # FSDP2: whole tensors, the same on every rank
 
 
+def _one_sample_batches(batch, device, most):
+    """Up to `most` batches of one sample: (x, y) from an (inputs, targets) batch; (dict, None) from HF's
+    dict of tensors, each sample with its own attention_mask row."""
+    if hasattr(batch, "keys"):  # a dict, or a transformers BatchEncoding
+        n = min(len(next(iter(batch.values()))), most)
+        return [({k: v[i : i + 1].to(device) for k, v in batch.items()}, None) for i in range(n)]
+    x, y = batch[0], batch[1]
+    return [(x[i : i + 1].to(device), y[i : i + 1].to(device)) for i in range(min(len(y), most))]
+
+
 def _bn_one_sample(m, a):
     """Train-mode BatchNorm of one sample: its own statistics, or the running ones at one value a channel."""
     if a[0, 0].numel() > 1:
@@ -372,39 +397,26 @@ def _bn_one_sample(m, a):
 
 
 class SSAMF(_SparseSAM):
-    """SSAM-F: perturb the (1-s)·|w| entries of largest empirical Fisher (Eq. 6); call opt.update_mask(model,
-    data) when opt.mask_update_due. Arguments: SAM's (rho=0.05, adaptive=False, **kwargs); sparsity (default
-    0.5): s, the share of trainable entries unperturbed; num_samples (128): N_F of Eq. 5; update_interval
-    (1000): steps between mask updates; structure (None): element-wise, "N:M" such as "2:4" (sparsity 1 - N/M)
-    or "tensor" (whole tensors; `with opt.ascent_pass():` then saves work); norm (None): "full", ||g|| as the
-    paper, or "masked", ||g ⊙ m|| ("tensor" needs it); costs (None): ascent_costs(model, x) for "tensor"."""
+    """SSAM-F: perturb the (1-s)·|w| entries of largest empirical Fisher (Eq. 6). Call
+    opt.update_mask(model, data) whenever opt.mask_update_due, before the first pass.
 
-    def __init__(
-        self,
-        params,
-        base_optimizer,
-        rho=0.05,
-        sparsity=0.5,
-        num_samples=128,
-        update_interval=1000,
-        structure=None,
-        norm=None,
-        costs=None,
-        **kwargs,
-    ):
+    Args:
+        params, base_optimizer, rho, adaptive, **kwargs: as SAM's.
+        sparsity (float): s, the share of trainable entries left unperturbed (default 0.5).
+        num_samples (int): N_F of Eq. 5, the samples the Fisher sums over (default 128).
+        update_interval (int): steps between mask updates (default 1000).
+        structure (str): None (element-wise), "N:M" such as "2:4" (then sparsity = 1 - N/M), or "tensor"
+            (whole tensors; `with opt.ascent_pass():` around the first pass then saves work) (default None).
+        norm (str): "full", eps normalized by ||g|| as the paper, or "masked", by ||g ⊙ m||; None: "masked"
+            for structure="tensor" (which needs it), else "full" (default None).
+        costs (dict): ascent_costs(model, x), with structure="tensor": tensors by score per cost (default
+            None: by score).
+    """
+
+    def __init__(self, params, base_optimizer, rho=0.05, sparsity=0.5, num_samples=128, **kwargs):
         if not (isinstance(num_samples, int) and num_samples >= 1):
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-        super().__init__(
-            params,
-            base_optimizer,
-            rho=rho,
-            sparsity=sparsity,
-            update_interval=update_interval,
-            structure=structure,
-            norm=norm,
-            costs=costs,
-            **kwargs,
-        )
+        super().__init__(params, base_optimizer, rho=rho, sparsity=sparsity, **kwargs)
         self.num_samples = num_samples
 
     @torch.no_grad()
@@ -415,15 +427,22 @@ class SSAMF(_SparseSAM):
         fisher = empirical_fisher(model, data, self.num_samples, loss_fn)
         if any(p not in fisher for p in self.masked):
             raise ValueError("some parameters are not trainable ones of `model`: pass theirs (DDP: .module)")
-        self.set_masks(select_masks([fisher[p] for p in self.masked], 1 - self.sparsity, self.nm, self.costs))
+        self.set_masks(self._select([fisher[p] for p in self.masked]))
 
 
 # ---- SSAM-D: the mask from dynamic sparse training (Eq. 7-9, Alg. 2 Option II) ---------------------
 class SSAMD(_SparseSAM):
     """SSAM-D: a random mask at density 1-s (Alg. 1 line 1), dropped and grown every update_interval steps
-    inside first_step with that step's gradient (Eq. 7-9). Arguments: SSAMF's but num_samples, same defaults
-    (costs weigh entries, not Fisher mass), and drop_rate (default 0.5): alpha of Eq. 9. total_steps
-    (required): T of Eq. 9, the run's step count. seed (None): its own generator's (in state_dict)."""
+    inside first_step with that step's gradient (Eq. 7-9): nothing to call.
+
+    Args:
+        params, base_optimizer, rho, adaptive, **kwargs: as SAM's.
+        sparsity, update_interval, structure, norm, costs: as SSAMF's (costs weigh entries: a random mask
+            has no Fisher mass).
+        drop_rate (float): alpha of Eq. 9, the largest share of the mask redrawn at once (default 0.5).
+        total_steps (int): T of Eq. 9, the run's number of steps (required).
+        seed (int): seed of the mask's own generator, saved in state_dict; None: drawn from torch's.
+    """
 
     _COUNTERS = _SparseSAM._COUNTERS + ("generator",)
 
@@ -434,37 +453,23 @@ class SSAMD(_SparseSAM):
         rho=0.05,
         sparsity=0.5,
         drop_rate=0.5,
-        update_interval=1000,
         total_steps=None,
-        structure=None,
-        norm=None,
         seed=None,
-        costs=None,
         **kwargs,
     ):
         if not 0 <= drop_rate <= 1:
             raise ValueError(f"drop_rate must be in [0, 1], got {drop_rate!r}")
         if not (isinstance(total_steps, int) and total_steps >= 1):
             raise ValueError(f"total_steps must be the run's number of steps (int >= 1), got {total_steps!r}")
-        super().__init__(
-            params,
-            base_optimizer,
-            rho=rho,
-            sparsity=sparsity,
-            update_interval=update_interval,
-            structure=structure,
-            norm=norm,
-            costs=costs,
-            **kwargs,
-        )
+        super().__init__(params, base_optimizer, rho=rho, sparsity=sparsity, **kwargs)
         self.drop_rate, self.total_steps = drop_rate, total_steps
         self.generator = torch.Generator(device=self.masked[0].device)
         self.generator.manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
         rand = [self._rand(p) for p in self.masked]  # Alg. 1 line 1: a random mask
-        self.set_masks(select_masks(rand, 1 - sparsity, self.nm, self.costs, by_count=True))
+        self.set_masks(self._select(rand, by_count=True))
 
-    def _rand(self, p):
-        shape = () if self.nm == "tensor" else p.shape  # structure='tensor': one draw per tensor
+    def _rand(self, p):  # uniform [0, 1) scores; structure='tensor': one draw per tensor
+        shape = () if self.by_tensor else p.shape
         gen = self.generator
         return torch.rand(shape, generator=gen, device=gen.device).to(p.device).expand(p.shape)
 
@@ -474,22 +479,22 @@ class SSAMD(_SparseSAM):
         return int(f_decay * (1 - self.sparsity) * self.size)
 
     @torch.no_grad()
-    def update_mask(self, grads):
-        """One drop-and-grow round with `grads`, one per parameter of opt.masked (None: zero)."""
+    def drop_and_grow(self, grads):
+        """One drop-and-grow round (Eq. 7-8) with `grads`, one per parameter of opt.masked (None: zero)."""
         masks = [_full(m) for m in self.masks()]  # FSDP2: whole tensors, as below
         g = [_full(torch.zeros_like(p) if gr is None else gr) for p, gr in zip(self.masked, grads)]
         # Eq. 7: drop the n_drop perturbed entries of smallest |g|, keep the rest (whole tensors: by mean |g|)
         keep = (int(sum(m.sum() for m in masks)) - self.drop_count(self.steps)) / self.size
         keep_scores = [torch.where(m, gr.abs(), -math.inf) for m, gr in zip(masks, g)]
-        nm = "tensor" if self.nm == "tensor" else None  # N:M: the grow below restores the pattern
-        kept = [k & m for k, m in zip(select_masks(keep_scores, max(keep, 0), nm), masks)]
+        kept = select_masks(keep_scores, max(keep, 0), by_tensor=self.by_tensor)  # N:M: the grow restores it
+        kept = [k & m for k, m in zip(kept, masks)]
         # Eq. 8: grow at random among the unperturbed: kept entries score 2, the rest uniform in [0, 1)
         grow_scores = [torch.where(k, 2.0, self._rand(p)) for k, p in zip(kept, self.masked)]
-        self.set_masks(select_masks(grow_scores, 1 - self.sparsity, self.nm, self.costs, True))
+        self.set_masks(self._select(grow_scores, by_count=True))
 
     def _mask_for_step(self, params, grads):
         if self.mask_update_due:  # grads are the params' p.grad
-            self.update_mask([p.grad for p in self.masked])
+            self.drop_and_grow([p.grad for p in self.masked])
         return super()._mask_for_step(params, grads)
 
 
@@ -517,14 +522,18 @@ class _MaskedInputGrad(torch.autograd.Function):
 def sparse_input_grad(gy, weight, mask):
     """dX = dY (W ⊙ M), dY [B, out]: on CUDA in fp16/bf16 via 2:4 sparse tensor cores, elsewhere dense."""
     wm = weight * mask
-    key = (wm.shape, gy.shape, wm.dtype, wm.device)
-    if wm.is_cuda and wm.dtype in (torch.float16, torch.bfloat16) and key not in _REFUSED:
+    if wm.is_cuda and wm.dtype in (torch.float16, torch.bfloat16):
         try:
-            wt = torch.sparse.to_sparse_semi_structured(wm.t().contiguous())  # [in, out]; W moves: each step
-            return (wt @ gy.t().contiguous()).t()
+            return semi_structured_mm(gy, wm)
         except (RuntimeError, ValueError, NotImplementedError):
-            _REFUSED.add(key)  # kernel refused this shape/GPU: dense from now on
+            pass  # the kernel refuses this shape or GPU: the dense product
     return gy @ wm
+
+
+def semi_structured_mm(gy, wm):
+    """dY (W ⊙ M) on 2:4 sparse tensor cores; W moves every step, so (W ⊙ M)^T is compressed every step."""
+    wt = torch.sparse.to_sparse_semi_structured(wm.t().contiguous())  # [in, out]
+    return (wt @ gy.t().contiguous()).t()
 
 
 @contextmanager

@@ -62,12 +62,8 @@ def timed(fn, device, warmup=None, repeat=None):
 
 @contextlib.contextmanager
 def semi_structured_refused():
-    """Make torch.sparse.to_sparse_semi_structured raise, so ssam.sparse_input_grad takes its dense fallback.
-    ssam remembers refused shapes (ssam._REFUSED): that memory is put back as it was, so later checks still
-    use the kernel."""
+    """Make torch.sparse.to_sparse_semi_structured raise: ssam.sparse_input_grad takes its dense fallback."""
     original = torch.sparse.to_sparse_semi_structured
-    refused = getattr(ssam, "_REFUSED", None)
-    saved = set(refused) if refused is not None else None
 
     def refuse(*args, **kwargs):
         raise RuntimeError("refused by gpu_check")
@@ -77,9 +73,6 @@ def semi_structured_refused():
         yield
     finally:
         torch.sparse.to_sparse_semi_structured = original
-        if refused is not None:
-            refused.clear()
-            refused.update(saved)
 
 
 KERNEL_RUNS = [0]  # calls in which ssam.sparse_input_grad ran the 2:4 kernel, over the whole script
@@ -87,24 +80,21 @@ KERNEL_RUNS = [0]  # calls in which ssam.sparse_input_grad ran the 2:4 kernel, o
 
 @contextlib.contextmanager
 def count_kernel_runs():
-    """Counts (into the yielded list, and KERNEL_RUNS) the weights that ssam.sparse_input_grad compressed to
-    2:4 and then multiplied on the kernel: a compression whose matmul failed lands in ssam._REFUSED, and is
-    taken off."""
-    original = torch.sparse.to_sparse_semi_structured
-    refused = getattr(ssam, "_REFUSED", set())
-    n_refused, runs = len(refused), [0]
+    """Counts (into the yielded list, and KERNEL_RUNS) the products ssam.semi_structured_mm finished on the
+    2:4 kernel: a compression or a matmul that raised (ssam then runs the dense product) is not counted."""
+    original = ssam.semi_structured_mm
+    runs = [0]
 
     def counting(*args, **kwargs):
         out = original(*args, **kwargs)  # raises if the kernel refuses: not counted
         runs[0] += 1
         return out
 
-    torch.sparse.to_sparse_semi_structured = counting
+    ssam.semi_structured_mm = counting
     try:
         yield runs
     finally:
-        torch.sparse.to_sparse_semi_structured = original
-        runs[0] = max(0, runs[0] - (len(refused) - n_refused))
+        ssam.semi_structured_mm = original
         KERNEL_RUNS[0] += runs[0]
 
 

@@ -217,6 +217,6 @@ def test_ssamd_update_mask(benchmark, update_round, model_name, cfg):
         model, *common.batch(cfg["batch"], cfg["device"])
     )  # step 0: most drops (Eq. 9)
     benchmark.pedantic(
-        run_sync, args=(opt.update_mask, cfg["device"], grads), rounds=1, warmup_rounds=1, iterations=1
+        run_sync, args=(opt.drop_and_grow, cfg["device"], grads), rounds=1, warmup_rounds=1, iterations=1
     )
     info(benchmark, model, cfg, update_round, kind="mask-update", model=model_name, opt="ssamd", sparsity=0.5)

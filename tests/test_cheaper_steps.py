@@ -218,7 +218,7 @@ def test_cost_masks_on_resnet18_pick_the_top_of_the_network_when_scores_are_equa
     paper = [
         n
         for n, m in zip(
-            params, ssam.select_masks([torch.ones_like(p) for p in params.values()], 0.1, "tensor")
+            params, ssam.select_masks([torch.ones_like(p) for p in params.values()], 0.1, by_tensor=True)
         )
         if m.all()
     ]
@@ -264,7 +264,7 @@ def test_ssam_with_costs_perturbs_what_the_cost_rule_picks(kind):
     if kind == "ssamf":
         opt.update_mask(model, [(x, y)])
         scores = ssam.empirical_fisher(model, [(x, y)], 8)
-        paper = ssam.select_masks([scores[p] for p in params], 0.1, "tensor")
+        paper = ssam.select_masks([scores[p] for p in params], 0.1, by_tensor=True)
         assert [i for i, m in enumerate(paper) if m.all()] == [3, 5, 6, 7]
         assert [i for i, m in enumerate(opt.masks()) if m.all()] == [5, 6, 7]
     assert all(m.all() or not m.any() for m in opt.masks()) and 0 < opt.density() <= 0.125

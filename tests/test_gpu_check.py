@@ -1,6 +1,7 @@
 """Tests of bench/gpu_check.py that run on the CPU: `make gpu-check` must fail (exit 1, a message) when the
 2:4 kernel never ran, instead of printing "ok" for a comparison of the dense fallback with itself."""
 
+import pytest
 import torch
 
 import ssam
@@ -25,14 +26,15 @@ def test_kernel_that_never_ran_fails_the_script(monkeypatch, capsys):
 
 def test_kernel_runs_are_counted_and_refusals_are_not(monkeypatch):
     monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", lambda t: t)  # a "kernel" that accepts
-    monkeypatch.setattr(ssam, "_REFUSED", set(), raising=False)
+    w, gy, mask = torch.randn(8, 4), torch.randn(3, 8), torch.ones(8, 4)
     with gpu_check.count_kernel_runs() as runs:
-        torch.sparse.to_sparse_semi_structured(torch.ones(2))
-        torch.sparse.to_sparse_semi_structured(torch.ones(2))
-        ssam._REFUSED.add("shape whose matmul failed after compression")
-    assert runs == [1]
-    with gpu_check.semi_structured_refused():  # refusing on purpose leaves ssam's memory as it was
-        ssam._REFUSED.add("refused by gpu_check")
-    assert ssam._REFUSED == {"shape whose matmul failed after compression"}
+        ssam.semi_structured_mm(gy, w)
+        ssam.semi_structured_mm(gy, w)
+        with gpu_check.semi_structured_refused():  # the compression raises: not a run
+            with pytest.raises(RuntimeError, match="refused by gpu_check"):
+                ssam.semi_structured_mm(gy, w)
+            torch.testing.assert_close(ssam.sparse_input_grad(gy, w, mask), gy @ w)  # the dense fallback
+    assert runs == [2]
+    assert torch.sparse.to_sparse_semi_structured(w) is w  # the "kernel" is back after the refusal
     assert gpu_check.kernel_verdict("cuda", 0)[2] is False and gpu_check.kernel_verdict("cuda", 3)[2] is True
     assert gpu_check.kernel_verdict("cpu", 0)[2] is None

@@ -37,7 +37,7 @@ def test_ssamd_24_drops_the_smallest_gradients_and_regrows_keeping_24():
             [w], SGD, sparsity=0.5, structure="2:4", drop_rate=0.5, total_steps=10, seed=seed, lr=0.1
         )
         opt.set_masks([start.clone()])
-        opt.update_mask([grad])
+        opt.drop_and_grow([grad])
         new = opt.masks()[0]
         assert (new.reshape(2, 4, 3).sum(1) == 2).all()  # 2:4 in every group
         assert new[o == 0].all()  # the largest |g| of each group is kept
@@ -63,7 +63,7 @@ def test_ssamd_tensor_mode_drops_the_tensors_of_lowest_mean_gradient_and_regrows
             params, SGD, sparsity=0.5, structure="tensor", drop_rate=0.5, total_steps=10, seed=seed, lr=0.1
         )
         opt.set_masks([m.clone() for m in start])
-        opt.update_mask(grads)
+        opt.drop_and_grow(grads)
         masks = opt.masks()
         assert all(bool(m.all()) or not bool(m.any()) for m in masks)  # whole tensors
         on = torch.tensor([bool(m.all()) for m in masks])
@@ -133,7 +133,8 @@ def test_ssamd_costs_choose_by_entries_per_cost_at_start_and_after_updates():
             )
             on = [[bool(m.all()) for m in opt.masks()]]
             for t in range(2):  # two drop-and-grow rounds with random gradients
-                opt.update_mask([torch.rand(10, generator=torch.Generator().manual_seed(t)) for _ in params])
+                g = torch.rand(10, generator=torch.Generator().manual_seed(t))  # the same for each tensor
+                opt.drop_and_grow([g.clone() for _ in params])
                 on.append([bool(m.all()) for m in opt.masks()])
             if costs:
                 assert on == [[False, False, True]] * 3, (seed, on)
@@ -430,7 +431,7 @@ def test_defaults_and_range_edges():
     assert ssam.SSAMF(params, SGD, num_samples=1, lr=0.1).num_samples == 1
     one = ssam.SSAMD(params, SGD, total_steps=1, drop_rate=0.0, seed=0, lr=0.1)
     start = one.masks()[0].clone()
-    one.update_mask([torch.randn(4, 4)])
+    one.drop_and_grow([torch.randn(4, 4)])
     assert one.drop_count(0) == 0 and torch.equal(one.masks()[0], start)
     for structure, sparsity in (("unstructured", 0.5), ("4:4", 0.0)):  # 4:4: every entry, like sparsity 0
         opt = ssam.SSAMD(params, SGD, structure=structure, sparsity=sparsity, total_steps=5, seed=0, lr=0.1)

@@ -675,7 +675,7 @@ def test_ssamd_growth_is_random_and_seeded():
         )
         for p, m in zip(params, start):
             opt.state[p]["mask"] = m.clone()
-        opt.update_mask(grads)
+        opt.drop_and_grow(grads)
         return flat(opt.masks()), opt.drop_count(0)
 
     old = flat(start)
