@@ -876,8 +876,8 @@ def _ddp_worker(rank, world, init_file, result_file):
 
 
 def test_ddp_two_processes_keep_weights_and_masks_identical(tmp_path):
-X
-    process's own data, SSAM-D's drop-and-grow from its own gradient) both hold rank 0's mask, and with
+    """2 processes, different data, the ascent local (no_sync): after every step (SSAM-F's update_mask from
+    each process's own data, SSAM-D's drop-and-grow from its own gradient) both hold rank 0's mask, and with
     tensor masks ascent_pass() freezes exactly the tensors that mask leaves out, on both."""
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"out.{r}") for r in (0, 1))
