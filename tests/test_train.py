@@ -858,10 +858,9 @@ def _ddp_worker(rank, world, init_file, result_file):
             other = [torch.zeros_like(flat) for _ in range(world)]
             dist.all_gather(other, flat)
             same.append(torch.equal(other[0], other[1]))
-            with opt.ascent_pass():  # what the next ascent freezes: the tensors the mask leaves out
-                frozen_ok.append(
-                    [not p.requires_grad for p in opt.masked] == [not m.any() for m in opt.masks()]
-                )
+            left_out = [structure == "tensor" and not m.any() for m in opt.masks()]
+            with opt.ascent_pass():  # what the next ascent freezes: the tensors a tensor mask leaves out
+                frozen_ok.append([not p.requires_grad for p in opt.masked] == left_out)
         # BN running stats are not compared: DDP copies rank 0's at the start of each forward, so they lag
         results[optimizer + structure] = dict(
             params=torch.cat([p.detach().flatten() for p in model.parameters()]),
