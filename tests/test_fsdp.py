@@ -450,8 +450,8 @@ def check_mask_placements(rank):
 def check_seed_none(rank):
     """SSAMD(seed=None) after torch.manual_seed(rank): each rank draws its own generator seed, yet every rank
     holds rank 0's mask (set_masks distributes it) and the density is exact, initially and after updates."""
-    torch.manual_seed(rank)
     sharded = shard(mlp())
+    torch.manual_seed(rank)  # after mlp(), which seeds 0
     kw = dict(rho=RHO, sparsity=0.5, update_interval=1, total_steps=3, seed=None, lr=0.1)
     opt = ssam.SSAMD(sharded.parameters(), torch.optim.SGD, **kw)
     size = sum(p.numel() for p in opt.masked)
