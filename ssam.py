@@ -88,8 +88,10 @@ class SAM(torch.optim.Optimizer):
         finite = torch.isfinite(norm)  # a tensor: no host sync
         for eps in grads:  # non-finite ||g||: eps = 0 (eps * 0 would keep a NaN)
             eps.masked_fill_(~finite, 0.0)
-        w = [p.to_local() for p in params] if hasattr(params[0], "to_local") else params  # FSDP2: shards, and
-        self._w, self._finite = (w, torch._foreach_clone(w)), torch.isfinite(_full(norm))  # a plain bool
+        w = [p.to_local() for p in params] if hasattr(params[0], "to_local") else params  # FSDP2: shards
+        saved = [torch.empty_like(t) for t in w]
+        torch._foreach_copy_(saved, w)  # w, to come back to exactly
+        self._w, self._finite = (w, saved), torch.isfinite(_full(norm))  # FSDP2: a plain bool
         torch._foreach_add_(params, grads)  # climb to w + eps
         if zero_grad:
             self.zero_grad()
