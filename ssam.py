@@ -89,8 +89,10 @@ class SAM(torch.optim.Optimizer):
         finite = torch.isfinite(norm)  # a tensor: no host sync
         for eps in grads:  # non-finite ||g||: eps = 0 (eps * 0 would keep a NaN)
             eps.masked_fill_(~finite, 0.0)
-        w = [p.to_local() for p in params] if hasattr(params[0], "to_local") else params  # FSDP2: shards, and
-        self._w, self._finite = (w, torch._foreach_clone(w)), torch.isfinite(_full(norm))  # a plain bool
+        w = [p.to_local() for p in params] if hasattr(params[0], "to_local") else params  # FSDP2: shards
+        saved = [torch.empty_like(t) for t in w]
+        torch._foreach_copy_(saved, w)  # w, to come back to exactly
+        self._w, self._finite = (w, saved), torch.isfinite(_full(norm))  # FSDP2: a plain bool
         torch._foreach_add_(params, grads)  # climb to w + eps
         if zero_grad:
             self.zero_grad()
@@ -326,7 +328,7 @@ class _SparseSAM(SAM):
         if span.sum() != 0:
             raise ValueError("mask shapes differ across processes (pipeline?): pass process_group=, or False")
         flat = torch.cat([m.reshape(-1).to(device) for m in masks]).to(torch.uint8)  # gloo has no bool
-        dist.broadcast(flat, group=group, group_src=0)
+        dist.broadcast(flat, 0 if group is None else dist.get_global_rank(group, 0), group=group)
         flat = flat.split([m.numel() for m in masks])
         return [f.view(m.shape).to(m.device, torch.bool) for f, m in zip(flat, masks)]
 
