@@ -383,10 +383,18 @@ MAKERS = {
 
 def check_dcp_recipe(rank, tmp):
     """examples/fsdp_checkpoint.py's state() and load(): SAM, SSAM-D, SSAM-F saved before its first mask
-    (a fresh optimizer, no mask yet) and between two updates (interval 3, saved at step 2)."""
+    (a fresh optimizer, no mask yet) and between two updates (interval 3, saved at step 2). torch's
+    get_optimizer_state_dict / set_optimizer_state_dict on the SSAM itself: a warning names what is lost."""
     ex = runpy.run_path(str(EXAMPLES / "fsdp_checkpoint.py"))
     for name, stop in (("sam", 2), ("ssamf", 0), ("ssamf", 2), ("ssamd", 3)):
         resume_pair(MAKERS[name], rank, stop, f"{tmp}/recipe-{name}{stop}", ex["state"], ex["load"])
+    model = shard(mlp())  # torch's own recipe on the SSAM itself: the load says what it leaves out
+    opt = MAKERS["ssamd"](model, 3)
+    osd = get_optimizer_state_dict(model, opt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        set_optimizer_state_dict(model, opt, osd)
+    assert any("no ['base', 'counters'] in state_dict" in str(w.message) for w in caught), caught
 
 
 def check_train_resume(rank, tmp):
