@@ -10,7 +10,7 @@ checkpoint and a resumed run continues exactly. SSAM-F's mask is refreshed from 
 strategy="ddp" every process holds rank 0's mask (ssam.py broadcasts it).
 precision="16-mixed" (a GradScaler): Lightning calls the closure itself, then scaler.step(opt) without one,
 which is SAM's second step. So descent() climbs first (first_step, after recording pass 1's inf/NaN for the
-scaler, as examples/amp.py), and opt.restore() after opt.step() puts w back when the scaler skipped the step.
+scaler, as examples/amp.py); opt.optimizer.restore() after opt.step() puts w back if the scaler skipped it.
 """
 
 import lightning as L
