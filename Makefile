@@ -6,10 +6,11 @@ PYTHON  := $(VENV)/bin/python
 .PHONY: test demo venv clean mutation reproduce-cifar reproduce-cifar-short reproduce-imagenet subset bench-throughput bench-report bench-accuracy bench-frontier bench-frontier-throughput gpu-check
 
 venv: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+# pyproject.toml names the packages, constraints.txt pins the versions: a fresh clone installs the tested set
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
-	$(PYTHON) -m pip install -q --upgrade pip
-	$(PYTHON) -m pip install -q -e .
+	$(PYTHON) -m pip install -q -c constraints.txt --upgrade pip
+	$(PYTHON) -m pip install -q -c constraints.txt -e ".[test,loops,bench]"
 	touch $@
 
 # ruff first (config in pyproject.toml): a lint or layout violation fails `make test`, as a failing test does
@@ -58,8 +59,8 @@ bench-report: venv
 
 # SGD, SAM, SSAM-F 0.5, SSAM-D 0.5/0.9 where the model fits its (label-noisy) training data, seeds 0-5, 10,000 test
 # images: mean ± 95% CI, paired differences, Hessian lambda_1; then the two figures. Finished runs are reused.
-# ACC_ARGS="--more": + SSAM-F 0.9/0.99, tensor masks, SAM-ON. Time: README "Accuracy".
-# ACC_ARGS="--cheaper": + cost-aware masks and --ascent-fraction 0.25/0.5 (issue 11), each paired with its exact method.
+# ACC_ARGS="--more": + SSAM-F 0.9/0.99, tensor masks, SAM-ON. Times: bench/README.md, "Accuracy".
+# ACC_ARGS="--cheaper": + cost-aware masks and --ascent-fraction 0.25/0.5, each paired with its exact method.
 bench-accuracy: venv
 	OMP_WAIT_POLICY=PASSIVE $(PYTHON) bench/accuracy.py $(ACC_ARGS)
 	$(PYTHON) bench/plots.py bench/results/accuracy.json
@@ -79,13 +80,13 @@ bench-frontier: venv
 	OMP_WAIT_POLICY=PASSIVE $(PYTHON) bench/frontier.py screen $(FRONTIER_ARGS)
 	OMP_WAIT_POLICY=PASSIVE $(PYTHON) bench/frontier.py confirm $(FRONTIER_ARGS)
 
-# Mutation testing of ssam.py (issue 18): mutmut 3 against its fast unit tests ([tool.mutmut] in pyproject.toml),
-# one worker, niced; prints the score and each survivor, rewrites bench/results/mutation-survivors.md (reasons kept).
-# 8.5 to 19 min on the shared 2-core dev machine (509 s at load ~3.5, 1132 s at load ~6). Not part of `make test`.
+# Mutation testing of ssam.py: mutmut against its fast unit tests ([tool.mutmut] in pyproject.toml), one worker,
+# niced; prints the score and each survivor, rewrites bench/results/mutation-survivors.md (reasons kept).
+# About 10 min on the 2-core dev box with nothing else running (CONTRIBUTING.md). Not part of `make test`.
 mutation: venv $(VENV)/.mutation
 	nice -n 10 $(PYTHON) scripts/mutation.py
 $(VENV)/.mutation: $(VENV)/.installed
-	$(PYTHON) -m pip install -q -e ".[mutation]"
+	$(PYTHON) -m pip install -q -c constraints.txt -e ".[mutation]"
 	touch $@
 
 # CUDA checks + the throughput benchmark at GPU sizes; prints "no CUDA device: skipped" without a GPU

@@ -85,6 +85,7 @@ class SAM(torch.optim.Optimizer):
         grads = [p.grad for p in params]
         if not params:
             raise ValueError("no gradients: run loss.backward() first, or step(closure, both_passes=True)")
+        _refuse_sparse(params)
         masks = self._mask_for_step(params, grads)  # may raise (SSAMF without a mask): nothing changed yet
         if self.looksam_alpha and self.ascent_every > 1:  # g at w, for LookSAM's g_v in second_step
             self._g = (params, torch._foreach_clone(grads))
@@ -105,8 +106,10 @@ class SAM(torch.optim.Optimizer):
         finite = torch.isfinite(norm)  # a tensor: no host sync
         for eps in grads:  # non-finite ||g||: eps = 0 (eps * 0 would keep a NaN)
             eps.masked_fill_(~finite, 0.0)
-        w = [p.to_local() for p in params] if hasattr(params[0], "to_local") else params  # FSDP2: shards, and
-        self._w, self._finite = (w, torch._foreach_clone(w)), torch.isfinite(_full(norm))  # a plain bool
+        w = [p.to_local() for p in params] if hasattr(params[0], "to_local") else params  # FSDP2: shards
+        saved = [torch.empty_like(t) for t in w]
+        torch._foreach_copy_(saved, w)  # w, to come back to exactly
+        self._w, self._finite = (w, saved), torch.isfinite(_full(norm))  # FSDP2: a plain bool
         torch._foreach_add_(params, grads)  # climb to w + eps
         if zero_grad:
             self.zero_grad()
@@ -212,9 +215,17 @@ class SAM(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups  # loading replaced the list: share it again
 
 
+def _refuse_sparse(params):  # eps and the Fisher need dense gradients
+    for p in params:
+        if p.grad is not None and p.grad.is_sparse:
+            raise ValueError(f"a sparse gradient ({tuple(p.shape)}): SAM needs nn.Embedding(sparse=False)")
+
+
 # ---- Mask helpers: global top-k (Eq. 6, Alg. 2), N:M groups along the output axis, whole tensors ---
 def nm_mask(score, n, m):
     """Top n of every m consecutive outputs per input: W [out, in, *k] as W^T [in*k, out] of dX = dY W §4.1"""
+    if score.shape[0] % m:
+        raise ValueError(f"nm_mask: {tuple(score.shape)}: the first dimension is no multiple of m={m}")
     wt = score.reshape(score.shape[0], -1).t()  # [in*k, out]
     groups = wt.reshape(wt.shape[0], -1, m)  # [in*k, out/m, m]
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(n, dim=-1).indices, True)
@@ -272,7 +283,8 @@ def cost_tensor_masks(scores, density, costs, by_count=False):
                 take, room = take + [i], room - sizes[i]
         cost = max(fwd) + max((dx[i] for i in take), default=0) + sum(dw[i] for i in take)
         value = sum(sizes[i] * (1 if by_count else mean[i]) for i in take)
-        fills.append(dict(take=take, near=abs(room) <= budget / 4, value_per_cost=value / cost, room=room))
+        per_cost = value / (cost or 1)  # every cost 0: by value
+        fills.append(dict(take=take, near=abs(room) <= budget / 4, value_per_cost=per_cost, room=room))
     near = [f for f in fills if f["near"]]
     if near:  # the most value per cost; ties: the first cut, the shallowest backward
         best = max(near, key=lambda f: f["value_per_cost"])
@@ -323,6 +335,7 @@ class _SparseSAM(SAM):
             )
         if costs is not None and not self.by_tensor:
             raise ValueError("costs= picks whole tensors by their ascent cost: it needs structure='tensor'")
+        self.process_group = kw.pop("process_group", None)  # None: the default group; False: none
         super().__init__(params, base, **kw)  # rho, adaptive, the base optimizer's arguments
         self.sparsity, self.update_interval, self.structure = sparsity, update_interval, structure
         self.norm = norm
@@ -330,6 +343,8 @@ class _SparseSAM(SAM):
         if not self.masked:
             raise ValueError("every parameter has requires_grad=False: there is nothing to train or perturb")
         self.size = sum(p.numel() for p in self.masked)  # |w|: the trainable entries
+        if costs is not None and not any(p in costs for p in self.masked):
+            raise ValueError("costs= holds none of these parameters: ascent_costs(model, x) of their model")
         self.costs = costs and [costs.get(p, (0, 0, 0)) for p in self.masked]  # None: the paper's ranking
         self.last_mask_update = -1  # step of the last mask update; -1: never
         self._unperturbed = []  # structure='tensor': the tensors ascent_pass() freezes
@@ -347,12 +362,32 @@ class _SparseSAM(SAM):
     def density(self):  # fraction of the trainable entries perturbed (1 - s); syncs: for logging
         return sum(int(_full(m).sum()) for m in self.masks()) / self.size
 
+    def _synced(self):  # processes that hold one mask by a broadcast: torch.distributed on, unsharded
+        dist, group = torch.distributed, self.process_group
+        unsharded = group is not False and not hasattr(self.masked[0], "device_mesh")  # FSDP2: set_masks
+        return unsharded and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+    def _rank0(self, masks):
+        """Rank 0's masks on every process of the group (one broadcast); other shapes: ValueError, no hang."""
+        dist, group, device = torch.distributed, self.process_group, masks[0].device
+        shapes = hash(tuple(tuple(m.shape) for m in masks)) % 2**62  # the same number on every process
+        span = torch.tensor([shapes, -shapes], device=device)
+        dist.all_reduce(span, dist.ReduceOp.MAX, group=group)
+        if span.sum() != 0:
+            raise ValueError("mask shapes differ across processes (pipeline?): pass process_group=, or False")
+        flat = torch.cat([m.reshape(-1).to(device) for m in masks]).to(torch.uint8)  # gloo has no bool
+        dist.broadcast(flat, 0 if group is None else dist.get_global_rank(group, 0), group=group)
+        flat = flat.split([m.numel() for m in masks])
+        return [f.view(m.shape).to(m.device, torch.bool) for f, m in zip(flat, masks)]
+
     def set_masks(self, masks, count_update=True):  # bool, one per opt.masked; also masks of your own
+        if self._synced():  # DDP, accelerate, Lightning: every process takes rank 0's masks
+            masks = self._rank0(masks)
         if self.by_tensor:
             self._unperturbed = [p for p, mk in zip(self.masked, masks) if not mk.any()]  # sync: per update
         for p, mk in zip(self.masked, masks):  # FSDP2: every rank has the whole mask and keeps its shard
-            if hasattr(p, "device_mesh") and not hasattr(mk, "device_mesh"):
-                mk = torch.distributed.tensor.distribute_tensor(mk, p.device_mesh, p.placements)  # rank 0's
+            if hasattr(p, "device_mesh"):  # a DTensor mask in any placements, or a plain tensor: rank 0's
+                mk = torch.distributed.tensor.distribute_tensor(_full(mk), p.device_mesh, p.placements)
             self.state[p]["mask"] = mk
         if count_update:
             self.last_mask_update = self.steps
@@ -402,6 +437,7 @@ def empirical_fisher(model, data, num_samples, loss_fn=None):
                 else:
                     loss = out["loss"] if hf else F.cross_entropy(out, y)
                 loss.backward()  # FSDP2: the mean over ranks, this sample's gradient if every rank has it
+                _refuse_sparse(params)
                 check += loss.detach() * (seen + 1)  # FSDP2: compared below
                 g = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
                 torch._foreach_addcmul_(fisher, g, g)  # Eq. 5: sum_i g_i^2
@@ -459,6 +495,9 @@ class SSAMF(_SparseSAM):
             for structure="tensor" (which needs it), else "full" (default None).
         costs (dict): ascent_costs(model, x), with structure="tensor": tensors by score per cost (default
             None: by score).
+        process_group: with torch.distributed initialized and parameters not sharded (DDP, accelerate,
+            Lightning "ddp"), every process of this group takes rank 0's mask at each update, one broadcast
+            (default None: the default group); False: each process keeps its own (pipeline, tensor parallel).
     """
 
     def __init__(self, params, base_optimizer, rho=0.05, sparsity=0.5, num_samples=128, **kwargs):
@@ -485,8 +524,8 @@ class SSAMD(_SparseSAM):
 
     Args:
         params, base_optimizer, rho, adaptive, **kwargs: as SAM's.
-        sparsity, update_interval, structure, norm, costs: as SSAMF's (costs weigh entries: a random mask
-            has no Fisher mass).
+        sparsity, update_interval, structure, norm, costs, process_group: as SSAMF's (costs weigh entries:
+            a random mask has no Fisher mass).
         drop_rate (float): alpha of Eq. 9, the largest share of the mask redrawn at once (default 0.5).
         total_steps (int): T of Eq. 9, the run's number of steps (required).
         seed (int): seed of the mask's own generator, saved in state_dict; None: drawn from torch's.
@@ -541,9 +580,16 @@ class SSAMD(_SparseSAM):
         self.set_masks(self._select(grow_scores, by_count=True))
 
     def _mask_for_step(self, params, grads):
-        if self.mask_update_due:  # grads are the params' p.grad
+        if self.mask_update_due and self._all_finite(grads):  # GradScaler's inf/NaN: the next finite step
             self.drop_and_grow([p.grad for p in self.masked])
         return super()._mask_for_step(params, grads)
+
+    def _all_finite(self, grads):  # ||g|| finite on every process (a sync; at due updates only)
+        norms = torch.stack([n.to(grads[0].device) for n in torch._foreach_norm(grads)])
+        finite = torch.isfinite(_full(torch.linalg.vector_norm(norms))).float()  # FSDP2: all of g
+        if self._synced():
+            torch.distributed.all_reduce(finite, torch.distributed.ReduceOp.MIN, group=self.process_group)
+        return bool(finite)
 
 
 # ---- The 2:4 sparse backward ("implicit" SSAM): dX = dY·(W ⊙ M) in the ascent pass of nn.Linear layers
@@ -604,12 +650,13 @@ def sparse_ascent(model, opt):
 # ---- BatchNorm: running statistics follow the first pass only --------------------------------------
 @contextmanager
 def frozen_bn_stats(model):
-    """Around the SECOND pass: train-mode BatchNorm normalizes by the batch's statistics but updates none."""
+    """Around the SECOND pass: train-mode BatchNorm/InstanceNorm normalize by batch statistics, update none"""
     bns = [m for m in model.modules() if isinstance(m, _NormBase) and m.training and m.track_running_stats]
-    for m in bns:
-        m.track_running_stats = False  # BatchNorm then neither updates nor counts
+    stats = [(m.running_mean, m.running_var) for m in bns]
+    for m in bns:  # no running statistics to update or count
+        m.track_running_stats, m.running_mean, m.running_var = False, None, None
     try:
         yield
     finally:
-        for m in bns:
-            m.track_running_stats = True
+        for m, (mean, var) in zip(bns, stats):
+            m.track_running_stats, m.running_mean, m.running_var = True, mean, var

@@ -269,20 +269,6 @@ def train_step(
     return loss.detach(), out.detach()
 
 
-def broadcast_masks(opt):
-    """Make every process's SSAM masks rank 0's. bool tensors travel as one flat uint8 tensor (gloo has no
-    bool)."""
-    masks = [
-        opt.state[p]["mask"] for g in opt.param_groups for p in g["params"] if "mask" in opt.state.get(p, {})
-    ]
-    if not masks:
-        return
-    flat = torch.cat([m.flatten() for m in masks]).to(torch.uint8)
-    dist.broadcast(flat, 0)
-    for m, chunk in zip(masks, flat.split([m.numel() for m in masks])):
-        m.copy_(chunk.view_as(m).bool())
-
-
 def fingerprint(model, opt):
     """Per-tensor float64 sums of parameters and masks: equal across processes iff they are in sync. (BN
     running statistics are left out: DDP copies rank 0's to every process at the start of each forward.)
@@ -526,20 +512,16 @@ def one_step(run, x, y, tot):
     device, no host sync). Returns the number of mask updates (0, 1)."""
     c, opt, updated = run.c, run.opt, 0
     if c.optimizer == "ssamf" and opt.mask_update_due and opt.ascent_due:  # a mask only for an ascent
-        # Fisher (Eq. 5) on the bare model (no DDP hooks), then rank 0's mask everywhere. The model is in
-        # train mode: each sample is normalized alone; running stats are not touched (ssam.py).
+        # Fisher (Eq. 5) on the bare model (no DDP hooks); ssam.py gives every process rank 0's mask. The
+        # model is in train mode: each sample is normalized alone; running stats are not touched (ssam.py).
         opt.update_mask(run.raw_model, run.data.fisher_batches(run.g, c.num_samples))
         updated += 1
-        if run.world > 1 and not c.fsdp:  # FSDP2: every process got its shard of rank 0's mask (ssam.py)
-            broadcast_masks(opt)
     mask_step = opt.last_mask_update if c.optimizer == "ssamd" else None
     loss, out = train_step(
         run.model, opt, x, y, run.autocast, run.scaler, c.sync_ascent, c.sparse_ascent, c.ascent_fraction
     )
     if c.optimizer == "ssamd" and opt.last_mask_update != mask_step:
-        updated += 1  # SSAM-D drew a new mask in first_step, from this process's gradient
-        if run.world > 1 and not c.fsdp:
-            broadcast_masks(opt)
+        updated += 1  # SSAM-D drew a new mask in first_step (rank 0's, from its gradient)
     run.sched.step()
     finite = torch.isfinite(loss)  # counted on the device: no sync per step
     tot["bad_steps"] += ~finite
@@ -641,7 +623,9 @@ def sharded_state(run):
     names = {p: n for n, p in model.named_parameters()}
     base = getattr(opt, "base_optimizer", opt)
     state = dict(model=get_model_state_dict(model), optimizer=get_optimizer_state_dict(model, base))
-    state["masks"] = {names[p]: s["mask"] for p, s in opt.state.items() if "mask" in s}
+    masked = getattr(opt, "masked", [])  # SSAM: every mask, all False before the first update
+    none = {p: torch.zeros_like(p, dtype=torch.bool) for p in masked if "mask" not in opt.state.get(p, {})}
+    state["masks"] = {names[p]: opt.state[p]["mask"] if p not in none else none[p] for p in masked}
     state["counters"] = counters(opt)
     return state
 
@@ -658,11 +642,11 @@ def load_shards(run, path):
     dcp.load(state, checkpoint_id=path)
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, getattr(opt, "base_optimizer", opt), state["optimizer"])
-    if state["masks"]:
-        names = {p: n for n, p in model.named_parameters()}
-        opt.set_masks([state["masks"][names[p]] for p in opt.masked], count_update=False)
     for k, v in state["counters"].items():  # as ssam's load_state_dict does
         getattr(opt, k).set_state(v) if isinstance(getattr(opt, k), torch.Generator) else setattr(opt, k, v)
+    if state["counters"].get("last_mask_update", -1) >= 0:  # saved after a mask update: its masks
+        names = {p: n for n, p in model.named_parameters()}
+        opt.set_masks([state["masks"][names[p]] for p in opt.masked], count_update=False)
 
 
 def finish(run, line, test_acc, elapsed):

@@ -7,6 +7,8 @@ accelerator.prepare wraps the SAM in an AcceleratedOptimizer: its step() calls S
 which is the second step (w back, base step). The ascent pass runs under no_sync (eps from the local gradient,
 no all-reduce: the paper's per-device ascent); the descent pass under accumulate(model), which all-reduces on
 the k-th micro-batch only. accelerator.backward divides each loss by k: k micro-batches, one step.
+SSAM-F's update_mask takes whatever data each process has: every process then holds rank 0's mask (ssam.py
+broadcasts it), as SSAM-D's after each drop-and-grow.
 """
 
 import torch
@@ -17,12 +19,15 @@ from accelerate import Accelerator
 import ssam
 
 
-def train(model, opt, batches, k):
-    """One SAM step per batch of `batches`, each split into k micro-batches. Returns the unwrapped model."""
+def train(model, opt, batches, k, fisher=None):
+    """One SAM step per batch of `batches`, each split into k micro-batches; SSAM-F's Fisher from `fisher`
+    (default: the step's batch) when a mask update is due. Returns the unwrapped model."""
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=k)
     model, opt = accelerator.prepare(model, opt)  # opt: AcceleratedOptimizer around the SAM
     sam = opt.optimizer
     for x, y in batches:
+        if isinstance(sam, ssam.SSAMF) and sam.mask_update_due:  # the inner model: no DDP hooks
+            sam.update_mask(accelerator.unwrap_model(model), fisher or [(x, y)])
         micro = list(zip(x.chunk(k), y.chunk(k)))
         with accelerator.no_sync(model):  # pass 1 at w: local gradients, no all-reduce
             for xm, ym in micro:

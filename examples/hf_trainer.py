@@ -7,8 +7,9 @@ gradient it finds (the descent gradient: clipping pass 1 would change nothing, e
 optimizer.step() (SAM.step without a closure: w back exactly, base step), steps the LR schedule (the groups
 are shared with the base optimizer), zeroes the gradients, counts global_step, saves and resumes the SAM state
 with the optimizer's. SSAM-F's mask is refreshed from the batch as it comes (a dict with padding; each
-sample's Fisher uses its own attention_mask). Keep gradient_accumulation_steps=1 (first_step raises if two
-micro-batches each call it; see examples/accumulation.py for accumulating by hand).
+sample's Fisher uses its own attention_mask). gradient_accumulation_steps > 1 is refused on the first
+micro-batch, before anything changes: Trainer hands training_step one micro-batch at a time, and SAM's ascent
+needs pass 1 over all of them before first_step (examples/accumulation.py accumulates by hand).
 fp16 (GPU; not run by the tests: Trainer has no GradScaler on the CPU): pass 1's inf/NaN is recorded for the
 scaler as in examples/amp.py, and a step the scaler skips is restored to w by a callback.
 """
@@ -32,6 +33,11 @@ class SAMTrainer(transformers.Trainer):
         self.add_callback(RestoreSkipped)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.args.gradient_accumulation_steps != 1:  # both passes per micro-batch would be k SAM ascents
+            raise ValueError(
+                f"gradient_accumulation_steps={self.args.gradient_accumulation_steps}: SAMTrainer takes 1 (a "
+                "larger per_device_train_batch_size, or examples/accumulation.py's loop to accumulate)"
+            )
         model.train()
         inputs = self._prepare_inputs(inputs)
         sam = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps the SAM

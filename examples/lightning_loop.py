@@ -6,7 +6,11 @@ Calling first_step / second_step on the optimizer directly skips Lightning's ste
 ModelCheckpoint(every_n_train_steps=...) never saves. Instead run pass 1 with manual_backward, then
 opt.step(closure=descent): Lightning counts the step and hands the closure to SAM.step, which runs
 first_step, descent() at w + eps, second_step. The SAM state (base optimizer, counters, masks) is saved in the
-checkpoint and a resumed run continues exactly. SSAM-F's mask is refreshed from on_train_batch_start.
+checkpoint and a resumed run continues exactly. SSAM-F's mask is refreshed from on_train_batch_start; under
+strategy="ddp" every process holds rank 0's mask (ssam.py broadcasts it).
+precision="16-mixed" (a GradScaler): Lightning calls the closure itself, then scaler.step(opt) without one,
+which is SAM's second step. So descent() climbs first (first_step, after recording pass 1's inf/NaN for the
+scaler, as examples/amp.py); opt.optimizer.restore() after opt.step() puts w back if the scaler skipped it.
 """
 
 import lightning as L
@@ -37,18 +41,23 @@ class SAMModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         opt = self.optimizers()  # a LightningOptimizer around the SAM
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # "16-mixed": a GradScaler
         x, y = batch
         opt.zero_grad()
         loss = F.cross_entropy(self(x), y)
         self.manual_backward(loss)  # pass 1 at w
 
         def descent():  # pass 2 at w + eps: SAM.step runs first_step before it, second_step after
+            if scaler is not None:  # 16-mixed: Lightning runs this, then scaler.step(opt): the second step
+                scaler.unscale_(opt.optimizer.base_optimizer)  # pass 1's inf/NaN lowers the scale too
+                opt.optimizer.first_step(zero_grad=True)  # eps = 0 after an inf/NaN
             with ssam.frozen_bn_stats(self):
                 loss2 = F.cross_entropy(self(x), y)
             self.manual_backward(loss2)
             return loss2
 
         opt.step(closure=descent)  # Lightning counts it: global_step, checkpoints
+        opt.optimizer.restore()  # w exactly if the scaler skipped the step; no-op otherwise
         return loss.detach()
 
 

@@ -9,8 +9,11 @@ import io
 import json
 import math
 import os
+import pathlib
+import runpy
 import shutil
 import traceback
+import types
 import warnings
 
 import numpy as np
@@ -31,6 +34,7 @@ import train
 
 WORLD = 2
 RHO = 0.3
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 CHECKS = [
     "sam",
     "asam",
@@ -42,6 +46,11 @@ CHECKS = [
     "resume",
     "bf16",
     "bad_input",
+    "dcp_recipe",
+    "train_resume",
+    "fisher_checksum",
+    "mask_placements",
+    "seed_none",
 ]
 
 
@@ -329,6 +338,141 @@ def check_bad_input(rank):
     )
 
 
+def resume_pair(make, rank, stop, path, save, load, steps=5):
+    """A run of `steps` steps straight, and one saved before step `stop` (by save(model, opt)), loaded into a
+    fresh model (other weights) and optimizer by load(model, opt, path) and run on: equal bit for bit."""
+
+    def run(model, opt, ts):
+        for t in ts:
+            if isinstance(opt, ssam.SSAMF) and opt.mask_update_due:
+                opt.update_mask(model, [batch(50, n=6)])  # the same samples on every rank
+            x, y = batch(t)
+            train_step(model, opt, mine(x, rank), mine(y, rank))
+
+    a = shard(mlp())
+    oa = make(a, 3)
+    run(a, oa, range(stop))
+    dcp.save(save(a, oa), checkpoint_id=path)
+    run(a, oa, range(stop, steps))
+    b = shard(mlp(seed=1))
+    ob = make(b, 99)  # SSAM-D: another seed, the generator must come from the checkpoint
+    load(b, ob, path)
+    run(b, ob, range(stop, steps))
+    assert all(torch.equal(p.to_local(), q.to_local()) for p, q in zip(a.parameters(), b.parameters()))
+    assert (
+        oa.steps == ob.steps == steps
+        and oa.state_dict()["counters"].keys() == ob.state_dict()["counters"].keys()
+    )
+    for p, q in zip(oa.masked if hasattr(oa, "masked") else [], ob.masked if hasattr(ob, "masked") else []):
+        assert torch.equal(oa.state[p]["mask"].to_local(), ob.state[q]["mask"].to_local())
+    for p, q in zip(a.parameters(), b.parameters()):
+        u, v = oa.base_optimizer.state[p]["momentum_buffer"], ob.base_optimizer.state[q]["momentum_buffer"]
+        assert torch.equal(u.to_local(), v.to_local())
+
+
+MAKERS = {
+    "sam": lambda m, seed: ssam.SAM(m.parameters(), torch.optim.SGD, rho=RHO, **sgd_kw()),
+    "ssamf": lambda m, seed: ssam.SSAMF(
+        m.parameters(), torch.optim.SGD, rho=RHO, num_samples=6, update_interval=3, **sgd_kw()
+    ),
+    "ssamd": lambda m, seed: ssam.SSAMD(
+        m.parameters(), torch.optim.SGD, rho=RHO, update_interval=2, total_steps=5, seed=seed, **sgd_kw()
+    ),
+}
+
+
+def check_dcp_recipe(rank, tmp):
+    """examples/fsdp_checkpoint.py's state() and load(): SAM, SSAM-D, SSAM-F saved before its first mask
+    (a fresh optimizer, no mask yet) and between two updates (interval 3, saved at step 2). torch's
+    get_optimizer_state_dict / set_optimizer_state_dict on the SSAM itself: a warning names what is lost."""
+    ex = runpy.run_path(str(EXAMPLES / "fsdp_checkpoint.py"))
+    for name, stop in (("sam", 2), ("ssamf", 0), ("ssamf", 2), ("ssamd", 3)):
+        resume_pair(MAKERS[name], rank, stop, f"{tmp}/recipe-{name}{stop}", ex["state"], ex["load"])
+    model = shard(mlp())  # torch's own recipe on the SSAM itself: the load says what it leaves out
+    opt = MAKERS["ssamd"](model, 3)
+    osd = get_optimizer_state_dict(model, opt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        set_optimizer_state_dict(model, opt, osd)
+    assert any("no ['base', 'counters'] in state_dict" in str(w.message) for w in caught), caught
+
+
+def check_train_resume(rank, tmp):
+    """train.py --fsdp's sharded_state() and load_shards(): SSAM-F with update interval 3 saved at step 2
+    (a mask, not due) and at step 0 (no mask yet), SSAM-D saved at step 3."""
+
+    def save(model, opt):
+        return train.sharded_state(types.SimpleNamespace(raw_model=model, opt=opt))
+
+    def load(model, opt, path):
+        train.load_shards(types.SimpleNamespace(raw_model=model, opt=opt), path)
+
+    for name, stop in (("ssamf", 2), ("ssamf", 0), ("ssamd", 3)):
+        resume_pair(MAKERS[name], rank, stop, f"{tmp}/train-{name}{stop}", save, load)
+
+
+def check_fisher_checksum(rank):
+    """update_mask's check that every rank passes the same Fisher samples, on per-sample losses chosen by
+    loss_fn: refused when one rank's differ ((1e-4, 1e-4) against (2e-4, 1e-4); (1, 1) against (0.5, 2) or
+    (1.75, 0.5): sums weighted by 1/(i+1) or by i+2 would match), accepted when equal, all 0 included, and
+    when the checksums differ by 1e-6 of the largest (1e6 against 999999), refused beyond."""
+
+    def update(losses):
+        sharded = shard(mlp())
+        opt = ssam.SSAMF(sharded.parameters(), torch.optim.SGD, num_samples=len(losses[rank]), lr=0.1)
+        x = batch(9, n=len(losses[rank]))[0]
+        y = torch.tensor(losses[rank], dtype=torch.float64)
+        opt.update_mask(sharded, [(x, y)], loss_fn=lambda out, y: out.sum() * 0 + y.sum())
+
+    for differ in (
+        [(1e-4, 1e-4), (2e-4, 1e-4)],
+        [(1, 1), (0.5, 2)],
+        [(1, 1), (1.75, 0.5)],
+        [(1e6,), (999998,)],
+    ):
+        try:
+            update(differ)
+        except ValueError as e:
+            assert "differ between ranks" in str(e), e
+        else:
+            raise AssertionError(f"per-sample losses {differ} by rank: no ValueError")
+    for same in ([(0, 0), (0, 0)], [(1.5, 2.5), (1.5, 2.5)], [(1e6,), (999999,)]):
+        update(same)
+
+
+def check_mask_placements(rank):
+    """set_masks with DTensor masks in other placements (replicated): each parameter keeps the mask in its own
+    placements (its shard), the whole mask the one given."""
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    sharded = shard(mlp())
+    opt = ssam.SSAMF(sharded.parameters(), torch.optim.SGD, num_samples=4, lr=0.1)
+    g = torch.Generator().manual_seed(5)
+    whole = [torch.rand(p.shape, generator=g) < 0.5 for p in opt.masked]
+    opt.set_masks([distribute_tensor(m, p.device_mesh, [Replicate()]) for m, p in zip(whole, opt.masked)])
+    for p, m, w in zip(opt.masked, opt.masks(), whole):
+        assert m.placements == p.placements and m.to_local().shape == p.to_local().shape
+        assert torch.equal(m.full_tensor(), w)
+
+
+def check_seed_none(rank):
+    """SSAMD(seed=None) after torch.manual_seed(rank): each rank draws its own generator seed, yet every rank
+    holds rank 0's mask (set_masks distributes it) and the density is exact, initially and after updates."""
+    sharded = shard(mlp())
+    torch.manual_seed(rank)  # after mlp(), which seeds 0
+    kw = dict(rho=RHO, sparsity=0.5, update_interval=1, total_steps=3, seed=None, lr=0.1)
+    opt = ssam.SSAMD(sharded.parameters(), torch.optim.SGD, **kw)
+    size = sum(p.numel() for p in opt.masked)
+    for t in range(3):
+        whole = torch.cat([m.full_tensor().flatten() for m in opt.masks()])
+        everyone = [torch.zeros_like(whole) for _ in range(WORLD)]
+        dist.all_gather(everyone, whole)
+        assert all(torch.equal(everyone[0], e) for e in everyone), f"step {t}: the ranks' masks differ"
+        assert int(whole.sum()) == round(0.5 * size), (t, int(whole.sum()))
+        x, y = batch(t)
+        train_step(sharded, opt, mine(x, rank), mine(y, rank))
+
+
 def _worker(rank, tmp):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=WORLD)
@@ -343,6 +487,11 @@ def _worker(rank, tmp):
         "resume": lambda: check_resume(rank, tmp),
         "bf16": lambda: check_bf16(rank),
         "bad_input": lambda: check_bad_input(rank),
+        "dcp_recipe": lambda: check_dcp_recipe(rank, tmp),
+        "train_resume": lambda: check_train_resume(rank, tmp),
+        "fisher_checksum": lambda: check_fisher_checksum(rank),
+        "mask_placements": lambda: check_mask_placements(rank),
+        "seed_none": lambda: check_seed_none(rank),
     }
     results = {}
     for name in CHECKS:

@@ -4,6 +4,7 @@ loop written here: first_step / second_step by hand, the README's fp32 loop."""
 
 import copy
 import functools
+import inspect
 import pathlib
 import runpy
 
@@ -492,3 +493,107 @@ def test_ddp_overflow_in_one_process_skips_the_step_in_all(tmp_path):
         ]
     )
     assert_bitwise(r0[1][2], r1[1][2])
+
+
+# ---- a due SSAM-D update, Lightning 16-mixed, HF accumulation, HF batches, the warning's line -------------
+def test_gradscaler_inf_in_pass_1_leaves_a_due_ssamd_update_to_the_next_finite_step():
+    """SSAM-D's update is due at step 2 (interval 2), and pass 1 of step 2 overflows: the update is not spent
+    (masks, last_mask_update, the generator as they were) and happens at step 3, the next finite one: the fp32
+    loop that leaves step 2 out, bit for bit, masks included."""
+    sam_step = example("amp")["sam_step"]
+    b = InfAt(mlp(), calls={4})  # step 2's pass 1
+    ob, a = make_opt("ssamd", b.parameters()), mlp()
+    oa = make_opt("ssamd", a.parameters())
+    scaler = fixed_scaler()
+    for s in (0, 1):
+        sam_step(b, ob, scaler, *batch(s))
+        plain_step(a, oa, *batch(s))
+    masks, gen = [m.clone() for m in ob.masks()], ob.generator.get_state()
+    assert ob.mask_update_due and ob.last_mask_update == 0
+    sam_step(b, ob, scaler, *batch(2))
+    assert ob.steps == 2 and scaler.get_scale() == 2.0**11 and ob.last_mask_update == 0
+    assert all(torch.equal(m, k) for m, k in zip(ob.masks(), masks))
+    assert torch.equal(ob.generator.get_state(), gen)
+    sam_step(b, ob, scaler, *batch(3))
+    plain_step(a, oa, *batch(3))
+    assert ob.last_mask_update == oa.last_mask_update == 2 and ob.steps == 3
+    assert all(torch.equal(m, k) for m, k in zip(ob.masks(), oa.masks()))
+    assert not all(torch.equal(m, k) for m, k in zip(ob.masks(), masks))  # the update did happen
+    assert_bitwise(weights(b), weights(a))
+
+
+@pytest.mark.parametrize("bad_pass", [None, 1, 2])
+def test_lightning_16_mixed_with_a_gradscaler(tmp_path, bad_pass):
+    """Lightning's MixedPrecision("16-mixed") with a real GradScaler (fixed scale) on the CPU, the example's
+    module: Lightning runs the closure itself, then scaler.step(opt). It equals examples/amp.py's loop under
+    the same fp16 autocast and scale bit for bit (that loop equals fp32 at a fixed scale where autocast is
+    off); an inf in either pass of step 1 skips that step (w exact), halves the scale, and training goes on"""
+    import lightning as L
+    from lightning.pytorch.plugins import MixedPrecision
+
+    SAMModule, sam_step = example("lightning_loop")["SAMModule"], example("amp")["sam_step"]
+    bad = set() if bad_pass is None else {2 + bad_pass - 1}
+    module = SAMModule(lambda ps: make_opt("ssamd", ps))
+    module.net = InfAt(mlp(), bad)
+    ref = InfAt(mlp(), bad)
+    oref, sref = make_opt("ssamd", ref.parameters()), fixed_scaler()
+    batches = [batch(s) for s in range(3)]
+    for x, y in batches:
+        sam_step(ref, oref, sref, x, y, torch.autocast("cpu", dtype=torch.float16))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(*map(torch.cat, zip(*batches))), batch_size=16
+    )
+    scaler = fixed_scaler()
+    quiet = dict(
+        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False
+    )
+    plugin = MixedPrecision("16-mixed", "cpu", scaler)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, plugins=[plugin], **quiet)
+    trainer.fit(module, loader)
+    sam = trainer.optimizers[0]
+    assert sam.steps == oref.steps == (3 if bad_pass is None else 2) and sam._w is None
+    assert scaler.get_scale() == sref.get_scale() == (2.0**12 if bad_pass is None else 2.0**11)
+    assert_bitwise(weights(module.net), weights(ref))
+
+
+def test_hf_trainer_refuses_gradient_accumulation_on_the_first_micro_batch(tmp_path):
+    """gradient_accumulation_steps=2: Trainer would hand the example's training_step one micro-batch at a
+    time. Refused on the first one, naming gradient_accumulation_steps; the weights are w, nothing counted."""
+    ex = example("hf_trainer")
+    model = ex["tiny_bert"]()
+    opt = hf_opt("sam", model.parameters())
+    w = weights(model)
+    args = ex["arguments"](str(tmp_path), 2, gradient_accumulation_steps=2)
+    trainer = ex["SAMTrainer"](
+        model=model, args=args, train_dataset=ex["token_data"](), optimizers=(opt, None)
+    )
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=2"):
+        trainer.train()
+    assert_bitwise(weights(model), w)
+    assert opt._w is None and opt.steps == 0
+
+
+def test_fisher_takes_a_batch_encoding():
+    """DataCollatorWithPadding returns a transformers.BatchEncoding (a UserDict, not a dict): update_mask
+    takes it as the dict it wraps, the same mask."""
+    import transformers
+
+    ex = example("hf_trainer")
+    batch_ = stack(ex["token_data"](n=8))
+    model = ex["tiny_bert"]().double()
+    masks = []
+    for b in (batch_, transformers.BatchEncoding(batch_)):
+        opt = ssam.SSAMF(model.parameters(), torch.optim.SGD, sparsity=0.5, num_samples=8, lr=0.1)
+        opt.update_mask(model, [b])
+        masks.append(opt.masks())
+    assert all(torch.equal(u, v) for u, v in zip(*masks))
+
+
+def test_the_davda54_warning_points_at_the_callers_line():
+    """The warning for a state_dict without SSAM's entries names the line that called load_state_dict."""
+    sam = make_opt("sam", mlp().parameters())
+    davda = {"state": {}, "param_groups": [dict(sam.param_groups[0], params=[0, 1, 2, 3])]}
+    with pytest.warns(UserWarning, match="no base-optimizer state") as record:
+        sam.load_state_dict(davda)
+        line = inspect.currentframe().f_lineno - 1
+    assert (record[0].filename, record[0].lineno) == (__file__, line)

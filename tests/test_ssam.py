@@ -1635,3 +1635,109 @@ def test_nonfinite_guard_is_multi_tensor_in_every_float_dtype():
         assert_bitwise([p.detach() for p in model.parameters()], w)
         assert all(not p.grad.any() for p in model.parameters())  # eps = +0 everywhere, no NaN left
         opt.restore()
+
+
+# ----------------------------------------------------------------------------------------------------
+# interrupts, sparse gradients, every norm layer with running statistics, costs, nm_mask's input
+
+
+def test_keyboard_interrupt_in_pass_2_restores_w():
+    """Ctrl-C in the closure's second call (at w + eps) of step(closure, both_passes=True): w bit-exact, no
+    gradient left, nothing counted; the KeyboardInterrupt goes on up."""
+    model = mlp(0)
+    opt = ssam.SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9)
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    w, calls = [p.detach().clone() for p in model.parameters()], []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(closure, both_passes=True)
+    assert_bitwise([p.detach() for p in model.parameters()], w)
+    assert opt.steps == 0 and opt._w is None
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+@pytest.mark.parametrize("kind", ["sam", "ssamf", "ssamd"])
+def test_sparse_gradients_refused_before_anything_changes(kind):
+    """nn.Embedding(sparse=True) gives a sparse gradient: first_step (SSAM-F: update_mask) refuses it with a
+    ValueError naming the parameter's shape and sparse=False; weights, gradients and counters untouched."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(12, 3))
+    kw = dict(rho=0.1, lr=0.1)
+    if kind == "sam":
+        opt = ssam.SAM(model.parameters(), torch.optim.SGD, **kw)
+    elif kind == "ssamf":
+        opt = ssam.SSAMF(model.parameters(), torch.optim.SGD, num_samples=2, **kw)
+    else:
+        opt = ssam.SSAMD(model.parameters(), torch.optim.SGD, total_steps=5, seed=0, **kw)
+    x, y = torch.randint(0, 10, (4, 3)), torch.randint(0, 3, (4,))
+    w = [p.detach().clone() for p in model.parameters()]
+    if kind == "ssamf":
+        with pytest.raises(ValueError, match=r"\(10, 4\).*sparse=False"):
+            opt.update_mask(model, [(x, y)])
+        assert opt.last_mask_update == -1 and all(p.grad is None for p in model.parameters())
+        return
+    F.cross_entropy(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"\(10, 4\).*sparse=False"):
+        opt.first_step()
+    assert_bitwise([p.detach() for p in model.parameters()], w)
+    assert all(torch.equal(p.grad.to_dense(), g.to_dense()) for p, g in zip(model.parameters(), grads))
+    assert opt._w is None and opt.steps == 0
+
+
+def test_frozen_bn_stats_freezes_instance_norm_statistics_too():
+    """InstanceNorm(track_running_stats=True) in train mode normalizes each sample by its own statistics
+    and, outside frozen_bn_stats, updates its running ones; inside, it updates nothing and gives the same
+    output."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, affine=True, track_running_stats=True))
+    model(torch.randn(8, 3, 6, 6))  # non-trivial running statistics
+    x = torch.randn(8, 3, 6, 6)
+    normal = copy.deepcopy(model)(x)
+    stats = [b.clone() for b in model[1].buffers()]  # running_mean, running_var, num_batches_tracked
+    with ssam.frozen_bn_stats(model):
+        out = model(x)
+    torch.testing.assert_close(out, normal, rtol=0, atol=0)
+    assert_bitwise(list(model[1].buffers()), stats)
+    model(x)
+    assert not torch.equal(model[1].running_mean, stats[0])  # updates again afterwards
+
+
+def test_cost_tensor_masks_with_zero_costs_ranks_by_value():
+    """Every cost (0, 0, 0) (no multiply-adds counted): the fills rank by value, as with equal costs,
+    instead of dividing by zero."""
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.rand(n, generator=g) + i for i, n in enumerate((20, 5, 30, 10))]
+    for by_count in (False, True):
+        zero = ssam.cost_tensor_masks(scores, 0.4, [(0, 0, 0)] * 4, by_count)
+        ones = ssam.cost_tensor_masks(scores, 0.4, [(1, 0, 0)] * 4, by_count)
+        assert [bool(m.all()) for m in zero] == [bool(m.all()) for m in ones]
+        assert any(m.all() for m in zero)
+
+
+def test_costs_of_another_model_are_refused():
+    """costs=ascent_costs(other_model, x): none of the optimizer's parameters in it: a ValueError."""
+    model, other = mlp(0), mlp(1)
+    costs = ssam.ascent_costs(other, torch.randn(2, 6))
+    with pytest.raises(ValueError, match="none of these parameters"):
+        ssam.SSAMF(model.parameters(), torch.optim.SGD, structure="tensor", sparsity=0.2, costs=costs, lr=0.1)
+    ssam.SSAMF(model.parameters(), torch.optim.SGD, structure="tensor", sparsity=0.2, lr=0.1, costs={
+        p: c for p, c in zip(model.parameters(), costs.values())
+    })  # fmt: skip
+
+
+def test_nm_mask_refuses_a_shape_without_groups():
+    """nm_mask called directly on [6, 2] scores with m=4: 6 outputs hold no groups of 4, a ValueError (the
+    pooled top-k of select_masks takes such tensors)."""
+    with pytest.raises(ValueError, match="m=4"):
+        ssam.nm_mask(torch.arange(12.0).reshape(6, 2), 2, 4)
+    keep = ssam.nm_mask(torch.arange(16.0).reshape(8, 2), 2, 4)  # outputs 2, 3 and 6, 7 of each column
+    assert torch.equal(keep[:, 0], torch.tensor([0, 0, 1, 1, 0, 0, 1, 1], dtype=torch.bool))
