@@ -29,16 +29,14 @@ class SAM(torch.optim.Optimizer):
         rho (float): ||eps||, the radius of the ascent (default 0.05).
         adaptive (bool): ASAM, eps scaled elementwise by w^2 (default False).
         ascent_every, looksam_alpha (int, float): the ascent every k steps, one pass and opt.step() between
-            (default 1: SAM); alpha > 0: LookSAM (Liu et al., CVPR 2022) there, g + alpha·||g||/||g_v||·g_v
-            per tensor.
+            (default 1); alpha > 0: there LookSAM's g + alpha·||g||/||g_v||·g_v per tensor (Liu et al. 2022).
         **kwargs: the base optimizer's arguments (lr, momentum, ...) when base_optimizer is a class.
     """
 
     _COUNTERS = ("steps",)  # saved in state_dict()["counters"]; subclasses add theirs
 
-    def __init__(
-        self, params, base_optimizer, rho=0.05, adaptive=False, ascent_every=1, looksam_alpha=0.0, **kwargs
-    ):
+    def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, **kwargs):
+        ascent_every, looksam_alpha = kwargs.pop("ascent_every", 1), kwargs.pop("looksam_alpha", 0.0)
         if not rho >= 0:
             raise ValueError(f"rho must be >= 0, got {rho!r}")
         if not (isinstance(ascent_every, int) and ascent_every >= 1) or not 0 <= looksam_alpha < math.inf:
@@ -87,8 +85,7 @@ class SAM(torch.optim.Optimizer):
             raise ValueError("no gradients: run loss.backward() first, or step(closure, both_passes=True)")
         _refuse_sparse(params)
         masks = self._mask_for_step(params, grads)  # may raise (SSAMF without a mask): nothing changed yet
-        if self.looksam_alpha and self.ascent_every > 1:  # g at w, for LookSAM's g_v in second_step
-            self._g = (params, torch._foreach_clone(grads))
+        self._g = (params, torch._foreach_clone(grads)) if self.looksam_alpha else None  # LookSAM: g at w
         if masks is not None and self.norm == "masked":
             torch._foreach_mul_(grads, masks)  # g ⊙ m, normalized by its own norm below
         ada = [p for g, ps in groups if g["adaptive"] for p in ps]
@@ -130,15 +127,14 @@ class SAM(torch.optim.Optimizer):
             c = [-(a * b).sum() / n for a, b, n in zip(g_s, g, n2)]  # / ||g||^2: g_s's part orthogonal to g
             torch._foreach_mul_(g, c)
             torch._foreach_add_(g, g_s)  # g is g_v now
-            for v, ci in zip(g, c):
-                v.masked_fill_(~torch.isfinite(ci), 0.0)  # pass 1 overflowed: no g_v, plain steps
-            if torch.distributed.is_available() and torch.distributed.is_initialized():  # local ascents:
-                for v in g:  # one g_v, the mean over the processes, on every process
-                    torch.distributed.all_reduce(v.div_(torch.distributed.get_world_size()))
             for state in self.state.values():
                 state.pop("g_v", None)
-            for p, v in zip(params, g):
-                self.state[p]["g_v"] = v
+            for p, v, ci in zip(params, g, c):  # pass 1 overflowed: g_v = 0, plain steps until the next
+                self.state[p]["g_v"] = v.masked_fill_(~torch.isfinite(ci), 0.0)
+            group, dist = getattr(self, "process_group", None), torch.distributed  # SSAM's; SAM: the default
+            if dist.is_available() and dist.is_initialized() and group is not False:  # local ascents (DDP):
+                for v in g:  # one g_v, the mean over the processes, on every process
+                    dist.all_reduce(v.div_(dist.get_world_size(group)), group=group)
         self.restore()
         self.base_optimizer.step()
         self.steps += 1
@@ -146,8 +142,7 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad()
 
     def _step_between_ascents(self):  # Alg. 1 per tensor: g + alpha·||g||/||g_v||·g_v (SAM-k: g), base step
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        params = [p for p in params if "g_v" in self.state[p]] if self.looksam_alpha else []
+        params = [p for p, state in self.state.items() if "g_v" in state and p.grad is not None]
         if params:
             grads, g_v = [p.grad for p in params], [self.state[p]["g_v"] for p in params]
             gn, vn = torch._foreach_norm(grads), torch._foreach_add(torch._foreach_norm(g_v), 1e-12)
@@ -157,8 +152,7 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None, both_passes=False):
-        """davda54's: first_step, closure() (forward + backward) at w + eps, second_step; both_passes: at w
-        too. Not opt.ascent_due: one step from the pass at w (the closure runs for it with both_passes)"""
+        """davda54's: first_step, closure() (forward + backward) at w + eps, second_step; both_passes: at w"""
         if closure is None and self._w is None and not self.ascent_due:
             return self._step_between_ascents()  # the caller's one pass at w
         if closure is None:  # scaler.step(opt), HF Trainer, accelerate: the second step
