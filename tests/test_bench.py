@@ -129,7 +129,10 @@ def test_report_ratios_are_per_round_medians_with_intervals_and_verdicts():
         rounds(load, lambda x, r: step("sgd", "sgd", 0.100 * x, r))
         + rounds(load, lambda x, r: step("sam", "sam", 0.210 * x, r))  # 2.1x: MISS
         + rounds(load, lambda x, r: step("sam-f0.25", "sam", 0.130 * x, r, ascent_fraction=0.25))  # PASS
-        + rounds(load, lambda x, r: step("cost", "ssamf", (0.140 + 0.02 * (r % 2)) * x, r, cost, 0.9))
+        + rounds(
+            load,
+            lambda x, r: step("ssamf-s0.9-tensor-cost", "ssamf", (0.140 + 0.02 * (r % 2)) * x, r, cost, 0.9),
+        )
         + [entry("mask-update", 391 * 0.1 * 0.005, r, model="m", opt="ssamf", sparsity=0.5) for r in range(3)]
         + [entry("fisher", 1.0, r, model="m", num_samples=128) for r in range(3)]
     )
@@ -139,12 +142,17 @@ def test_report_ratios_are_per_round_medians_with_intervals_and_verdicts():
     assert rows["sam"]["x_sgd"] == pytest.approx((2.1, 2.1, 2.1))  # load cancels within a round
     assert rows["sam"]["ms"] == pytest.approx(1e3 * 0.210 * 1.15)  # median time over rounds
     assert rows["sam-f0.25"]["x_sam"] == pytest.approx(0.13 / 0.21) and rows["sam-f0.25"]["paper"] is None
-    m, lo, hi = rows["cost"]["x_sgd"]
+    m, lo, hi = rows["ssamf-s0.9-tensor-cost"]["x_sgd"]
     assert (
         m == pytest.approx(1.5) and lo == pytest.approx(1.4) and hi == pytest.approx(1.6)
     )  # 1.4, 1.6 by round
     verdicts = {t["target"].split(": ", 1)[1].split(" ")[0]: t["verdict"] for t in s["targets"]}
-    assert verdicts == {"SAM": "MISS", "sam-f0.25": "PASS", "cost": "UNDECIDED", "ssamf": "PASS"}
+    assert verdicts == {
+        "SAM": "MISS",
+        "sam-f0.25": "PASS",
+        "ssamf-s0.9-tensor-cost": "UNDECIDED",
+        "ssamf": "PASS",
+    }
     upd = {r["what"]: r for r in s["updates"]}
     assert upd["ssamf update_mask"]["interval"] == 391
     # the per-step update cost over the ssamf step's median time
