@@ -36,8 +36,8 @@ import torch
 from bench import common
 from lab import sharpness
 from lab.data import CifarOnDevice, normalize
-from lab.methods import flags, label, method_of
 from lab.grid import grid_run, run_grid, run_state
+from lab.methods import flags, label, method_of
 from lab.stats import cheaper_verdict, mean_ci, paired
 
 HERE = Path(__file__).resolve().parent
