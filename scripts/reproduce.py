@@ -140,11 +140,11 @@ def grid(args):
     for model, dataset, opt, sp in PAPER:
         if model in models and dataset in datasets and opt in optimizers and (sp is None or sp in sparsities):
             for seed in seeds:
-                flags = ["--preset", f"{dataset}-{model}", "--optimizer", opt, "--seed", str(seed)]
-                flags += [] if sp is None else ["--sparsity", str(sp)]
+                run = ["--preset", f"{dataset}-{model}", "--optimizer", opt, "--seed", str(seed)]
+                run += [] if sp is None else ["--sparsity", str(sp)]
                 if data:
-                    flags += ["--data-dir", data if dataset == "imagenet" else str(Path(data) / dataset)]
-                runs.append(flags + extra)
+                    run += ["--data-dir", data if dataset == "imagenet" else str(Path(data) / dataset)]
+                runs.append(run + extra)
     return runs
 
 

@@ -216,9 +216,7 @@ def test_the_timed_step_is_train_py_step(monkeypatch):
     model = common.TinyViT(width=32, depth=2)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))  # what the step does, not the data
     opt, cfg = common.make_optimizer(model, "--optimizer ssamd --sparsity 0.5 --structure 2:4")
-    assert (
-        isinstance(opt, ssam.SSAMD) and opt.nm == (2, 4) and cfg["lr"] == 0.05
-    )  # the cifar10-resnet18 recipe
+    assert isinstance(opt, ssam.SSAMD) and opt.nm == (2, 4) and cfg.lr == 0.05  # the cifar10-resnet18 recipe
     calls = []
     real = common.train.train_step
     monkeypatch.setattr(common.train, "train_step", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
@@ -276,7 +274,7 @@ def test_accuracy_cheaper_method_paired_with_its_exact_method():
     accs = {
         ("sam", None): (42.0, 51.0, 63.0, 40.0, 45.0, 50.0),
         ("sam-f0.25", None): (41.0, 51.5, 62.0, 39.0, 45.5, 49.0),
-        ("ssamf-cost", 0.9): (30.0, 31.0, 32.0, 33.0, 34.0, 35.0),
+        ("ssamf-tensor-cost", 0.9): (30.0, 31.0, 32.0, 33.0, 34.0, 35.0),
     }  # its reference SSAM-F 0.9 never ran
     runs = [
         dict(method=m, sparsity=sp, seed=s, test_acc=a / 100, step_ms=10.0 * (s + 1) + (m == "sam"))
@@ -290,7 +288,7 @@ def test_accuracy_cheaper_method_paired_with_its_exact_method():
     }
     summary = {t: accuracy.summarize(runs, ss) for t, ss in sets.items()}
     rows = {(r["method"], r["sparsity"]): r for r in summary["all seeds (0-5)"]}
-    f25, sam, cost = rows["sam-f0.25", None], rows["sam", None], rows["ssamf-cost", 0.9]
+    f25, sam, cost = rows["sam-f0.25", None], rows["sam", None], rows["ssamf-tensor-cost", 0.9]
     d = [-1.0, 0.5, -1.0, -1.0, 0.5, -1.0]  # sam-f0.25 - sam, seed by seed
     assert f25["ref"] == "SAM" and f25["vs_ref"][0] == pytest.approx(-0.5) and f25["vs_ref"][2] == 6
     assert f25["vs_ref"][1] == pytest.approx(2.571 * statistics.stdev(d) / 6**0.5)
@@ -523,7 +521,8 @@ def test_reproduce_cifar_short_runs_on_cpu(tmp_path):
     for f in (json.loads(p.read_text()) for p in (tmp_path / "rep").rglob("final.json")):
         _, sparsity = methods.method_of(Config(**f["config"]))
         c = f["config"]
-        finals[" ".join(str(v) for v in (c["optimizer"], sparsity, c["structure"]) if v)] = f
+        structure = "" if c["structure"] == "unstructured" else c["structure"]
+        finals[" ".join(str(v) for v in (c["optimizer"], sparsity, structure) if v)] = f
     assert {row[0][2:]: tuple(row[1:4]) for row in rows} == {
         n.replace(" unstructured", ""): (
             f"{100 * f['test_acc']:.2f} (1 seed)",
