@@ -1,14 +1,25 @@
-"""What a train.py run writes: checkpoints, the metrics log, the out-dir lock (lab/grid.py finds runs
-again)."""
+"""What a train.py run writes: checkpoints (FSDP2's sharded by torch.distributed.checkpoint), the metrics
+log, the out-dir lock (lab/grid.py finds runs again)."""
 
 import contextlib
 import json
 import os
+import shutil
 import socket
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from rich.console import Console
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+import ssam
 
 console = Console(stderr=True)
 
@@ -111,3 +122,56 @@ def out_dir_lock(out_dir):
         yield
     finally:
         lock.unlink(missing_ok=True)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# A run's checkpoint (train.py's Run): ckpt.pt, and with --fsdp the sharded part in a DCP folder, which
+# torch.distributed.checkpoint reshards on load: a run saved by N processes resumes on any number of them
+# -----------------------------------------------------------------------------------------------------------
+def save_checkpoint(run, epoch, elapsed):
+    """ckpt.pt, atomically: the whole config (dataclasses.asdict) and every state the run continues from."""
+    cuda, shards = run.device.type == "cuda", f"ckpt-e{epoch}.dcp" if run.c.fsdp else None
+    state = dict(config=asdict(run.c), epoch=epoch, elapsed=elapsed, shards=shards)
+    state |= dict(model=None if shards else run.raw_model.state_dict())
+    state |= dict(optimizer=None if shards else run.opt.state_dict(), scheduler=run.sched.state_dict())
+    state |= dict(
+        scaler=run.scaler.state_dict() if run.scaler is not None else None, data_rng=run.g.get_state()
+    )
+    state |= dict(
+        torch_rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state(run.device) if cuda else None
+    )
+    write_atomic(run.out_dir / "ckpt.pt", state)
+    for old in run.out_dir.glob("ckpt-e*.dcp"):  # --fsdp: ckpt.pt names the new shards; the old ones go
+        if old.name != shards:
+            shutil.rmtree(old)
+
+
+def sharded_state(run):
+    """The sharded part of a --fsdp checkpoint, keyed by parameter name: weights and BN statistics, the base
+    optimizer's state (momentum), SSAM's masks, the optimizer's counters (SSAM-D's generator)."""
+    model, opt = run.raw_model, run.opt
+    names = {p: n for n, p in model.named_parameters()}
+    base = getattr(opt, "base_optimizer", opt)
+    state = dict(model=get_model_state_dict(model), optimizer=get_optimizer_state_dict(model, base))
+    state["masks"] = {names[p]: s["mask"] for p, s in opt.state.items() if "mask" in s}
+    state["counters"] = counters(opt)
+    return state
+
+
+def counters(opt):
+    """SSAM's counters (steps, SSAM-D's generator state...) as its state_dict() has them; none for SGD."""
+    return opt.state_dict()["counters"] if isinstance(opt, ssam.SAM) else {}
+
+
+def load_shards(run, path):
+    """sharded_state() back from a DCP folder, into this run's sharded model and optimizer."""
+    model, opt = run.raw_model, run.opt
+    state = sharded_state(run)  # the template DCP fills in (in place; other process counts: resharded)
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, getattr(opt, "base_optimizer", opt), state["optimizer"])
+    if state["masks"]:
+        names = {p: n for n, p in model.named_parameters()}
+        opt.set_masks([state["masks"][names[p]] for p in opt.masked], count_update=False)
+    for k, v in state["counters"].items():  # as ssam's load_state_dict does
+        getattr(opt, k).set_state(v) if isinstance(getattr(opt, k), torch.Generator) else setattr(opt, k, v)
