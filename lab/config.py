@@ -182,6 +182,8 @@ def get_args(argv=None, description=None, demo=None):
         ap.add_argument("--demo", action="store_true", help=demo)
     for k, f in FIELDS.items():
         default = "" if f.default is None else f" (default: {f.default})"
+        if any(k in recipe for recipe in PRESETS.values()):
+            default = " (default: the preset's)"
         if f.type is bool:
             ap.add_argument(flag(k), action="store_true", default=None, help=f.metadata["help"])
         else:

@@ -834,7 +834,7 @@ def _ddp_worker(rank, world, init_file, result_file):
         torch.manual_seed(0)  # same initial weights on both processes
         model = lab.models.make_model("wrn10-1", 10, True)
         ddp = nn.parallel.DistributedDataParallel(model)
-        cfg = dict(
+        cfg = Config(
             optimizer=optimizer,
             lr=0.05,
             weight_decay=1e-3,
