@@ -140,8 +140,10 @@ def table(rows, ratios, n_test, t0):
     c0, final0 = rows[0][0], rows[0][1]
     title = f"{c0.preset}: {c0.model}, {c0.epochs} epochs, {n_test} test images, "
     title += f"{final0['device']}, total {time.perf_counter() - t0:.0f} s"
-    columns = ("optimizer", "sparsity", "test acc", "ms/step", "x SGD", "mask density", "Hessian lambda_1")
-    out = Table(*columns, title=title)
+    out = Table(title=title)
+    out.add_column("optimizer", no_wrap=True)  # a method of lab/methods.py
+    for column in ("sparsity", "test acc", "ms/step", "x SGD", "mask density", "Hessian lambda_1"):
+        out.add_column(column)
     for (c, final, lam, _), ratio in zip(rows, ratios):
         method, sparsity = method_of(c)
         out.add_row(
