@@ -7,12 +7,10 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from lab.data import DATASETS
+from lab.data import DATASETS, ROOT
 from lab.methods import OPTIMIZERS, SAM_TYPES, SPARSE
 
-ROOT = Path(__file__).resolve().parent.parent  # the repository
 MOMENTUM = 0.9  # SGD momentum of every preset (§5.1); with a cosine LR and crop+flip (+Cutout 16x16 on CIFAR)
 
 # The paper's recipes (§5.1): overrides of Config's defaults. wd_sam: the weight decay of the SAM-type
@@ -112,18 +110,7 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-FREE = (
-    "compile",
-    "device",
-    "workers",
-    "eval_every",
-    "data_dir",
-    "cache_dir",
-    "name",
-    "out_dir",
-    "resume",
-    "fresh",
-)
+FREE = "compile device workers eval_every data_dir cache_dir name out_dir resume fresh".split()
 # The settings only some optimizers read: given with another optimizer, the flag is an error.
 READ_BY = dict(
     rho=SAM_TYPES,
