@@ -20,36 +20,18 @@ import train
 from lab import models
 from lab.config import resolve_config
 from lab.data import augment, load_subset, normalize
-from lab.methods import SPARSE
+from lab.methods import METHODS as TABLE
+from lab.methods import SPARSE, flags, key
 
 # The paper's mask-update interval: once an epoch, 50,000 CIFAR images -> 391 steps at batch 128.
 CIFAR_TRAIN_IMAGES = 50_000
-# The paper's theoretical cost of one step relative to SGD (Tables 1-3, FLOPs column), by sparsity; SAM = 0.
-PAPER_FLOPS = {0.0: 2.0, 0.5: 1.65, 0.8: 1.44, 0.9: 1.36, 0.95: 1.33, 0.98: 1.31, 0.99: 1.30}
-
-COST = "--sparsity 0.9 --structure tensor --mask-select cost"  # tensor masks picked by score per ascent cost
-# The methods timed: name -> (train.py flags, weights). "fresh": the seed-0 init; "trained": after
-# --bench-train-steps SGD steps on the shipped CIFAR-10 subset (Fisher and |g| rankings change with training).
+# The methods timed (lab/methods.py, each entry's `bench`): key -> (train.py flags, weights). "fresh": the
+# seed-0 init; "trained": after --bench-train-steps SGD steps on the shipped CIFAR-10 subset (Fisher and |g|
+# rankings change with training), key '...@trained'.
 METHODS = {
-    "sgd": ("--optimizer sgd", "fresh"),
-    "sam": ("--optimizer sam", "fresh"),
-    "sam-f0.5": ("--optimizer sam --ascent-fraction 0.5", "fresh"),
-    "sam-f0.25": ("--optimizer sam --ascent-fraction 0.25", "fresh"),
-    "ssamf-s0.5": ("--optimizer ssamf --sparsity 0.5", "fresh"),
-    "ssamd-s0.9": ("--optimizer ssamd --sparsity 0.9", "fresh"),
-    "ssamd-s0.5-2:4": ("--optimizer ssamd --sparsity 0.5 --structure 2:4", "fresh"),
-    "ssamd-s0.5-2:4-sparse_ascent": (
-        "--optimizer ssamd --sparsity 0.5 --structure 2:4 --sparse-ascent",
-        "fresh",
-    ),
-    "ssamf-s0.9-tensor": ("--optimizer ssamf --sparsity 0.9 --structure tensor", "fresh"),
-    "ssamf-s0.9-tensor@trained": ("--optimizer ssamf --sparsity 0.9 --structure tensor", "trained"),
-    "ssamf-s0.9-tensor-cost": (f"{COST} --optimizer ssamf", "fresh"),
-    "ssamf-s0.9-tensor-cost@trained": (f"{COST} --optimizer ssamf", "trained"),
-    "ssamd-s0.9-tensor-cost": (f"{COST} --optimizer ssamd", "fresh"),
-    "ssamf-s0.9-tensor-cost-f0.5": (f"{COST} --optimizer ssamf --ascent-fraction 0.5", "fresh"),
-    "ssamf-s0.9-tensor-cost-f0.25": (f"{COST} --optimizer ssamf --ascent-fraction 0.25", "fresh"),
-    "samon": ("--optimizer samon", "fresh"),
+    key(name, sp) + ("@trained" if weights == "trained" else ""): (" ".join(flags(name, sp)), weights)
+    for name, m in TABLE.items()
+    for sp, weights in m["bench"]
 }
 
 
@@ -66,7 +48,7 @@ def config(flags, num_samples=128):
 def make_optimizer(model, flags, num_samples=128):
     """train.make_optimizer for these train.py flags. Returns (optimizer, config)."""
     cfg = config(flags, num_samples)
-    return train.make_optimizer(cfg, model, steps_per_epoch=steps_per_epoch(cfg["batch_size"])), cfg
+    return train.make_optimizer(cfg, model, steps_per_epoch=steps_per_epoch(cfg.batch_size)), cfg
 
 
 def sync(device):
@@ -86,9 +68,9 @@ def train_step(model, opt, cfg, x, y):
         y,
         NO_AMP,
         None,
-        sync_ascent=cfg.get("sync_ascent", False),
-        sparse_ascent=cfg.get("sparse_ascent", False),
-        ascent_fraction=cfg.get("ascent_fraction", 1.0),
+        sync_ascent=cfg.sync_ascent,
+        sparse_ascent=cfg.sparse_ascent,
+        ascent_fraction=cfg.ascent_fraction,
     )
     sync(x.device)
 
@@ -172,7 +154,7 @@ def flops_x_sgd(model, opt, cfg, x):
     full = pass_macs(model, x)
     if not isinstance(opt, ssam.SAM):
         return 1.0
-    k = max(1, round(cfg.get("ascent_fraction", 1.0) * len(x)))  # as train.train_step
+    k = max(1, round(cfg.ascent_fraction * len(x)))  # as train.train_step
     with opt.ascent_pass() if hasattr(opt, "ascent_pass") else contextlib.nullcontext():
         ascent = pass_macs(model, x[:k])
     return (ascent + full) / full
