@@ -24,7 +24,7 @@ ckpt.pt (written atomically every epoch), final.json (only once the run has fini
 writes there, lock. A run that diverges (NaN/inf loss or weights) stops with exit status 1.
 
 Read top to bottom: arguments -> config (lab/config.py) -> data (lab/data.py) -> model (lab/models.py) ->
-optimizer (ssam.py) -> the step -> the loop -> results (lab/runs.py: checkpoints, logs, the run grid).
+optimizer (ssam.py) -> the step -> the loop -> results (lab/runs.py: checkpoints, logs). --demo: lab/demo.py.
 """
 
 import contextlib
@@ -43,7 +43,6 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 import torch.nn.functional as F
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -53,23 +52,27 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 import lab.data
-import lab.runs
+import lab.demo
 import ssam
 from lab import config
-from lab.config import MOMENTUM, USED_BY, Config, config_diff, record, resolve_config, whole
-from lab.methods import MASKED
+from lab.config import MOMENTUM, Config, resolve_config, same_run
+from lab.data import DATASETS
 from lab.models import make_model, samon
-from lab.runs import console, load_checkpoint, out_dir_lock, read_log, run_grid, write_atomic
+from lab.runs import (
+    console,
+    counters,
+    load_shards,
+    out_dir_lock,
+    read_checkpoint,
+    read_log,
+    save_checkpoint,
+    sharded_state,
+    write_atomic,
+)
 
 ROOT = Path(__file__).resolve().parent
 
@@ -78,15 +81,15 @@ ROOT = Path(__file__).resolve().parent
 # Arguments -> config (lab/config.py: the one Config, the presets, every check)
 # -----------------------------------------------------------------------------------------------------------
 def get_args(argv=None):
-    return config.get_args(argv, __doc__)
+    demo = "train SGD, SAM, SSAM-F, SSAM-D and cost-aware SSAM-F 0.9 on the preset (lab/demo.py)"
+    return config.get_args(argv, __doc__, demo)
 
 
 # -----------------------------------------------------------------------------------------------------------
 # Devices: one process, or one of torchrun's
 # -----------------------------------------------------------------------------------------------------------
-def setup_distributed(cfg):
+def setup_distributed(c):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process."""
-    c = whole(cfg)
     dev = c.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {dev}: no CUDA device here; pass --device cpu")
@@ -119,7 +122,7 @@ def setup_distributed(cfg):
 # -----------------------------------------------------------------------------------------------------------
 def build_model(c, num_classes, device):
     """The bare model on the device: what the optimizer, the checkpoint and SSAM-F's Fisher pass see."""
-    model = make_model(c.model, num_classes, small_images=c.dataset != "imagenet").to(device)
+    model = make_model(c.model, num_classes, small_images=DATASETS[c.dataset]["side"] == 32).to(device)
     if c.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if c.sparse_ascent and c.compile:
@@ -162,9 +165,8 @@ def shard_model(model):
 # -----------------------------------------------------------------------------------------------------------
 # Optimizer (ssam.py) and schedule: SGD momentum 0.9 under every method, cosine LR over all steps
 # -----------------------------------------------------------------------------------------------------------
-def make_optimizer(cfg, model, steps_per_epoch):
-    """The run's optimizer for `model` (a record or a Config)."""
-    c = whole(cfg)
+def make_optimizer(c, model, steps_per_epoch):
+    """The run's optimizer for `model` (c: the run's Config)."""
     sgd = dict(lr=c.lr, momentum=MOMENTUM, weight_decay=c.weight_decay)
     if c.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), **sgd)
@@ -180,7 +182,7 @@ def make_optimizer(cfg, model, steps_per_epoch):
         costs=None,
     )
     if c.mask_select == "cost":  # each tensor's ascent cost, from one forward
-        side = 224 if c.dataset == "imagenet" else 32
+        side = DATASETS[c.dataset]["side"]
         masks["costs"] = ssam.ascent_costs(
             model, torch.zeros(2, 3, side, side, device=next(model.parameters()).device)
         )
@@ -316,16 +318,15 @@ class Run:
         return Path(self.c.out_dir)
 
 
-def train(cfg, show_config=True):
-    """Train one run described by cfg (resolve_config's record); returns the final metrics dict (rank 0)."""
-    c = whole(cfg)
+def train(c, show_config=True):
+    """Train one run (c: its Config, from resolve_config); returns the final metrics dict (rank 0)."""
     device, rank, world = setup_distributed(c)
     out_dir = Path(c.out_dir)
     if rank == 0 and show_config:
         table = Table(
             "key", "value", title=f"config ({world} process{'es' if world > 1 else ''} on {device})"
         )
-        for k, v in record(c).items():
+        for k, v in asdict(c).items():
             table.add_row(k, str(v))
         console.print(table)
     if (out_dir / "ckpt.pt").exists() and not c.resume and not c.fresh:
@@ -356,12 +357,7 @@ def finished(c, rank):
         done = json.loads(final_path.read_text())
     except ValueError:  # an unreadable final.json is remade
         return None
-    diff = config_diff(done["config"], c)
-    if diff:
-        raise SystemExit(
-            f"--resume: {final_path} was made with a different config: {', '.join(diff)}. "
-            f"Use the same flags, another --out-dir, or --fresh to start over"
-        )
+    same_run(done["config"], c, final_path)
     if rank == 0:
         console.print(
             f"{c.out_dir} is finished ({done['epochs']} epochs, test accuracy {done['test_acc']:.4f} in "
@@ -390,7 +386,11 @@ def set_up(c, device, rank, world):
 
 def resume(run):
     """Everything back as the checkpoint has it, so the run continues bit-exactly. -> (epoch, elapsed s)."""
-    ck = load_checkpoint(run.out_dir / "ckpt.pt", run.c)
+    path = run.out_dir / "ckpt.pt"
+    if not path.exists():
+        raise SystemExit(f"--resume: no checkpoint at {path}; drop --resume to start from scratch")
+    ck = read_checkpoint(path, what="--resume: ")
+    same_run(ck["config"], run.c, path)
     if ck.get("shards"):  # --fsdp: the weights and optimizer state are in a DCP folder
         load_shards(run, run.out_dir / ck["shards"])
     else:
@@ -403,7 +403,7 @@ def resume(run):
     torch.set_rng_state(ck["torch_rng"])
     if run.device.type == "cuda" and ck.get("cuda_rng") is not None:
         torch.cuda.set_rng_state(ck["cuda_rng"], run.device)
-    if run.c.dataset == "imagenet":
+    if hasattr(run.data, "epoch"):  # ImageNet's DistributedSampler: its epoch sets the order
         run.data.epoch = ck["epoch"]
     if run.master:
         console.print(f"resumed {run.out_dir / 'ckpt.pt'} at epoch {ck['epoch']}/{run.c.epochs}")
@@ -486,9 +486,7 @@ def train_epoch(run, epoch, progress):
     line |= dict(
         test_acc=test_acc, lr=run.sched.get_last_lr()[0], time=train_time, step_ms=1000 * train_time / steps
     )
-    line |= dict(
-        data_share=data_time / train_time, density=run.opt.density() if c.optimizer in MASKED else 1.0
-    )
+    line |= dict(data_share=data_time / train_time, density=density(run.opt))
     # nonfinite_loss_steps, fp16: the steps GradScaler skipped
     line |= dict(masks_updated=masks_updated, nonfinite_loss_steps=int(tot["bad_steps"].item()))
     if run.world > 1:
@@ -497,9 +495,14 @@ def train_epoch(run, epoch, progress):
         f"test {test_acc:.3f}" if test_acc is not None else ""
     )
     progress.update(
-        task, metrics=shown + (f" density {line['density']:.3f}" if c.optimizer in MASKED else "")
+        task, metrics=shown + (f" density {line['density']:.3f}" if hasattr(run.opt, "density") else "")
     )
     return line, test_acc, seconds
+
+
+def density(opt):
+    """The share of the weights SSAM perturbs (its masks' density; 1 without masks)."""
+    return opt.density() if hasattr(opt, "density") else 1.0
 
 
 def running(tot):
@@ -594,73 +597,18 @@ def ranks_in_sync(run, epoch):
     return True
 
 
-def save_checkpoint(run, epoch, elapsed):
-    """ckpt.pt, atomically: the whole config (dataclasses.asdict) and every state the run continues from."""
-    cuda, shards = run.device.type == "cuda", f"ckpt-e{epoch}.dcp" if run.c.fsdp else None
-    state = dict(config=asdict(run.c), epoch=epoch, elapsed=elapsed, shards=shards)
-    state |= dict(model=None if shards else run.raw_model.state_dict())
-    state |= dict(optimizer=None if shards else run.opt.state_dict(), scheduler=run.sched.state_dict())
-    state |= dict(
-        scaler=run.scaler.state_dict() if run.scaler is not None else None, data_rng=run.g.get_state()
-    )
-    state |= dict(
-        torch_rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state(run.device) if cuda else None
-    )
-    write_atomic(run.out_dir / "ckpt.pt", state)
-    for old in run.out_dir.glob("ckpt-e*.dcp"):  # --fsdp: ckpt.pt names the new shards; the old ones go
-        if old.name != shards:
-            shutil.rmtree(old)
-
-
-# -----------------------------------------------------------------------------------------------------------
-# FSDP2 checkpoints: sharded, by torch.distributed.checkpoint (DCP), which reshards on load: a run saved by N
-# processes resumes on any number of them
-# -----------------------------------------------------------------------------------------------------------
-def sharded_state(run):
-    """The sharded part of a --fsdp checkpoint, keyed by parameter name: weights and BN statistics, the base
-    optimizer's state (momentum), SSAM's masks, the optimizer's counters (SSAM-D's generator)."""
-    model, opt = run.raw_model, run.opt
-    names = {p: n for n, p in model.named_parameters()}
-    base = getattr(opt, "base_optimizer", opt)
-    state = dict(model=get_model_state_dict(model), optimizer=get_optimizer_state_dict(model, base))
-    masked = getattr(opt, "masked", [])  # SSAM: every mask, all False before the first update
-    none = {p: torch.zeros_like(p, dtype=torch.bool) for p in masked if "mask" not in opt.state.get(p, {})}
-    state["masks"] = {names[p]: opt.state[p]["mask"] if p not in none else none[p] for p in masked}
-    state["counters"] = counters(opt)
-    return state
-
-
-def counters(opt):
-    """SSAM's counters (steps, SSAM-D's generator state...) as its state_dict() has them; none for SGD."""
-    return opt.state_dict()["counters"] if isinstance(opt, ssam.SAM) else {}
-
-
-def load_shards(run, path):
-    """sharded_state() back from a DCP folder, into this run's sharded model and optimizer."""
-    model, opt = run.raw_model, run.opt
-    state = sharded_state(run)  # the template DCP fills in (in place; other process counts: resharded)
-    dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, getattr(opt, "base_optimizer", opt), state["optimizer"])
-    for k, v in state["counters"].items():  # as ssam's load_state_dict does
-        getattr(opt, k).set_state(v) if isinstance(getattr(opt, k), torch.Generator) else setattr(opt, k, v)
-    if state["counters"].get("last_mask_update", -1) >= 0:  # saved after a mask update: its masks
-        names = {p: n for n, p in model.named_parameters()}
-        opt.set_masks([state["masks"][names[p]] for p in opt.masked], count_update=False)
-
-
 def finish(run, line, test_acc, elapsed):
     """The run's results, in final.json: train accuracy and ms/step over every epoch of the run (a resumed
     run's log holds the earlier ones too)."""
     history = read_log(run.out_dir / "metrics.jsonl") if run.master else [line] if line else []
     result = dict(
-        config=record(run.c),
+        config=asdict(run.c),
         test_acc=test_acc,
         train_acc=history[-1]["acc"] if history else None,
         epochs=run.c.epochs,
         time_s=elapsed,
         step_ms=float(np.median([h["step_ms"] for h in history])) if history else None,
-        density=run.opt.density() if run.c.optimizer in MASKED else 1.0,
+        density=density(run.opt),
         processes=run.world,
         device=str(run.device),
         torch=torch.__version__,
@@ -674,108 +622,10 @@ def finish(run, line, test_acc, elapsed):
     return result
 
 
-# -----------------------------------------------------------------------------------------------------------
-# Demo (make demo): the optimizers on the shipped subset, and the project's speed win, in one table
-# -----------------------------------------------------------------------------------------------------------
-DEMO = ("sgd", "sam", "ssamf", "ssamd")  # + cost-aware whole-tensor SSAM-F at sparsity 0.9 (DEMO_FAST)
-DEMO_FAST = ["--sparsity", "0.9", "--structure", "tensor", "--mask-select", "cost"]
-DEMO_EPOCHS = 2  # unless --epochs: the five rows in under 3 minutes on a 2-core CPU (bench/README.md)
-DEMO_HVPS = (
-    10  # lambda_1 agreed with 20 and 40 steps to 3 digits on a wrn10-1 checkpoint (bench/sharpness.py)
-)
-
-
-def demo(argv):
-    """SGD, SAM, SSAM-F, SSAM-D, then cost-aware whole-tensor SSAM-F at 0.9, for DEMO_EPOCHS epochs unless
-    --epochs, with the other flags given; runs in runs/demo/ (or --out-dir); finished runs of the same config
-    are reused (--fresh trains again). Prints accuracy, cost and the Hessian's lambda_1."""
-    from lab import sharpness  # Lanczos on Hessian-vector products
-
-    args, t0 = get_args(argv), time.perf_counter()
-    for k in ("optimizer", "name", "resume"):  # a flag the demo would ignore is an error, as in train()
-        if getattr(args, k) not in (None, False):
-            raise SystemExit(
-                f"--demo trains sgd, sam, ssamf and ssamd in runs of its own, and reuses finished ones: "
-                f"drop --{k}"
-            )
-    epochs = args.epochs or DEMO_EPOCHS
-    keep = demo_flags(argv) + ([] if args.epochs else ["--epochs", str(epochs)])
-    if args.eval_every is None:  # 10,000 test images: measure once, at the end
-        keep += ["--eval-every", str(epochs)]
-    grid = [flags_for(keep, o) for o in DEMO]
-    grid += [
-        flags_for(keep, "ssamf", drop=("sparsity", "structure", "mask_select", "sparse_ascent")) + DEMO_FAST
-    ]
-    runs = run_grid(grid, args.out_dir or ROOT / "runs" / "demo", fresh=args.fresh, train_fn=train)
-    rows = []
-    for cfg, r in runs:
-        t1 = time.perf_counter()
-        model, _ = sharpness.load_run(Path(cfg["out_dir"]) / "ckpt.pt", "cpu")
-        x, y = sharpness.train_batch(cfg, min(128, cfg.get("train_size") or 128), "cpu")
-        lam = sharpness.top_eigenvalues(model, x, y, k=1, iters=DEMO_HVPS)[0]
-        rows.append((cfg, r, lam, time.perf_counter() - t1))
-    Console().print(demo_table(rows, t0))
-    Console().print(
-        f"lambda_1: top eigenvalue of the training-loss Hessian on 128 training images ({DEMO_HVPS} Lanczos "
-        f"steps, {sum(r[3] for r in rows):.0f} s for all {len(rows)}): lower = flatter minimum, what SAM is "
-        "for. One seed after a few epochs; the converged comparison (seeds, confidence intervals) is "
-        "`make bench-accuracy` -> bench/results/accuracy.md. ssamf-cost: whole-tensor masks, the most score "
-        "per unit of ascent-pass cost (--structure tensor --mask-select cost), the cheap SSAM-F."
-    )
-
-
-def demo_flags(argv):
-    """The demo's flags less the ones its runner sets (--out-dir, --name, --optimizer, --demo, --fresh...)."""
-    keep, skip = [], 0
-    for a in argv:
-        if skip:
-            skip -= 1
-        elif a in ("--out-dir", "--name", "--optimizer"):
-            skip = 1
-        elif a not in ("--demo", "--fresh", "--resume") and not a.startswith(
-            ("--out-dir=", "--name=", "--optimizer=")
-        ):
-            keep.append(a)
-    return keep
-
-
-def flags_for(keep, o, drop=()):
-    """The flags of `keep` that optimizer o reads (none of `drop`), and --optimizer o."""
-    out, i = [], 0
-    while i < len(keep):
-        k = keep[i].removeprefix("--").split("=")[0].replace("-", "_")
-        n = 1 + (i + 1 < len(keep) and "=" not in keep[i] and not keep[i + 1].startswith("--"))
-        out += keep[i : i + n] if (k not in USED_BY or o in USED_BY[k]) and k not in drop else []
-        i += n
-    return out + ["--optimizer", o]
-
-
-def demo_table(rows, t0):
-    sgd_ms, c0 = rows[0][1]["step_ms"], rows[0][0]
-    n_test = len(lab.data.load_cifar(c0)[3]) if c0["dataset"] != "imagenet" else "?"
-    title = f"{c0['preset']}: {c0['model']}, {c0['epochs']} epochs, {n_test} test images, "
-    title += f"{rows[0][1]['device']}, total {time.perf_counter() - t0:.0f} s"
-    columns = ("optimizer", "sparsity", "test acc", "ms/step", "x SGD", "mask density", "Hessian lambda_1")
-    table = Table(*columns, title=title)
-    for cfg, r, lam, _ in rows:
-        c = whole(cfg)
-        masks = "-cost" if c.mask_select == "cost" else "-tensor" if c.structure == "tensor" else ""
-        table.add_row(
-            c.optimizer + masks,
-            f"{cfg.get('sparsity', '-')}",
-            f"{100 * r['test_acc']:.1f}%",
-            f"{r['step_ms']:.0f}",
-            f"{r['step_ms'] / sgd_ms:.2f}",
-            f"{r['density']:.3f}",
-            f"{lam:.0f}",
-        )
-    return table
-
-
 if __name__ == "__main__":
     args = get_args()
     if args.demo:
-        demo(sys.argv[1:])
+        lab.demo.main(sys.argv[1:], sys.modules[__name__])
     else:
         train(resolve_config(args))
     if dist.is_initialized():

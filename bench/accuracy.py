@@ -6,21 +6,23 @@ lambda_1 and lambda_1/lambda_5.
 
     python bench/accuracy.py                  # = make bench-accuracy: the default grid, seeds 0-5 (+ figures)
     python bench/accuracy.py --more           # + SSAM-F 0.9/0.99, tensor masks, SAM-ON
-    python bench/accuracy.py --cheaper        # + issue 11's cheaper ascents, each beside its exact method
+    python bench/accuracy.py --cheaper        # + the cheaper ascents, each beside its exact method
     python bench/accuracy.py --seeds 0 1 2    # the selection seeds only
     python bench/accuracy.py -- --epochs 2    # train.py flags after --, appended to SETTING (marked in names)
     python bench/accuracy.py --render-only    # accuracy.json -> accuracy.md again, from the runs it holds
 
-Runs go through train.py's run_grid (one naming and "done" rule with the demo and scripts/reproduce.py): a run
-whose final.json records the same config is reused, anything else is trained; runs/bench-accuracy/<name>/.
+Runs go through lab/grid.py's run_grid (one naming and "done" rule with the demo and scripts/reproduce.py):
+a run whose final.json records the same config is reused, anything else is trained;
+runs/bench-accuracy/<name>/.
 Writes bench/results/accuracy.json and accuracy.md; bench/plots.py draws the figures from the JSON.
 
---cheaper (issue 11): cost-aware tensor masks, SAM's ascent on part of the batch and both together, each with
+--cheaper: cost-aware tensor masks, SAM's ascent on part of the batch and both together, each with
 a paired difference (same seed) to the exact method it approximates (CHEAPER_REF) and the verdict of the
 decision rule fixed before any of these runs (lab/stats.py cheaper_verdict). Method names: lab/methods.py.
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -34,8 +36,8 @@ import torch
 from bench import common
 from lab import sharpness
 from lab.data import CifarOnDevice, normalize
+from lab.grid import grid_run, run_grid, run_state
 from lab.methods import flags, label, method_of
-from lab.runs import grid_run, run_grid, run_state
 from lab.stats import cheaper_verdict, mean_ci, paired
 
 HERE = Path(__file__).resolve().parent
@@ -52,20 +54,20 @@ METHODS = [("sgd", None), ("sam", None), ("ssamf", 0.5), ("ssamd", 0.5), ("ssamd
 MORE = [("ssamf", 0.9), ("ssamf", 0.99), ("ssamf-tensor", 0.9), ("ssamd-tensor", 0.9), ("samon", None)]
 CHEAPER = [
     ("ssamf", 0.9),
-    ("ssamf-cost", 0.9),
-    ("ssamd-cost", 0.9),
+    ("ssamf-tensor-cost", 0.9),
+    ("ssamd-tensor-cost", 0.9),
     ("sam-f0.25", None),
     ("sam-f0.5", None),
-    ("ssamf-cost-f0.25", 0.9),
-    ("ssamf-cost-f0.5", 0.9),
+    ("ssamf-tensor-cost-f0.25", 0.9),
+    ("ssamf-tensor-cost-f0.5", 0.9),
 ]
 CHEAPER_REF = {  # each cheaper method -> the exact method it approximates
-    ("ssamf-cost", 0.9): ("ssamf", 0.9),
-    ("ssamd-cost", 0.9): ("ssamd", 0.9),
+    ("ssamf-tensor-cost", 0.9): ("ssamf", 0.9),
+    ("ssamd-tensor-cost", 0.9): ("ssamd", 0.9),
     ("sam-f0.25", None): ("sam", None),
     ("sam-f0.5", None): ("sam", None),
-    ("ssamf-cost-f0.25", 0.9): ("ssamf-cost", 0.9),
-    ("ssamf-cost-f0.5", 0.9): ("ssamf-cost", 0.9),
+    ("ssamf-tensor-cost-f0.25", 0.9): ("ssamf-tensor-cost", 0.9),
+    ("ssamf-tensor-cost-f0.5", 0.9): ("ssamf-tensor-cost", 0.9),
 }
 SEED_SETS = {"seeds 0-2": [0, 1, 2], "seeds 3-5 (the confirmation set)": [3, 4, 5]}
 # lambda_5 within 2% of 40 steps (lab/sharpness.py); lambda_1 converges first
@@ -75,7 +77,7 @@ LANCZOS = dict(batch=128, iters=20)
 def analyze(cfg, with_sharpness):
     """Train accuracy without augmentation (against the labels trained on, and the true ones) and the
     Hessian's top eigenvalues; cached in <run>/analysis.json next to the checkpoint it was computed from."""
-    out_dir = Path(cfg["out_dir"])
+    out_dir = Path(cfg.out_dir)
     cache = out_dir / "analysis.json"
     stamp = os.path.getmtime(out_dir / "ckpt.pt")
     a = json.loads(cache.read_text()) if cache.exists() else {}
@@ -84,8 +86,8 @@ def analyze(cfg, with_sharpness):
     model, _ = sharpness.load_run(out_dir / "ckpt.pt", "cpu")
     if "train_acc_clean_eval" not in a:
         cpu = torch.device("cpu")
-        data = CifarOnDevice(dict(cfg, batch_size=1), cpu, 0, 1)
-        true_y = CifarOnDevice(dict(cfg, batch_size=1, label_noise=0.0), cpu, 0, 1).train_y
+        data = CifarOnDevice(dataclasses.replace(cfg, batch_size=1), cpu, 0, 1)
+        true_y = CifarOnDevice(dataclasses.replace(cfg, batch_size=1, label_noise=0.0), cpu, 0, 1).train_y
         with torch.no_grad():
             x = data.train_x
             pred = torch.cat([model(normalize(x[i : i + 500])).argmax(1) for i in range(0, len(x), 500)])
@@ -204,7 +206,7 @@ def render_notes(s, m, cheaper, widest):
     if not cheaper:
         return lines
     return lines + [
-        "Cheaper methods (issue 11): paired Δ vs its exact method = the cheaper method minus the method it "
+        "Cheaper methods: paired Δ vs its exact method = the cheaper method minus the method it "
         "approximates (cost-aware masks vs the element-wise mask at the same sparsity, --ascent-fraction "
         "f vs the same method on the whole batch), same seed, mean ± 95% CI. Decision rule, fixed before "
         "the runs: a cheaper method keeps its exact method's accuracy when the paired Δ's 95% CI over all "
@@ -271,10 +273,10 @@ def train_or_reuse(args, setting):
         for mth, sp in methods
     ]
     cfgs = [grid_run(f, args.runs_dir)[0] for f in grid]
-    missing = [c["name"] for c in cfgs if run_state(c) != "done"]
+    missing = [c.name for c in cfgs if run_state(c) != "done"]
     if args.report:
-        finished = [c for c in cfgs if c["name"] not in missing]
-        done = [(c, json.loads((Path(c["out_dir"]) / "final.json").read_text())) for c in finished]
+        finished = [c for c in cfgs if c.name not in missing]
+        done = [(c, json.loads((Path(c.out_dir) / "final.json").read_text())) for c in finished]
         print(
             "\n".join(["not finished, left out:"] + missing) if missing else "all runs finished",
             file=sys.stderr,
@@ -291,8 +293,8 @@ def collect(done, sharpness_seeds):
     runs = []
     for cfg, final in done:
         method, sp = method_of(cfg)
-        a = analyze(cfg, cfg["seed"] in sharpness_seeds)
-        with open(Path(cfg["out_dir"]) / "metrics.jsonl") as f:
+        a = analyze(cfg, cfg.seed in sharpness_seeds)
+        with open(Path(cfg.out_dir) / "metrics.jsonl") as f:
             log = [json.loads(line) for line in f if line.strip()]
         metrics = [{k: m.get(k) for k in ("epoch", "loss", "acc", "test_acc")} for m in log]  # a small JSON
         keys = ("train_acc_eval", "train_acc_clean_eval", "memorized_noisy", "eigenvalues")
@@ -300,8 +302,8 @@ def collect(done, sharpness_seeds):
             dict(
                 method=method,
                 sparsity=sp,
-                seed=cfg["seed"],
-                name=cfg["name"],
+                seed=cfg.seed,
+                name=cfg.name,
                 test_acc=final["test_acc"],
                 time_s=final["time_s"],
                 step_ms=final["step_ms"],
@@ -320,7 +322,7 @@ def parse_args(argv=None):
     ap.add_argument(
         "--cheaper",
         action="store_true",
-        help="also the cheaper ascents of issue 11 (cost-aware masks SSAM-F/D 0.9, SAM --ascent-fraction "
+        help="also the cheaper ascents (cost-aware masks SSAM-F/D 0.9, SAM --ascent-fraction "
         "0.25/0.5, both together) and SSAM-F 0.9, each paired with the exact method it approximates",
     )
     ap.add_argument(
@@ -378,7 +380,7 @@ def main(argv=None):
         wall_s=time.perf_counter() - t0,
         trained=trained,
         seed_sets=seed_sets,
-        missing=[f"{label(*method_of(c))} seed {c['seed']}" for c in cfgs if c["name"] in missing],
+        missing=[f"{label(*method_of(c))} seed {c.seed}" for c in cfgs if c.name in missing],
         summary={t: summarize(runs, ss) for t, ss in seed_sets.items()},
         runs=runs,
     )

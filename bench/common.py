@@ -20,56 +20,18 @@ import train
 from lab import models
 from lab.config import resolve_config
 from lab.data import augment, load_subset, normalize
-from lab.methods import SPARSE
+from lab.methods import METHODS as TABLE
+from lab.methods import SPARSE, flags, key
 
 # The paper's mask-update interval: once an epoch, 50,000 CIFAR images -> 391 steps at batch 128.
 CIFAR_TRAIN_IMAGES = 50_000
-# The paper's theoretical cost of one step relative to SGD (Tables 1-3, FLOPs column), by sparsity; SAM = 0.
-PAPER_FLOPS = {0.0: 2.0, 0.5: 1.65, 0.8: 1.44, 0.9: 1.36, 0.95: 1.33, 0.98: 1.31, 0.99: 1.30}
-
-COST = "--sparsity 0.9 --structure tensor --mask-select cost"  # tensor masks picked by score per ascent cost
-# The methods timed: name -> (train.py flags, weights). "fresh": the seed-0 init; "trained": after
-# --bench-train-steps SGD steps on the shipped CIFAR-10 subset (Fisher and |g| rankings change with training).
+# The methods timed (lab/methods.py, each entry's `bench`): key -> (train.py flags, weights). "fresh": the
+# seed-0 init; "trained": after --bench-train-steps SGD steps on the shipped CIFAR-10 subset (Fisher and |g|
+# rankings change with training), key '...@trained'.
 METHODS = {
-    "sgd": ("--optimizer sgd", "fresh"),
-    "sam": ("--optimizer sam", "fresh"),
-    "sam-f0.5": ("--optimizer sam --ascent-fraction 0.5", "fresh"),
-    "sam-f0.25": ("--optimizer sam --ascent-fraction 0.25", "fresh"),
-    "ssamf-s0.5": ("--optimizer ssamf --sparsity 0.5", "fresh"),
-    "ssamd-s0.5": ("--optimizer ssamd --sparsity 0.5", "fresh"),
-    "ssamd-s0.9": ("--optimizer ssamd --sparsity 0.9", "fresh"),
-    "ssamd-s0.5-2:4": ("--optimizer ssamd --sparsity 0.5 --structure 2:4", "fresh"),
-    "ssamd-s0.5-2:4-sparse_ascent": (
-        "--optimizer ssamd --sparsity 0.5 --structure 2:4 --sparse-ascent",
-        "fresh",
-    ),
-    "ssamf-s0.9-tensor": ("--optimizer ssamf --sparsity 0.9 --structure tensor", "fresh"),
-    "ssamf-s0.9-tensor@trained": ("--optimizer ssamf --sparsity 0.9 --structure tensor", "trained"),
-    "ssamf-s0.9-tensor-cost": (f"{COST} --optimizer ssamf", "fresh"),
-    "ssamf-s0.9-tensor-cost@trained": (f"{COST} --optimizer ssamf", "trained"),
-    "ssamd-s0.9-tensor-cost": (f"{COST} --optimizer ssamd", "fresh"),
-    "ssamf-s0.9-tensor-cost-f0.5": (f"{COST} --optimizer ssamf --ascent-fraction 0.5", "fresh"),
-    "ssamf-s0.9-tensor-cost-f0.25": (f"{COST} --optimizer ssamf --ascent-fraction 0.25", "fresh"),
-    "samon": ("--optimizer samon", "fresh"),
-    # SAM-k and LookSAM-k (--ascent-every k): timed over whole periods of k steps (period()), alone and with
-    # the cheaper ascents they combine with
-    **{f"sam-k{k}": (f"--optimizer sam --ascent-every {k}", "fresh") for k in (2, 5, 10)},
-    **{
-        f"sam-k{k}-a0.7": (f"--optimizer sam --ascent-every {k} --looksam-alpha 0.7", "fresh")
-        for k in (2, 5, 10)
-    },
-    "sam-f0.25-k2-a0.7": (
-        "--optimizer sam --ascent-fraction 0.25 --ascent-every 2 --looksam-alpha 0.7",
-        "fresh",
-    ),
-    "sam-f0.5-k5-a0.7": (
-        "--optimizer sam --ascent-fraction 0.5 --ascent-every 5 --looksam-alpha 0.7",
-        "fresh",
-    ),
-    "ssamf-s0.9-tensor-cost-k2-a0.7": (
-        f"{COST} --optimizer ssamf --ascent-every 2 --looksam-alpha 0.7",
-        "fresh",
-    ),
+    key(name, sp) + ("@trained" if weights == "trained" else ""): (" ".join(flags(name, sp)), weights)
+    for name, m in TABLE.items()
+    for sp, weights in m["bench"]
 }
 
 
@@ -86,7 +48,7 @@ def config(flags, num_samples=128):
 def make_optimizer(model, flags, num_samples=128):
     """train.make_optimizer for these train.py flags. Returns (optimizer, config)."""
     cfg = config(flags, num_samples)
-    return train.make_optimizer(cfg, model, steps_per_epoch=steps_per_epoch(cfg["batch_size"])), cfg
+    return train.make_optimizer(cfg, model, steps_per_epoch=steps_per_epoch(cfg.batch_size)), cfg
 
 
 def sync(device):
@@ -97,16 +59,11 @@ def sync(device):
 NO_AMP = torch.autocast("cpu", enabled=False)
 
 
-def period(cfg):
-    """Steps in one whole period of the method: --ascent-every k (one ascent step, k-1 steps without); 1."""
-    return cfg.get("ascent_every", 1)
-
-
 def train_step(model, opt, cfg, x, y):
-    """One period of train.py's steps (train.train_step, fp32: period(cfg) of them, 1 for most methods), then
-    a device sync so the timer sees the work. A timer divides by period(cfg): the cost per step averaged over
-    whole periods."""
-    for _ in range(period(cfg)):
+    """One period of train.py's steps (train.train_step, fp32: cfg.ascent_every of them, 1 for most methods),
+    then a device sync so the timer sees the work. A timer divides by cfg.ascent_every: the cost per step
+    averaged over whole periods (one ascent step, k-1 without)."""
+    for _ in range(cfg.ascent_every):
         train.train_step(
             model,
             opt,
@@ -114,9 +71,9 @@ def train_step(model, opt, cfg, x, y):
             y,
             NO_AMP,
             None,
-            sync_ascent=cfg.get("sync_ascent", False),
-            sparse_ascent=cfg.get("sparse_ascent", False),
-            ascent_fraction=cfg.get("ascent_fraction", 1.0),
+            sync_ascent=cfg.sync_ascent,
+            sparse_ascent=cfg.sparse_ascent,
+            ascent_fraction=cfg.ascent_fraction,
         )
     sync(x.device)
 
@@ -200,10 +157,10 @@ def flops_x_sgd(model, opt, cfg, x):
     full = pass_macs(model, x)
     if not isinstance(opt, ssam.SAM):
         return 1.0
-    k = max(1, round(cfg.get("ascent_fraction", 1.0) * len(x)))  # as train.train_step
+    k = max(1, round(cfg.ascent_fraction * len(x)))  # as train.train_step
     with opt.ascent_pass() if hasattr(opt, "ascent_pass") else contextlib.nullcontext():
         ascent = pass_macs(model, x[:k])
-    return (ascent / period(cfg) + full) / full
+    return (ascent / cfg.ascent_every + full) / full
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -290,7 +247,7 @@ def optimizer_state_bytes(opt):
         return total
 
     base = getattr(opt, "base_optimizer", None)
-    ours = [s for s in opt.state.values()] if base is not None else []
+    ours = list(opt.state.values()) if base is not None else []
     out = dict(masks=count(s["mask"] for s in ours if "mask" in s))
     out["momentum"] = count(v for s in (base or opt).state.values() for v in s.values())
     w, g = getattr(opt, "_w", None), getattr(opt, "_g", None)

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from bench import accuracy, common, report
-from lab.methods import flags, label, method_of, parse
-from lab.runs import grid_run, run_grid, run_state
+from lab.grid import grid_run, run_grid, run_state
+from lab.methods import METHODS, flags, label, method_of
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -41,10 +41,10 @@ SCREEN = [
     ("sam-k10-a0.7", None),
     ("sam-f0.5-k5-a0.7", None),
     ("sam-f0.25-k2-a0.7", None),
-    ("ssamf-cost-k2-a0.7", 0.9),
+    ("ssamf-tensor-cost-k2-a0.7", 0.9),
     ("ssamf", 0.5),
     ("ssamd", 0.5),
-    ("ssamf-cost", 0.9),
+    ("ssamf-tensor-cost", 0.9),
     ("sam-f0.5", None),
     ("sam-f0.25", None),
 ]
@@ -66,9 +66,9 @@ def costs(data):
     out = {}
     for (model, batch), rows in steps.items():
         for r in report.step_rows(model, batch, rows):
-            row, cfg = rows[r["method"]], common.config(rows[r["method"]]["flags"])
-            if row.get("weights", "fresh") == "fresh" and cfg.get("structure") in (None, "tensor"):
-                key = method_of(cfg)  # (2:4 masks have no name: not on the frontier)
+            row = rows[r["method"]]
+            if row.get("weights", "fresh") == "fresh":
+                key = method_of(common.config(row["flags"]))
                 out.setdefault(f"{key[0]}|{key[1]}", {})[model] = dict(x=r["x_sgd"], flops=r["flops"])
     return out
 
@@ -79,7 +79,7 @@ def cost_of(method, sp, table, model="resnet18"):
     row = table.get(f"{method}|{sp}", {}).get(model)
     if row:
         return (row["x"][0] if row["x"] else None), row["flops"], row["x"] is not None
-    _, _, _, k, _ = parse(method)
+    k = METHODS[method]["settings"].get("ascent_every")
     parent = method.split("-k")[0] if k else None
     base = table.get(f"{parent}|{sp}", {}).get(model) if parent else None
     if method == "sgd":
@@ -146,8 +146,8 @@ def train_or_reuse(methods, seeds, args):
         run_grid(grid, args.runs_dir, launch=[sys.executable], jobs=args.jobs, env=env)
     cfgs = [grid_run(f, args.runs_dir)[0] for f in grid]
     done = [c for c in cfgs if run_state(c) == "done"]
-    missing = [f"{label(*method_of(c))} seed {c['seed']}" for c in cfgs if run_state(c) != "done"]
-    return [(c, json.loads((Path(c["out_dir"]) / "final.json").read_text())) for c in done], missing
+    missing = [f"{label(*method_of(c))} seed {c.seed}" for c in cfgs if run_state(c) != "done"]
+    return [(c, json.loads((Path(c.out_dir) / "final.json").read_text())) for c in done], missing
 
 
 def summarize(runs, seeds, table):

@@ -208,7 +208,7 @@ def check_steps(device, rows):
             x = torch.randn(batch, 3, 32, 32, device=device)
             y = torch.randint(0, 10, (batch,), device=device)
             opt, cfg = common.make_optimizer(model, flags, num_samples=batch)
-            if cfg["optimizer"] == "ssamf":
+            if cfg.optimizer == "ssamf":
                 opt.update_mask(model, [(x, y)])
             for _ in range(3):
                 common.train_step(model, opt, cfg, x, y)

@@ -23,7 +23,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lab.methods import COLORS, color, label, method_of
+from lab.config import load_config
+from lab.methods import METHODS, color, label, method_of
 from lab.stats import mean_ci
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,18 +45,18 @@ def load(source):
             final = json.load(f)
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             metrics = [json.loads(line) for line in f if line.strip()]
-        cfg = final["config"]
+        cfg = load_config(final["config"], final_path)
         method, sparsity = method_of(cfg)
         runs.append(
             dict(
                 method=method,
                 sparsity=sparsity,
-                seed=cfg.get("seed"),
+                seed=cfg.seed,
                 test_acc=final["test_acc"],
                 metrics=metrics,
                 out_dir=run_dir,
-                setting=f"{cfg.get('model')}, {cfg.get('dataset')}, {cfg.get('train_size') or 'all'} images, "
-                f"label noise {cfg.get('label_noise', 0)}, {cfg.get('epochs')} epochs",
+                setting=f"{cfg.model}, {cfg.dataset}, {cfg.train_size or 'all'} images, "
+                f"label noise {cfg.label_noise}, {cfg.epochs} epochs",
             )
         )
     if not runs:
@@ -126,7 +127,7 @@ def plot_accuracy_vs_sparsity(runs, title, path):
 def plot_training_curves(runs, title, path):
     groups = by_method(runs)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    known = list(COLORS)  # the legend's order: the methods with a fixed colour first, then by name
+    known = list(METHODS)  # the legend's order: the table's
     order = sorted(
         groups, key=lambda k: (known.index(k[0]) if k[0] in known else len(known), k[0], k[1] or 0)
     )

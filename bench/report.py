@@ -17,7 +17,7 @@ import os
 import sys
 
 from bench import common
-from lab.methods import SPARSE
+from lab.methods import METHODS, SPARSE, split
 from lab.stats import estimate, interval, median, target_verdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -71,13 +71,16 @@ def group(benchmarks):
     return steps, first, updates
 
 
-def paper_flops(r):
+def method(name):
+    """A benchmark's method name -> (its entry of lab/methods.py METHODS, its sparsity)."""
+    m, sparsity = split(name.removesuffix("@trained"))
+    return METHODS[m], sparsity
+
+
+def paper_flops(name):
     """The paper's theoretical cost relative to SGD (None where the paper has no number for the method)."""
-    if r["opt"] == "sgd":
-        return 1.0
-    if r["opt"] == "samon" or r.get("ascent_fraction", 1.0) != 1.0 or "tensor" in r.get("flags", ""):
-        return None
-    return common.PAPER_FLOPS.get(0.0 if r["opt"] == "sam" else r["sparsity"])
+    m, sparsity = method(name)
+    return None if m["flops"] is None else m["flops"].get(sparsity)
 
 
 def target(out, text, values, limit, at_most=True, fmt="{:.3f}x"):
@@ -109,7 +112,7 @@ def step_rows(model, batch, rows):
             x_sgd=estimate(per_round(r, sgd)) if sgd else None,
             x_sam=median(per_round(r, sam)) if sam else None,
             flops=r.get("flops_x_sgd"),
-            paper=paper_flops(r),
+            paper=paper_flops(name),
             density=r.get("density"),
             memory=r.get("memory"),
             param_bytes=r["param_bytes"],
@@ -125,13 +128,14 @@ def step_targets(out, where, rows, fs):
     if sgd and sam:
         target(out, f"{where}: SAM step <= {SAM_LIMIT}x SGD", per_round(sam, sgd), SAM_LIMIT)
     for name, r in rows.items():
-        if not sgd or r.get("opt") == "sgd":
+        m, sparsity = method(name)
+        s = m["settings"]
+        if not sgd or s["optimizer"] == "sgd":
             continue
-        if r.get("ascent_fraction") == 0.25 and r["opt"] == "sam":
+        if s.get("ascent_fraction") == 0.25 and s["optimizer"] == "sam":
             text = f"{where}: {name} (SAM, ascent on 1/4 of the batch) <= {ASCENT_LIMIT}x SGD"
             target(out, text, per_round(r, sgd), ASCENT_LIMIT)
-        cost = "--mask-select cost" in r.get("flags", "")
-        if cost and r["sparsity"] == 0.9 and r.get("ascent_fraction", 1.0) == 1.0:
+        if s.get("mask_select") == "cost" and sparsity == 0.9 and "ascent_fraction" not in s:
             text = f"{where}: {name} ({r['weights']} weights) <= {COST_MASK_LIMIT}x SGD"
             target(out, text, per_round(r, sgd), COST_MASK_LIMIT)
     for name, r in fs.items():

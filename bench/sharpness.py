@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from lab.methods import SPARSE
 from lab.sharpness import load_run, top_eigenvalues, train_batch
 
 
@@ -42,9 +43,9 @@ def main():
         eig = top_eigenvalues(model, x, y, args.k, args.iters, seed=args.seed)
         r = dict(
             checkpoint=path,
-            model=cfg["model"],
-            optimizer=cfg["optimizer"],
-            sparsity=cfg.get("sparsity"),
+            model=cfg.model,
+            optimizer=cfg.optimizer,
+            sparsity=cfg.sparsity if cfg.optimizer in SPARSE else None,
             eigenvalues=eig,
             lambda_1=eig[0],
             lambda_1_over_lambda_k=eig[0] / eig[-1],
@@ -58,7 +59,7 @@ def main():
             with open(os.path.join(os.path.dirname(path), "sharpness.json"), "w") as f:
                 json.dump(r, f, indent=2)
         print(
-            f"{path}: {cfg['optimizer']}{'' if r['sparsity'] is None else ' s=%g' % r['sparsity']}  "
+            f"{path}: {cfg.optimizer}{'' if r['sparsity'] is None else ' s=%g' % r['sparsity']}  "
             f"lambda_1 {eig[0]:.4g}  lambda_1/lambda_{args.k} {r['lambda_1_over_lambda_k']:.3g}  "
             f"top {args.k}: {', '.join(f'{e:.4g}' for e in eig)}  ({r['seconds']:.0f} s)"
         )

@@ -1,6 +1,6 @@
-"""Data for train.py: the shipped CIFAR-10 subset, CIFAR-10/100 (torchvision files or an ImageFolder tree,
-decoded once and cached), ImageNet (ImageFolder + DataLoader workers), and CIFAR's augmentation on the
-device."""
+"""Data for train.py: the table of datasets (DATASETS), the shipped CIFAR-10 subset, CIFAR-10/100
+(torchvision files or an ImageFolder tree, decoded once and cached), ImageNet (ImageFolder + DataLoader
+workers), and CIFAR's augmentation on the device."""
 
 import functools
 import hashlib
@@ -14,16 +14,17 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from lab.config import ROOT, whole
 from lab.runs import console, write_atomic
 
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 CIFAR_MEAN, CIFAR_STD = (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)  # per channel, 0..255 pixel units
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def load(cfg, device, rank, world):
-    """The run's data: CIFAR on the device (CifarOnDevice) or ImageNet through DataLoader workers."""
-    return (ImageNetLoader if whole(cfg).dataset == "imagenet" else CifarOnDevice)(cfg, device, rank, world)
+def load(c, device, rank, world):
+    """The run's data (c: its Config): CIFAR on the device (CifarOnDevice) or ImageNet through DataLoader
+    workers."""
+    return DATASETS[c.dataset]["loader"](c, device, rank, world)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -71,9 +72,9 @@ def load_subset():
     return out
 
 
-def cache_dir(cfg):
+def cache_dir(c):
     """Where decoded ImageFolder trees are cached: outside the source tree, in the user's cache directory."""
-    d = whole(cfg).cache_dir or os.environ.get("SSAM_CACHE_DIR")
+    d = c.cache_dir or os.environ.get("SSAM_CACHE_DIR")
     if not d:
         d = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ssam"
     return Path(d).expanduser()
@@ -128,13 +129,11 @@ def load_image_folder_tensor(root, cache_root):
     return out
 
 
-def load_cifar(cfg):
+def load_cifar(c):
     """-> train_x, train_y, test_x, test_y: uint8 (N, 3, 32, 32) and int64 (N,), on the CPU."""
-    c = whole(cfg)
-    name = c.dataset
+    name, num_classes = c.dataset, DATASETS[c.dataset]["classes"]
     if name == "cifar10-subset":
         return load_subset()
-    num_classes = 100 if name == "cifar100" else 10
     root = Path(c.data_dir or ROOT / "data" / name)
     if (root / "train").is_dir() or (root / "test").is_dir():
         for s in ("train", "test"):
@@ -156,7 +155,7 @@ def load_cifar(cfg):
             f"--cache-dir would be ignored: {root} is not an ImageFolder tree (torchvision's {name} files "
             "are read directly, never cached). Drop --cache-dir"
         )
-    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    cls = getattr(torchvision.datasets, DATASETS[name]["torchvision"])
     if root.exists() and any(root.iterdir()) and not any(root.glob("cifar-*-python*")):
         raise SystemExit(
             f"{root} holds neither an ImageFolder tree ({root}/train/<class>/*.jpg and {root}/test/...) "
@@ -231,8 +230,7 @@ def noisy_labels(y, p, num_classes):
 class CifarOnDevice:
     """Train/test tensors on the device; batches(g) yields this process's share of each global batch."""
 
-    def __init__(self, cfg, device, rank, world):
-        c = whole(cfg)
+    def __init__(self, c, device, rank, world):
         train_x, train_y, test_x, test_y = load_cifar(c)
         if c.train_size > len(train_y):
             raise SystemExit(
@@ -242,7 +240,7 @@ class CifarOnDevice:
         if c.train_size:
             keep = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0))[: c.train_size]
             train_x, train_y = train_x[keep.sort().values], train_y[keep.sort().values]
-        self.num_classes = 100 if c.dataset == "cifar100" else 10
+        self.num_classes = DATASETS[c.dataset]["classes"]
         if c.label_noise:  # symmetric noise: exactly round(p*N) images get one of the other labels
             train_y = noisy_labels(train_y, c.label_noise, self.num_classes)
         self.train_x, self.train_y = train_x.to(device), train_y.to(device)
@@ -281,8 +279,8 @@ class CifarOnDevice:
 class ImageNetLoader:
     """ImageNet from an ImageFolder tree with DataLoader workers (too big to sit on the device)."""
 
-    def __init__(self, cfg, device, rank, world):
-        c, T = whole(cfg), torchvision.transforms
+    def __init__(self, c, device, rank, world):
+        T = torchvision.transforms
         root = Path(c.data_dir or ROOT / "data" / "imagenet")
         for s in ("train", "val"):
             if not (root / s).is_dir():
@@ -345,3 +343,40 @@ class ImageNetLoader:
     def test_batches(self):
         for x, y in self.test_loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The datasets: train.py's --dataset choices, and the flags each one ignores (given, they are an error)
+# -----------------------------------------------------------------------------------------------------------
+MINE = (
+    "--dataset cifar10-subset is the subset shipped in data/; to train on a tree of your own, pass "
+    "--dataset cifar10 or cifar100 (or a --preset cifar10-*/cifar100-*)"
+)
+ON_DEVICE = "CIFAR sits on the device as one tensor; there are no DataLoader workers"
+RESIZED = "ImageNet uses RandomResizedCrop + flip and the whole train/ folder"
+DATASETS = {
+    # name: classes, image side (32: the models' CIFAR stem), loader, torchvision class, ignored flags
+    "cifar10-subset": dict(
+        classes=10,
+        side=32,
+        loader=CifarOnDevice,
+        ignores=dict(data_dir=MINE, cache_dir=MINE, workers=ON_DEVICE),
+    ),
+    "cifar10": dict(
+        classes=10, side=32, loader=CifarOnDevice, torchvision="CIFAR10", ignores=dict(workers=ON_DEVICE)
+    ),
+    "cifar100": dict(
+        classes=100, side=32, loader=CifarOnDevice, torchvision="CIFAR100", ignores=dict(workers=ON_DEVICE)
+    ),
+    "imagenet": dict(
+        classes=1000,
+        side=224,
+        loader=ImageNetLoader,
+        ignores=dict(
+            cutout=RESIZED,
+            train_size=RESIZED,
+            label_noise=RESIZED,
+            cache_dir="ImageNet is read by DataLoader workers, never cached",
+        ),
+    ),
+}

@@ -1,20 +1,25 @@
-"""What a train.py run writes and how runs are found again: checkpoints, the metrics log, the out-dir lock,
-and the grid runner (one naming rule and one "done" rule for the demo, bench/accuracy.py and
-scripts/reproduce.py)."""
+"""What a train.py run writes: checkpoints (FSDP2's sharded by torch.distributed.checkpoint), the metrics
+log, the out-dir lock (lab/grid.py finds runs again)."""
 
 import contextlib
 import json
 import os
-import shlex
+import shutil
 import socket
-import subprocess
-import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from rich.console import Console
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
-from lab.config import RESUME_FREE, ROOT, config_diff, get_args, resolve_config
+import ssam
 
 console = Console(stderr=True)
 
@@ -52,20 +57,6 @@ def read_checkpoint(path, mmap=False, what=""):
             f"{what}{path} is unreadable or not a train.py checkpoint ({type(e).__name__}: {why}). "
             f"Delete it (or the run folder) to start over, or pass --fresh"
         ) from None
-
-
-def load_checkpoint(path, cfg):
-    """--resume: the checkpoint at path, which must hold a run of config cfg."""
-    if not path.exists():
-        raise SystemExit(f"--resume: no checkpoint at {path}; drop --resume to start from scratch")
-    ck = read_checkpoint(path, what="--resume: ")
-    diff = config_diff(ck["config"], cfg)
-    if diff:
-        raise SystemExit(
-            f"--resume: {path} was made with a different config: {', '.join(diff)}. Use the same "
-            f"flags, another --out-dir, or --fresh to start over"
-        )
-    return ck
 
 
 def read_log(path):
@@ -134,109 +125,55 @@ def out_dir_lock(out_dir):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Grids of runs: ONE naming rule and ONE "done" rule for the demo, bench/accuracy.py and scripts/reproduce.py
+# A run's checkpoint (train.py's Run): ckpt.pt, and with --fsdp the sharded part in a DCP folder, which
+# torch.distributed.checkpoint reshards on load: a run saved by N processes resumes on any number of them
 # -----------------------------------------------------------------------------------------------------------
-def grid_run(flags, root):
-    """train.py flags (a list) -> the run's config, in <root>/<name>. The name comes from the config:
-    <preset>-<optimizer>[-s<sparsity>]-seed<seed>, then every setting that differs from the preset's recipe,
-    e.g. cifar10-resnet18-sgd-seed0-epochs1-train-size256; cfg["recipe"] is True when nothing differs."""
-    args = get_args(flags)
-    if args.name or args.out_dir or args.demo:
-        raise ValueError(f"grid_run names the run itself: drop --name/--out-dir/--demo from {flags}")
-    cfg = resolve_config(args)
-    base = ["--preset", args.preset, "--optimizer", cfg["optimizer"], "--seed", str(cfg["seed"])]
-    recipe = resolve_config(
-        get_args(base + (["--sparsity", str(cfg["sparsity"])] if "sparsity" in cfg else []))
+def save_checkpoint(run, epoch, elapsed):
+    """ckpt.pt, atomically: the whole config (dataclasses.asdict) and every state the run continues from."""
+    cuda, shards = run.device.type == "cuda", f"ckpt-e{epoch}.dcp" if run.c.fsdp else None
+    state = dict(config=asdict(run.c), epoch=epoch, elapsed=elapsed, shards=shards)
+    state |= dict(model=None if shards else run.raw_model.state_dict())
+    state |= dict(optimizer=None if shards else run.opt.state_dict(), scheduler=run.sched.state_dict())
+    state |= dict(
+        scaler=run.scaler.state_dict() if run.scaler is not None else None, data_rng=run.g.get_state()
     )
-    differ = [k for k in cfg if k not in RESUME_FREE and cfg[k] != recipe.get(k)]
-    cfg["name"] = recipe["name"] + "".join(
-        f"-{k.replace('_', '-')}" + ("" if cfg[k] is True else str(cfg[k]).replace(":", "of")) for k in differ
+    state |= dict(
+        torch_rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state(run.device) if cuda else None
     )
-    cfg["out_dir"] = str(Path(root) / cfg["name"])
-    return cfg, not differ
+    write_atomic(run.out_dir / "ckpt.pt", state)
+    for old in run.out_dir.glob("ckpt-e*.dcp"):  # --fsdp: ckpt.pt names the new shards; the old ones go
+        if old.name != shards:
+            shutil.rmtree(old)
 
 
-def run_state(cfg):
-    """'done' (final.json records this config), 'resume' (ckpt.pt of this config), 'todo' (neither), or
-    'other: <diff>' when the folder holds a run of another config."""
-    d = Path(cfg["out_dir"])
-    if (d / "final.json").exists():
-        diff = config_diff(json.loads((d / "final.json").read_text())["config"], cfg)
-        return "done" if not diff else "other: " + ", ".join(diff)
-    if (d / "ckpt.pt").exists():
-        saved = read_checkpoint(d / "ckpt.pt", mmap=True)["config"]
-        diff = config_diff(saved, cfg)
-        return "resume" if not diff else "other: " + ", ".join(diff)
-    return "todo"
+def sharded_state(run):
+    """The sharded part of a --fsdp checkpoint, keyed by parameter name: weights and BN statistics, the base
+    optimizer's state (momentum), SSAM's masks, the optimizer's counters (SSAM-D's generator)."""
+    model, opt = run.raw_model, run.opt
+    names = {p: n for n, p in model.named_parameters()}
+    base = getattr(opt, "base_optimizer", opt)
+    state = dict(model=get_model_state_dict(model), optimizer=get_optimizer_state_dict(model, base))
+    masked = getattr(opt, "masked", [])  # SSAM: every mask, all False before the first update
+    none = {p: torch.zeros_like(p, dtype=torch.bool) for p in masked if "mask" not in opt.state.get(p, {})}
+    state["masks"] = {names[p]: opt.state[p]["mask"] if p not in none else none[p] for p in masked}
+    state["counters"] = counters(opt)
+    return state
 
 
-def run_grid(grid, root, fresh=False, launch=None, jobs=1, env=None, dry_run=False, train_fn=None):
-    """Train every run of `grid` (a list of train.py flag lists) that is not done; returns [(cfg, final)]
-    in grid order (final = final.json, None on a dry run). A done run is reused, an interrupted one resumed;
-    a folder holding another config is refused unless fresh (then it is trained again from scratch).
-    launch=None trains in this process with train_fn (train.train), one run after another (the demo);
-    otherwise each run is the command launch + [train.py, flags...] (e.g. [sys.executable] or torchrun ...),
-    `jobs` at a time, its output in <out_dir>/train.log when jobs > 1."""
-    plan = []
-    for flags in grid:
-        cfg, recipe = grid_run(flags, root)
-        st = run_state(cfg)
-        if st.startswith("other") and not fresh:
-            raise SystemExit(
-                f"{cfg['out_dir']} holds a run of another config ({st[7:]}): move it away, or pass "
-                f"--fresh to train it again with the config asked for"
-            )
-        st = "todo" if fresh else st
-        console.print(
-            f"[{len(plan) + 1}/{len(grid)}] {st:6} {cfg['name']}" + ("" if recipe else "  (not the recipe)"),
-            soft_wrap=True,
-        )
-        plan.append((flags, cfg, st))
-    running = []
+def counters(opt):
+    """SSAM's counters (steps, SSAM-D's generator state...) as its state_dict() has them; none for SGD."""
+    return opt.state_dict()["counters"] if isinstance(opt, ssam.SAM) else {}
 
-    def wait(until):  # reap finished subprocesses until len(running) <= until
-        while len(running) > until:
-            time.sleep(0.2)
-            for item in [r for r in running if r[0].poll() is not None]:
-                running.remove(item)
-                proc, log, c = item
-                if log:
-                    log.close()
-                if proc.returncode != 0:
-                    for other, _, _ in running:
-                        other.kill()
-                    tail = (Path(c["out_dir"]) / "train.log").read_text()[-3000:] if log else ""
-                    raise SystemExit(
-                        f"{tail}\ntrain.py failed (exit {proc.returncode}) for {c['name']}: fix it "
-                        f"and rerun (finished runs are kept)"
-                    )
-                console.print(f"finished {c['name']}", soft_wrap=True)
 
-    for i, (flags, cfg, st) in enumerate(plan):
-        if dry_run or st == "done":
-            continue
-        cfg["resume"], cfg["fresh"] = st == "resume", st != "resume"
-        if launch is None:
-            console.rule(f"[bold]{cfg['name']}")
-            train_fn(cfg, show_config=i == 0)
-            continue
-        cmd = list(launch) + [
-            str(ROOT / "train.py"),
-            *flags,
-            "--name",
-            cfg["name"],
-            "--out-dir",
-            cfg["out_dir"],
-            "--resume" if cfg["resume"] else "--fresh",
-        ]
-        console.print("   " + shlex.join(cmd), soft_wrap=True, markup=False)
-        Path(cfg["out_dir"]).mkdir(parents=True, exist_ok=True)
-        log = open(Path(cfg["out_dir"]) / "train.log", "w") if jobs > 1 else None
-        running.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log), log, cfg))
-        wait(jobs - 1)
-    wait(0)
-    out = []
-    for flags, cfg, st in plan:
-        f = Path(cfg["out_dir"]) / "final.json"
-        out.append((cfg, json.loads(f.read_text()) if f.exists() and not dry_run else None))
-    return out
+def load_shards(run, path):
+    """sharded_state() back from a DCP folder, into this run's sharded model and optimizer."""
+    model, opt = run.raw_model, run.opt
+    state = sharded_state(run)  # the template DCP fills in (in place; other process counts: resharded)
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, getattr(opt, "base_optimizer", opt), state["optimizer"])
+    for k, v in state["counters"].items():  # as ssam's load_state_dict does
+        getattr(opt, k).set_state(v) if isinstance(getattr(opt, k), torch.Generator) else setattr(opt, k, v)
+    if state["counters"].get("last_mask_update", -1) >= 0:  # saved after a mask update: its masks
+        names = {p: n for n, p in model.named_parameters()}
+        opt.set_masks([state["masks"][names[p]] for p in opt.masked], count_update=False)

@@ -9,10 +9,13 @@ largest converge to the top eigenvalues first. Measured on a wrn10-1 checkpoint:
 agree with 40 products to 4 digits and lambda_5 to 2%.
 """
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
-from lab.data import CifarOnDevice, normalize
+from lab.config import load_config
+from lab.data import DATASETS, CifarOnDevice, normalize
 from lab.models import make_model
 from lab.runs import read_checkpoint
 
@@ -62,26 +65,26 @@ def top_eigenvalues(model, x, y, k=5, iters=30, loss_fn=F.cross_entropy, seed=0)
 
 
 def load_run(path, device):
-    """A train.py checkpoint {"model": state_dict, "config": {...}} -> (model in eval mode, its config).
+    """A train.py checkpoint {"model": state_dict, "config": {...}} -> (model in eval mode, its Config).
     Read as data only (lab.runs.read_checkpoint, weights_only=True): a file that would run code when
     unpickled is refused with an error that names it."""
     ck = read_checkpoint(path, what="sharpness: ")
-    cfg = ck["config"]
-    num_classes = {"cifar100": 100, "imagenet": 1000}.get(cfg["dataset"], 10)
-    model = make_model(cfg["model"], num_classes, small_images=cfg["dataset"] != "imagenet")
+    c = load_config(ck["config"], path)
+    data = DATASETS[c.dataset]
+    model = make_model(c.model, data["classes"], small_images=data["side"] == 32)
     model.load_state_dict(ck["model"])
-    return model.to(device).eval(), cfg
+    return model.to(device).eval(), c
 
 
-def train_batch(cfg, n, device):
+def train_batch(c, n, device):
     """n images of the run's training set (its --train-size part, its --label-noise labels), the same fixed
     random draw for every run of that set (the files are sorted by class: the first n would be one class),
     normalized, not augmented, and their labels: the loss the run minimized, without augmentation."""
-    if cfg["dataset"] == "imagenet":
+    if DATASETS[c.dataset]["loader"] is not CifarOnDevice:
         raise SystemExit(
-            "sharpness.py: ImageNet checkpoints are not supported (CIFAR data lives in memory here)"
+            f"sharpness.py: {c.dataset} checkpoints are not supported (CIFAR data lives in memory here)"
         )
-    data = CifarOnDevice(dict(cfg, batch_size=1), torch.device("cpu"), 0, 1)
+    data = CifarOnDevice(dataclasses.replace(c, batch_size=1), torch.device("cpu"), 0, 1)
     if n > len(data.train_y):
         raise SystemExit(
             f"sharpness.py: --batch {n} is larger than the run's {len(data.train_y)} training images"

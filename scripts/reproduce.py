@@ -36,8 +36,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from lab.config import RESUME_FREE
-from lab.runs import grid_run, run_grid, run_state
+from lab.config import changes, from_preset, load_config
+from lab.grid import grid_run, run_grid, run_state
+from lab.methods import METHODS, SPARSE, flags, method_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,12 +46,12 @@ SPARSITIES = (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
 SHORT_EPOCHS = 15
 SHORT_FLAGS = "--amp bf16 --channels-last --compile"
 SHORT = [
-    ("sgd", None, None),
-    ("sam", None, None),
-    ("ssamf", 0.5, None),
-    ("ssamd", 0.5, None),
-    ("ssamf", 0.9, "tensor"),
-]
+    ("sgd", None),
+    ("sam", None),
+    ("ssamf", 0.5),
+    ("ssamd", 0.5),
+    ("ssamf-tensor", 0.9),
+]  # lab/methods.py
 
 # Paper's test accuracy (%), by (model, dataset, optimizer, sparsity); sparsity None for SGD and SAM.
 PAPER = {}
@@ -125,13 +126,9 @@ def grid(args):
         short += ["--data-dir", data] if data else []
         optimizers = option(args.optimizers, "OPTIMIZERS", ["sgd", "sam", "ssamf", "ssamd"])
         return [
-            ["--preset", "cifar10-resnet18", "--optimizer", o, "--seed", str(seed)]
-            + ([] if sp is None else ["--sparsity", str(sp)])
-            + ([] if st is None else ["--structure", st])
-            + short
-            + extra
-            for o, sp, st in SHORT
-            if o in optimizers
+            ["--preset", "cifar10-resnet18", *flags(m, sp), "--seed", str(seed), *short, *extra]
+            for m, sp in SHORT
+            if METHODS[m]["settings"]["optimizer"] in optimizers
             for seed in seeds
         ]
     imagenet = args.grid == "imagenet"
@@ -143,11 +140,11 @@ def grid(args):
     for model, dataset, opt, sp in PAPER:
         if model in models and dataset in datasets and opt in optimizers and (sp is None or sp in sparsities):
             for seed in seeds:
-                flags = ["--preset", f"{dataset}-{model}", "--optimizer", opt, "--seed", str(seed)]
-                flags += [] if sp is None else ["--sparsity", str(sp)]
+                run = ["--preset", f"{dataset}-{model}", "--optimizer", opt, "--seed", str(seed)]
+                run += [] if sp is None else ["--sparsity", str(sp)]
                 if data:
-                    flags += ["--data-dir", data if dataset == "imagenet" else str(Path(data) / dataset)]
-                runs.append(flags + extra)
+                    run += ["--data-dir", data if dataset == "imagenet" else str(Path(data) / dataset)]
+                runs.append(run + extra)
     return runs
 
 
@@ -157,26 +154,12 @@ def finished_runs(runs_dir):
     out = []
     for f in sorted(Path(runs_dir).glob("*/final.json")):
         r = json.loads(f.read_text())
-        c = r["config"]
-        base = ["--preset", c["preset"], "--optimizer", c["optimizer"], "--seed", str(c["seed"])]
-        recipe, _ = grid_run(
-            base + ([] if c.get("sparsity") is None else ["--sparsity", str(c["sparsity"])]), runs_dir
-        )
-        model, dataset = recipe["model"], recipe["dataset"]  # the preset's
-        differ = [
-            f"{k.replace('_', '-')} {c.get(k)}"
-            for k in sorted(set(c) | set(recipe))
-            if k not in RESUME_FREE and c.get(k) != recipe.get(k)
-        ]
-        out.append(
-            dict(
-                final=r,
-                dir=f.parent,
-                cell=(model, dataset, c["optimizer"], c.get("sparsity")),
-                seed=c["seed"],
-                differ=differ,
-            )
-        )
+        c = load_config(r["config"], f)
+        recipe = from_preset(c.preset, {})
+        sparsity = c.sparsity if c.optimizer in SPARSE else None
+        differ = [f"{k.replace('_', '-')} {v}" for k, v in changes(c) if k != "sparsity"]
+        cell = (recipe.model, recipe.dataset, c.optimizer, sparsity)
+        out.append(dict(final=r, dir=f.parent, cell=cell, seed=c.seed, differ=differ))
     return out
 
 
@@ -196,68 +179,74 @@ def cell_name(model, dataset, opt, sp):
 def write_tables(runs_dir):
     """One Markdown file per paper table, from every finished run under runs_dir, next to runs_dir."""
     runs = finished_runs(runs_dir)
-    out_dir, written = Path(runs_dir).parent, []
+    written = []
     for table, (model, datasets) in TABLES.items():
         mine = [r for r in runs if r["cell"][0] == model and r["cell"][1] in datasets]
         if not mine:
             continue
-        recipe = [r for r in mine if not r["differ"]]
-        head = (
-            "| optimizer | sparsity | "
-            + " | ".join(f"{d} paper | {d} ours | {d} diff" for d in datasets)
-            + " |"
-        )
-        lines = [
-            f"# {table}: {model}, test accuracy %",
-            "",
-            "ours = mean ± std over the runs with the paper's full recipe (the preset, nothing changed), and "
-            "how many seeds; runs with anything changed are listed below the table, never in it.",
-            "",
-            head,
-            "|" + "---|" * (2 + 3 * len(datasets)),
-        ]
-        for m, d0, opt, sp in PAPER:
-            if m != model or d0 != datasets[0]:
-                continue
-            cells = []
-            for d in datasets:
-                paper = PAPER[model, d, opt, sp]
-                rs = [r for r in recipe if r["cell"] == (model, d, opt, sp)]
-                if rs:
-                    mean, text = ours(rs)
-                    cells += [f"{paper:.2f}", text, f"{mean - paper:+.2f}"]
-                else:
-                    cells += [f"{paper:.2f}", "—", "—"]
-            lines.append(f"| {opt} | {'—' if sp is None else f'{sp:.0%}'} | " + " | ".join(cells) + " |")
-        lines += ["", "Runs behind each cell (folders in " + str(runs_dir) + "):", ""]
-        for cell in sorted({r["cell"] for r in recipe}, key=str):
-            lines.append(
-                f"- {cell_name(*cell)}: " + ", ".join(r["dir"].name for r in recipe if r["cell"] == cell)
-            )
-        if not recipe:
-            lines.append("- none: no run with the paper's full recipe has finished yet")
-        other = [r for r in mine if r["differ"]]
-        if other:
-            lines += [
-                "",
-                "## Not the paper's recipe (not in the table above)",
-                "",
-                "| paper's cell | what differs from the recipe | ours | paper | runs |",
-                "|---|---|---|---|---|",
-            ]
-            groups = {}
-            for r in other:
-                groups.setdefault((r["cell"], tuple(r["differ"])), []).append(r)
-            for (cell, differ), rs in sorted(groups.items(), key=str):
-                lines.append(
-                    f"| {cell_name(*cell)} | {', '.join(differ)} | {ours(rs)[1]} | {PAPER[cell]:.2f} | "
-                    + ", ".join(r["dir"].name for r in rs)
-                    + " |"
-                )
-        path = out_dir / f"reproduce_{table}.md"
+        lines = paper_table(table, model, datasets, [r for r in mine if not r["differ"]], runs_dir)
+        lines += other_runs([r for r in mine if r["differ"]])
+        path = Path(runs_dir).parent / f"reproduce_{table}.md"
         path.write_text("\n".join(lines) + "\n")
         written.append(path)
     return written
+
+
+def paper_table(table, model, datasets, recipe, runs_dir):
+    """The paper's rows of one table beside ours (its full recipe's runs), and the runs behind each cell."""
+    head = (
+        "| optimizer | sparsity | " + " | ".join(f"{d} paper | {d} ours | {d} diff" for d in datasets) + " |"
+    )
+    lines = [
+        f"# {table}: {model}, test accuracy %",
+        "",
+        "ours = mean ± std over the runs with the paper's full recipe (the preset, nothing changed), and "
+        "how many seeds; runs with anything changed are listed below the table, never in it.",
+        "",
+        head,
+        "|" + "---|" * (2 + 3 * len(datasets)),
+    ]
+    for m, d0, opt, sp in PAPER:
+        if m != model or d0 != datasets[0]:
+            continue
+        cells = []
+        for d in datasets:
+            paper = PAPER[model, d, opt, sp]
+            rs = [r for r in recipe if r["cell"] == (model, d, opt, sp)]
+            mean, text = ours(rs) if rs else (None, "—")
+            cells += [f"{paper:.2f}", text, "—" if mean is None else f"{mean - paper:+.2f}"]
+        lines.append(f"| {opt} | {'—' if sp is None else f'{sp:.0%}'} | " + " | ".join(cells) + " |")
+    lines += ["", "Runs behind each cell (folders in " + str(runs_dir) + "):", ""]
+    for cell in sorted({r["cell"] for r in recipe}, key=str):
+        lines.append(
+            f"- {cell_name(*cell)}: " + ", ".join(r["dir"].name for r in recipe if r["cell"] == cell)
+        )
+    if not recipe:
+        lines.append("- none: no run with the paper's full recipe has finished yet")
+    return lines
+
+
+def other_runs(other):
+    """The runs that changed something of the recipe: apart, with what they changed, never in the table."""
+    if not other:
+        return []
+    lines = [
+        "",
+        "## Not the paper's recipe (not in the table above)",
+        "",
+        "| paper's cell | what differs from the recipe | ours | paper | runs |",
+        "|---|---|---|---|---|",
+    ]
+    groups = {}
+    for r in other:
+        groups.setdefault((r["cell"], tuple(r["differ"])), []).append(r)
+    for (cell, differ), rs in sorted(groups.items(), key=str):
+        lines.append(
+            f"| {cell_name(*cell)} | {', '.join(differ)} | {ours(rs)[1]} | {PAPER[cell]:.2f} | "
+            + ", ".join(r["dir"].name for r in rs)
+            + " |"
+        )
+    return lines
 
 
 def short_table(done):
@@ -266,16 +255,16 @@ def short_table(done):
     for cfg, final in done:
         if final is None:
             continue
-        key = (cfg["optimizer"], cfg.get("sparsity"), cfg.get("structure", "unstructured"))
-        rows.setdefault(key, []).append(final)
+        sparsity = method_of(cfg)[1]
+        rows.setdefault((cfg.optimizer, sparsity, cfg.structure), []).append(final)
     if not rows:
         return None
     sgd = rows.get(("sgd", None, "unstructured"))
     sgd_ms = statistics.mean(f["step_ms"] for f in sgd) if sgd else None
     c = next(cfg for cfg, f in done if f is not None)
     lines = [
-        f"# cifar-short: {c['model']} on {c['dataset']}, {c['epochs']} epochs (the paper trains 200: not its "
-        f"recipe), amp {c['amp']}, channels-last {c.get('channels_last')}, compile {c.get('compile')}",
+        f"# cifar-short: {c.model} on {c.dataset}, {c.epochs} epochs (the paper trains 200: not its "
+        f"recipe), amp {c.amp}, channels-last {c.channels_last}, compile {c.compile}",
         "",
         "| method | test acc % | ms/step | x SGD | seeds | device |",
         "|---|---|---|---|---|---|",
@@ -317,7 +306,7 @@ def main():
         done = [
             (
                 cfg,
-                json.loads((Path(cfg["out_dir"]) / "final.json").read_text())
+                json.loads((Path(cfg.out_dir) / "final.json").read_text())
                 if run_state(cfg) == "done"
                 else None,
             )

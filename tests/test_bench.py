@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 import ssam
 from bench import accuracy, common, report
-from lab import methods, runs, sharpness, stats
+from lab import demo, grid, methods, sharpness, stats
+from lab.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -129,7 +130,10 @@ def test_report_ratios_are_per_round_medians_with_intervals_and_verdicts():
         rounds(load, lambda x, r: step("sgd", "sgd", 0.100 * x, r))
         + rounds(load, lambda x, r: step("sam", "sam", 0.210 * x, r))  # 2.1x: MISS
         + rounds(load, lambda x, r: step("sam-f0.25", "sam", 0.130 * x, r, ascent_fraction=0.25))  # PASS
-        + rounds(load, lambda x, r: step("cost", "ssamf", (0.140 + 0.02 * (r % 2)) * x, r, cost, 0.9))
+        + rounds(
+            load,
+            lambda x, r: step("ssamf-s0.9-tensor-cost", "ssamf", (0.140 + 0.02 * (r % 2)) * x, r, cost, 0.9),
+        )
         + [entry("mask-update", 391 * 0.1 * 0.005, r, model="m", opt="ssamf", sparsity=0.5) for r in range(3)]
         + [entry("fisher", 1.0, r, model="m", num_samples=128) for r in range(3)]
     )
@@ -139,12 +143,17 @@ def test_report_ratios_are_per_round_medians_with_intervals_and_verdicts():
     assert rows["sam"]["x_sgd"] == pytest.approx((2.1, 2.1, 2.1))  # load cancels within a round
     assert rows["sam"]["ms"] == pytest.approx(1e3 * 0.210 * 1.15)  # median time over rounds
     assert rows["sam-f0.25"]["x_sam"] == pytest.approx(0.13 / 0.21) and rows["sam-f0.25"]["paper"] is None
-    m, lo, hi = rows["cost"]["x_sgd"]
+    m, lo, hi = rows["ssamf-s0.9-tensor-cost"]["x_sgd"]
     assert (
         m == pytest.approx(1.5) and lo == pytest.approx(1.4) and hi == pytest.approx(1.6)
     )  # 1.4, 1.6 by round
     verdicts = {t["target"].split(": ", 1)[1].split(" ")[0]: t["verdict"] for t in s["targets"]}
-    assert verdicts == {"SAM": "MISS", "sam-f0.25": "PASS", "cost": "UNDECIDED", "ssamf": "PASS"}
+    assert verdicts == {
+        "SAM": "MISS",
+        "sam-f0.25": "PASS",
+        "ssamf-s0.9-tensor-cost": "UNDECIDED",
+        "ssamf": "PASS",
+    }
     upd = {r["what"]: r for r in s["updates"]}
     assert upd["ssamf update_mask"]["interval"] == 391
     # the per-step update cost over the ssamf step's median time
@@ -207,9 +216,7 @@ def test_the_timed_step_is_train_py_step(monkeypatch):
     model = common.TinyViT(width=32, depth=2)
     x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))  # what the step does, not the data
     opt, cfg = common.make_optimizer(model, "--optimizer ssamd --sparsity 0.5 --structure 2:4")
-    assert (
-        isinstance(opt, ssam.SSAMD) and opt.nm == (2, 4) and cfg["lr"] == 0.05
-    )  # the cifar10-resnet18 recipe
+    assert isinstance(opt, ssam.SSAMD) and opt.nm == (2, 4) and cfg.lr == 0.05  # the cifar10-resnet18 recipe
     calls = []
     real = common.train.train_step
     monkeypatch.setattr(common.train, "train_step", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
@@ -267,7 +274,7 @@ def test_accuracy_cheaper_method_paired_with_its_exact_method():
     accs = {
         ("sam", None): (42.0, 51.0, 63.0, 40.0, 45.0, 50.0),
         ("sam-f0.25", None): (41.0, 51.5, 62.0, 39.0, 45.5, 49.0),
-        ("ssamf-cost", 0.9): (30.0, 31.0, 32.0, 33.0, 34.0, 35.0),
+        ("ssamf-tensor-cost", 0.9): (30.0, 31.0, 32.0, 33.0, 34.0, 35.0),
     }  # its reference SSAM-F 0.9 never ran
     runs = [
         dict(method=m, sparsity=sp, seed=s, test_acc=a / 100, step_ms=10.0 * (s + 1) + (m == "sam"))
@@ -281,7 +288,7 @@ def test_accuracy_cheaper_method_paired_with_its_exact_method():
     }
     summary = {t: accuracy.summarize(runs, ss) for t, ss in sets.items()}
     rows = {(r["method"], r["sparsity"]): r for r in summary["all seeds (0-5)"]}
-    f25, sam, cost = rows["sam-f0.25", None], rows["sam", None], rows["ssamf-cost", 0.9]
+    f25, sam, cost = rows["sam-f0.25", None], rows["sam", None], rows["ssamf-tensor-cost", 0.9]
     d = [-1.0, 0.5, -1.0, -1.0, 0.5, -1.0]  # sam-f0.25 - sam, seed by seed
     assert f25["ref"] == "SAM" and f25["vs_ref"][0] == pytest.approx(-0.5) and f25["vs_ref"][2] == 6
     assert f25["vs_ref"][1] == pytest.approx(2.571 * statistics.stdev(d) / 6**0.5)
@@ -327,29 +334,32 @@ def test_accuracy_method_names_round_trip_through_train_config(tmp_path):
 
     cfgs = {}
     every = accuracy.METHODS + accuracy.MORE + accuracy.CHEAPER
+    every += [(m, sp) for m, e in methods.METHODS.items() for sp, _ in e["bench"]]  # the throughput bench's
     for method, sp in every:
-        cfg, _ = runs.grid_run(accuracy.SETTING + methods.flags(method, sp) + ["--seed", "3"], tmp_path)
+        cfg, _ = grid.grid_run(accuracy.SETTING + methods.flags(method, sp) + ["--seed", "3"], tmp_path)
         assert methods.method_of(cfg) == (method, sp)
         flags = methods.flags(*methods.method_of(cfg))
-        again, _ = runs.grid_run(accuracy.SETTING + flags + ["--seed", "3"], tmp_path)
+        again, _ = grid.grid_run(accuracy.SETTING + flags + ["--seed", "3"], tmp_path)
         assert again == cfg
         cfgs[method, sp] = cfg
         methods.label(method, sp)  # every method has a name
-    assert len({c["name"] for c in cfgs.values()}) == len(cfgs)  # one run folder per method
-    names = {m for m, _ in every}
+        assert methods.split(methods.key(method, sp)) == (method, sp)  # and one word for the benchmarks
+        # a method's name is what its settings add to a run name (the default sparsity 0.5 is not named)
+        assert cfg.name.startswith(f"cifar10-subset-{methods.key(method, None if sp == 0.5 else sp)}-")
+    assert len({c.name for c in cfgs.values()}) == len(cfgs)  # one run folder per method
+    names = set(methods.METHODS)
     assert len({methods.color(m) for m in names}) == len(names)  # and a colour of its own in the figures
-    cost_f, sam_f = cfgs["ssamf-cost-f0.25", 0.9], cfgs["sam-f0.5", None]
-    assert cost_f["mask_select"] == "cost" and sam_f["ascent_fraction"] == 0.5
-    assert (
-        cfgs["ssamd-cost", 0.9]["structure"] == "tensor" and "ascent_fraction" not in cfgs["ssamd-cost", 0.9]
-    )
+    cost_f, sam_f = cfgs["ssamf-tensor-cost-f0.25", 0.9], cfgs["sam-f0.5", None]
+    assert cost_f.mask_select == "cost" and sam_f.ascent_fraction == 0.5
+    cost_d = cfgs["ssamd-tensor-cost", 0.9]
+    assert cost_d.structure == "tensor" and cost_d.ascent_fraction == 1.0 and "-f" not in cost_d.name
     assert set(accuracy.CHEAPER_REF) <= set(accuracy.CHEAPER)
     assert all(ref in accuracy.METHODS + accuracy.CHEAPER for ref in accuracy.CHEAPER_REF.values())
-    assert methods.label("ssamf-cost", 0.9) == "SSAM-F cost-aware 0.9"
+    assert methods.label("ssamf-tensor-cost", 0.9) == "SSAM-F cost-aware 0.9"
     assert methods.label("sam-f0.25", None) == "SAM f=0.25"
-    assert methods.label("ssamf-cost-f0.25", 0.9) == "SSAM-F cost-aware 0.9, f=0.25"
+    assert methods.label("ssamf-tensor-cost-f0.25", 0.9) == "SSAM-F cost-aware 0.9, f=0.25"
     for bad in ("ssamf-2of4", "adam", "sam-tensor-x"):
-        with pytest.raises(ValueError, match=f"method '{bad}': expected <optimizer>"):
+        with pytest.raises(ValueError, match=f"method '{bad}' is not in lab/methods.py"):
             methods.flags(bad, 0.5)
 
 
@@ -366,42 +376,42 @@ def test_committed_tables_render_byte_identical_from_their_json():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The one runner (train.py run_grid): names from the config, "done" = final.json with the same config
+# The one runner (lab/grid.py run_grid): names from the config, "done" = final.json with the same config
 
 
 def test_runner_names_and_done_rule(tmp_path):
+    import dataclasses
     import json
 
-    import train
-
     toy = ["--model", "wrn10-1", "--epochs", "1", "--train-size", "128"]
-    cfg, recipe = runs.grid_run(
-        ["--preset", "cifar10-resnet18", "--optimizer", "ssamf", "--sparsity", "0.5"], tmp_path
+    cfg, recipe = grid.grid_run(
+        ["--preset", "cifar10-resnet18", "--optimizer", "ssamf", "--sparsity", "0.9"], tmp_path
     )
     assert (
-        recipe
-        and cfg["name"] == "cifar10-resnet18-ssamf-s0.5-seed0"
-        and cfg["out_dir"] == str(tmp_path / cfg["name"])
+        recipe and cfg.name == "cifar10-resnet18-ssamf-s0.9-seed0" and cfg.out_dir == str(tmp_path / cfg.name)
     )
-    cfg, recipe = runs.grid_run(["--optimizer", "sam", "--seed", "3"] + toy, tmp_path)
-    assert not recipe and cfg["name"] == "cifar10-subset-sam-seed3-epochs1-train-size128"
-    assert runs.run_state(cfg) == "todo"
-    d = tmp_path / cfg["name"]
+    cfg, recipe = grid.grid_run(["--preset", "cifar10-resnet18", "--optimizer", "ssamf"], tmp_path)
+    assert recipe and cfg.name == "cifar10-resnet18-ssamf-seed0"  # the default sparsity, 0.5: not named
+    cfg, recipe = grid.grid_run(["--optimizer", "sam", "--seed", "3"] + toy, tmp_path)
+    assert not recipe and cfg.name == "cifar10-subset-sam-epochs1-train-size128-seed3"
+    assert grid.run_state(cfg) == "todo"
+    d = tmp_path / cfg.name
     d.mkdir()
+    saved = dataclasses.asdict(cfg)
     (d / "final.json").write_text(
-        json.dumps(dict(config=dict(cfg, out_dir="elsewhere", fresh=True), test_acc=0.5))
+        json.dumps(dict(config=dict(saved, out_dir="elsewhere", fresh=True), test_acc=0.5))
     )
-    assert runs.run_state(cfg) == "done"  # where it was stored does not matter
-    done = train.run_grid([["--optimizer", "sam", "--seed", "3"] + toy], tmp_path)  # reused, nothing trained
+    assert grid.run_state(cfg) == "done"  # where it was stored does not matter
+    done = grid.run_grid([["--optimizer", "sam", "--seed", "3"] + toy], tmp_path)  # reused, nothing trained
     assert done[0][1]["test_acc"] == 0.5
-    (d / "final.json").write_text(json.dumps(dict(config=dict(cfg, lr=0.1), test_acc=0.5)))
-    assert runs.run_state(cfg).startswith("other: lr=0.1 (now 0.05)")
+    (d / "final.json").write_text(json.dumps(dict(config=dict(saved, lr=0.1), test_acc=0.5)))
+    assert grid.run_state(cfg).startswith("other: lr=0.1 (now 0.05)")
     with pytest.raises(
         SystemExit, match="holds a run of another config .lr=0.1 .now 0.05..: move it away, or pass --fresh"
     ):
-        train.run_grid([["--optimizer", "sam", "--seed", "3"] + toy], tmp_path)
+        grid.run_grid([["--optimizer", "sam", "--seed", "3"] + toy], tmp_path)
     with pytest.raises(ValueError, match="drop --name/--out-dir"):
-        runs.grid_run(["--out-dir", "x"], tmp_path)
+        grid.grid_run(["--out-dir", "x"], tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -409,6 +419,7 @@ def test_runner_names_and_done_rule(tmp_path):
 
 
 def test_reproduce_toy_grid_table(tmp_path):
+    import dataclasses
     import json
     import subprocess
 
@@ -434,7 +445,7 @@ def test_reproduce_toy_grid_table(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     names = sorted(p.name for p in (tmp_path / "rep").iterdir())
     assert names == [
-        f"cifar10-resnet18-sgd-seed{s}-datasetcifar10-subset-modelwrn10-1-epochs1-batch-size64-train-size192"
+        f"cifar10-resnet18-sgd-datasetcifar10-subset-modelwrn10-1-epochs1-batch-size64-train-size192-seed{s}"
         for s in (0, 1)
     ]
     table = (tmp_path / "reproduce_table1.md").read_text()
@@ -448,12 +459,12 @@ def test_reproduce_toy_grid_table(tmp_path):
     assert f"{sum(accs) / 2:.2f} ± " in other and "(2 seeds)" in other and all(n in other for n in names)
 
     # a finished run with the paper's recipe goes into the table, with its seed count and its folder
-    recipe, _ = runs.grid_run(
+    recipe, _ = grid.grid_run(
         ["--preset", "cifar10-resnet18", "--optimizer", "sgd", "--seed", "0"], tmp_path / "rep"
     )
-    os.makedirs(recipe["out_dir"])
-    with open(os.path.join(recipe["out_dir"], "final.json"), "w") as f:
-        json.dump(dict(config=recipe, test_acc=0.9612), f)
+    os.makedirs(recipe.out_dir)
+    with open(os.path.join(recipe.out_dir, "final.json"), "w") as f:
+        json.dump(dict(config=dataclasses.asdict(recipe), test_acc=0.9612), f)
     r = subprocess.run(cmd + ["--report"], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     table = (tmp_path / "reproduce_table1.md").read_text()
@@ -508,8 +519,10 @@ def test_reproduce_cifar_short_runs_on_cpu(tmp_path):
 
     finals = {}  # the table's numbers are the runs' own: accuracy, ms/step, ratio to SGD (from final.json)
     for f in (json.loads(p.read_text()) for p in (tmp_path / "rep").rglob("final.json")):
+        _, sparsity = methods.method_of(Config(**f["config"]))
         c = f["config"]
-        finals[" ".join(str(v) for v in (c["optimizer"], c.get("sparsity"), c.get("structure")) if v)] = f
+        structure = "" if c["structure"] == "unstructured" else c["structure"]
+        finals[" ".join(str(v) for v in (c["optimizer"], sparsity, structure) if v)] = f
     assert {row[0][2:]: tuple(row[1:4]) for row in rows} == {
         n.replace(" unstructured", ""): (
             f"{100 * f['test_acc']:.2f} (1 seed)",
@@ -542,20 +555,18 @@ def test_demo_prints_lambda1(tmp_path):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("│ ") and "%" in line]
-    names = ["sgd", "sam", "ssamf", "ssamd", "ssamf-cost"]  # the last: cost-aware tensor masks, 0.9
+    names = ["sgd", "sam", "ssamf", "ssamd", "ssamf-tensor-cost"]  # the last: cost-aware tensor masks, 0.9
     assert [row.split("│")[1].strip() for row in rows] == names
     assert "10,000 test images" not in r.stdout and "10000 test images" in r.stdout
-    import train
-
     finals = [json.loads(f.read_text()) for f in tmp_path.glob("*/final.json")]
-    label = {methods.method_of(f["config"])[0]: f for f in finals}
+    label = {methods.method_of(Config(**f["config"]))[0]: f for f in finals}
     assert sorted(label) == sorted(names)
     for row in rows:  # each row's accuracy and lambda_1 are those of the run it names, recomputed here
         cells = [cell.strip() for cell in row.split("│")[1:-1]]
         final = label[cells[0]]
-        model, _ = sharpness.load_run(Path(final["config"]["out_dir"]) / "ckpt.pt", "cpu")
-        x, y = sharpness.train_batch(final["config"], 128, "cpu")
-        lam = sharpness.top_eigenvalues(model, x, y, k=1, iters=train.DEMO_HVPS)[0]
+        model, c = sharpness.load_run(Path(final["config"]["out_dir"]) / "ckpt.pt", "cpu")
+        x, y = sharpness.train_batch(c, 128, "cpu")
+        lam = sharpness.top_eigenvalues(model, x, y, k=1, iters=demo.HVPS)[0]
         assert cells[2] == f"{100 * final['test_acc']:.1f}%"
         assert abs(float(cells[6]) - lam) <= 0.5 + 1e-3 * lam  # printed rounded to an integer
     assert "lower = flatter minimum" in r.stdout and "make bench-accuracy" in r.stdout

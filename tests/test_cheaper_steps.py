@@ -89,11 +89,11 @@ def test_ascent_fraction_one_is_bit_identical_to_the_plain_step():
 
 def test_ascent_fraction_flag():
     cfg = train.resolve_config(train.get_args(["--optimizer", "sam", "--ascent-fraction", "0.25"]))
-    assert cfg["ascent_fraction"] == 0.25 and "-f0.25-" in cfg["name"]
-    assert "ascent_fraction" not in train.resolve_config(
-        train.get_args(["--optimizer", "sam"])
-    )  # the default
-    assert "ascent_fraction" not in train.resolve_config(train.get_args([]))  # SGD: no ascent pass
+    assert cfg.ascent_fraction == 0.25 and "-f0.25-" in cfg.name
+    sam = train.resolve_config(train.get_args(["--optimizer", "sam"]))
+    assert sam.ascent_fraction == 1.0 and "-f" not in sam.name  # the default: the whole batch, not named
+    with pytest.raises(SystemExit, match="--ascent-fraction would be ignored"):  # SGD: no ascent pass
+        train.resolve_config(train.get_args(["--ascent-fraction", "0.5"]))
     for bad in ("0", "1.5", "-0.1"):
         with pytest.raises(SystemExit, match=rf"--ascent-fraction {float(bad)} is not in \(0, 1\]"):
             train.resolve_config(train.get_args(["--optimizer", "sam", "--ascent-fraction", bad]))
@@ -122,9 +122,8 @@ def test_train_runs_with_ascent_fraction(tmp_path):
     trained = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
 
     def replay(fraction):  # the epoch by hand: the same data, and train_step with this ascent fraction
-        c = train.whole(cfg)
-        torch.manual_seed(c.seed)
-        run = train.set_up(c, torch.device("cpu"), 0, 1)
+        torch.manual_seed(cfg.seed)
+        run = train.set_up(cfg, torch.device("cpu"), 0, 1)
         batches = run.data.batches(run.g)
         for _ in range(run.data.steps_per_epoch):
             x, y = next(batches)
@@ -276,7 +275,7 @@ def test_ssam_with_costs_perturbs_what_the_cost_rule_picks(kind):
 def test_mask_select_flag():
     argv = ["--optimizer", "ssamf", "--sparsity", "0.9", "--structure", "tensor", "--mask-select", "cost"]
     cfg = train.resolve_config(train.get_args(argv))
-    assert cfg["mask_select"] == "cost" and "-tensor-cost-" in cfg["name"]
+    assert cfg.mask_select == "cost" and "-tensor-cost-" in cfg.name
     model = train.make_model("resnet18", 10, small_images=True)
     opt = train.make_optimizer(cfg, model, steps_per_epoch=10)
     assert opt.costs == [ssam.ascent_costs(model, torch.zeros(2, 3, 32, 32))[p] for p in model.parameters()]

@@ -318,14 +318,16 @@ def test_train_py_flags_names_and_refusals():
         return train.resolve_config(train.get_args(list(argv)))
 
     c = cfg("--optimizer", "ssamf", "--ascent-every", "5", "--looksam-alpha", "0.7")
-    assert (c["ascent_every"], c["looksam_alpha"]) == (5, 0.7) and "-k5-a0.7-" in c["name"]
-    assert "ascent_every" not in cfg("--optimizer", "sam")  # at its default: left out of the record
+    assert (c.ascent_every, c.looksam_alpha) == (5, 0.7) and "-k5-a0.7-" in c.name
+    assert cfg("--optimizer", "sam").ascent_every == 1 and "-k" not in cfg("--optimizer", "sam").name
     with pytest.raises(SystemExit, match="needs --ascent-every"):
         cfg("--optimizer", "sam", "--looksam-alpha", "0.7")
     with pytest.raises(SystemExit, match="would be ignored"):
         cfg("--ascent-every", "5")  # SGD has no ascent
     with pytest.raises(SystemExit, match="--ascent-every 0"):
         cfg("--optimizer", "sam", "--ascent-every", "0")
+    with pytest.raises(SystemExit, match="--fsdp with --looksam-alpha"):
+        cfg("--optimizer", "sam", "--fsdp", "--sync-ascent", "--ascent-every", "2", "--looksam-alpha", "0.7")
 
 
 # ---- the examples: GradScaler (amp.py) and accumulation (accumulation.py) follow opt.ascent_due ---------

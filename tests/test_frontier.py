@@ -74,8 +74,8 @@ def test_candidates_follow_the_written_rule():
                 ("sam", "--optimizer sam", 2.0, 1, 2.0),
                 ("sam-f0.5", "--optimizer sam --ascent-fraction 0.5", 1.5, 1, 1.5),
                 ("sam-f0.25", "--optimizer sam --ascent-fraction 0.25", 1.25, 1, 1.25),
-                ("ssamf-cost", "--optimizer ssamf --sparsity 0.9 --structure tensor --mask-select cost",
-                 1.4, 1, 1.4),
+                ("ssamf-s0.9-tensor-cost", "--optimizer ssamf --sparsity 0.9 --structure tensor "
+                 "--mask-select cost", 1.4, 1, 1.4),
             ]
         )
     )  # fmt: skip
@@ -91,7 +91,7 @@ def test_candidates_follow_the_written_rule():
         ("sam-f0.25-k2-a0.7", None): -0.2,  # 1.125
         ("sam-f0.25", None): -0.7,  # 1.25
         ("sam-f0.5", None): -0.3,  # 1.5
-        ("ssamf-cost", 0.9): -0.9,  # 1.4
+        ("ssamf-tensor-cost", 0.9): -0.9,  # 1.4
     }
     rows = [
         dict(method=m, sparsity=sp, vs_sam=None if d is None else (d, 0.5, 3))

@@ -659,7 +659,7 @@ def test_fsdp_flags_that_cannot_work_are_errors(monkeypatch):
         cfg(*sam, "--structure", "2:4", "--sparse-ascent")
     with pytest.raises(SystemExit, match="--mask-select cost"):
         cfg(*sam, "--structure", "tensor", "--mask-select", "cost")
-    assert cfg("--optimizer", "sgd")["fsdp"] is True  # SGD has no ascent
+    assert cfg("--optimizer", "sgd").fsdp is True  # SGD has no ascent
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(SystemExit, match="run under torchrun"):
         train.setup_distributed(cfg(*sam, "--device", "cpu"))

@@ -1,9 +1,10 @@
 """Tests of train.py: augmentation, models, presets, data errors, checkpoints (kill -9 + resume is bit-exact),
 fp16 step skipping, and DDP over gloo (weights and SSAM masks identical on both processes). CPU only.
-Issue 9 (no wrong result with exit 0): divergence, bad numbers, ignored flags, ImageFolder classes, cache key
+No wrong result with exit 0: divergence, bad numbers, ignored flags, ImageFolder classes, cache key
 and location, unreadable files, the out-dir lock, cut log lines, finished runs. The CUDA paths on the CPU:
 fp16 GradScaler steps, --compile, --channels-last."""
 
+import dataclasses
 import json
 import math
 import os
@@ -22,10 +23,13 @@ import torch.nn as nn
 
 import lab.config
 import lab.data
+import lab.demo
+import lab.grid
 import lab.models
 import lab.runs
 import ssam
 import train
+from lab.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -121,7 +125,7 @@ def make_tree(root, per_class=(4, 2), classes=range(10)):
 def test_image_folder_tree_is_decoded_once_and_cached_outside_the_repo(tmp_path, monkeypatch):
     sx, sy, _, _ = lab.data.load_subset()
     tree = make_tree(tmp_path / "tree")
-    cfg = {"dataset": "cifar10", "data_dir": str(tree), "cache_dir": str(tmp_path / "cache")}
+    cfg = Config(dataset="cifar10", data_dir=str(tree), cache_dir=str(tmp_path / "cache"))
     tx, ty, vx, vy = lab.data.load_cifar(cfg)
     assert (
         tx.shape == (40, 3, 32, 32)
@@ -137,22 +141,22 @@ def test_image_folder_tree_is_decoded_once_and_cached_outside_the_repo(tmp_path,
     for k in ("SSAM_CACHE_DIR", "XDG_CACHE_HOME"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert lab.data.cache_dir({}) == tmp_path / "home" / ".cache" / "ssam"
+    assert lab.data.cache_dir(Config()) == tmp_path / "home" / ".cache" / "ssam"
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert lab.data.cache_dir({}) == tmp_path / "xdg" / "ssam"
+    assert lab.data.cache_dir(Config()) == tmp_path / "xdg" / "ssam"
     monkeypatch.setenv("SSAM_CACHE_DIR", str(tmp_path / "env"))
-    assert lab.data.cache_dir({}) == tmp_path / "env"
+    assert lab.data.cache_dir(Config()) == tmp_path / "env"
     assert (
         lab.data.cache_dir(cfg_for(["--dataset", "cifar10", "--cache-dir", str(tmp_path / "flag")]))
         == tmp_path / "flag"
     )
-    lab.data.load_cifar({"dataset": "cifar10", "data_dir": str(tree)})
+    lab.data.load_cifar(Config(dataset="cifar10", data_dir=str(tree)))
     assert len(list((tmp_path / "env").glob("*.pt"))) == 1 and not (ROOT / "data" / "cache").exists()
 
 
 def test_cache_key_follows_the_files_and_their_labels(tmp_path):
     tree = make_tree(tmp_path / "tree")
-    cfg = {"dataset": "cifar10", "data_dir": str(tree), "cache_dir": str(tmp_path / "cache")}
+    cfg = Config(dataset="cifar10", data_dir=str(tree), cache_dir=str(tmp_path / "cache"))
     tx, ty, _, _ = lab.data.load_cifar(cfg)
     a, b = sorted((tree / "train" / "c000").iterdir())[0], sorted((tree / "train" / "c001").iterdir())[0]
     img_b = tx[sorted((tree / "train").glob("*/*")).index(b)]
@@ -181,12 +185,12 @@ def test_image_folder_errors_name_the_problem(tmp_path, capsys):
             f"{100 if dataset == 'cifar100' else 10} classes",
         ):
             lab.data.load_cifar(
-                {"dataset": dataset, "data_dir": str(tree), "cache_dir": str(tmp_path / "cache")}
+                Config(dataset=dataset, data_dir=str(tree), cache_dir=str(tmp_path / "cache"))
             )
     tree = make_tree(tmp_path / "bad", (2, 1))
     good = sorted((tree / "train" / "c003").iterdir())[0]
     good.write_bytes(good.read_bytes()[:300])  # a truncated JPEG
-    cfg = {"dataset": "cifar10", "data_dir": str(tree), "cache_dir": str(tmp_path / "cache")}
+    cfg = Config(dataset="cifar10", data_dir=str(tree), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(SystemExit, match=f"{good}: not a readable image"):
         lab.data.load_cifar(cfg)
     good.unlink()
@@ -196,7 +200,7 @@ def test_image_folder_errors_name_the_problem(tmp_path, capsys):
     (tree / "test" / "c007" / "notes.txt").unlink()
     # the cache location cannot be written (its parent is a file): a warning, and the data come from memory
     (tmp_path / "file").write_text("")
-    tx, ty, vx, vy = lab.data.load_cifar({**cfg, "cache_dir": str(tmp_path / "file" / "cache")})
+    tx, ty, vx, vy = lab.data.load_cifar(dataclasses.replace(cfg, cache_dir=str(tmp_path / "file" / "cache")))
     assert len(tx) == 19 and len(vx) == 10
     assert "could not write the decoded cache" in capsys.readouterr().err
     r = run_train(
@@ -222,10 +226,10 @@ def test_clear_errors_for_bad_data_models_and_optimizers(tmp_path):
     (tmp_path / "flat").mkdir()
     (tmp_path / "flat" / "x.jpg").write_bytes(b"")
     with pytest.raises(SystemExit, match="neither an ImageFolder tree"):
-        lab.data.load_cifar({"dataset": "cifar10", "data_dir": str(tmp_path / "flat")})
+        lab.data.load_cifar(Config(dataset="cifar10", data_dir=str(tmp_path / "flat")))
     (tmp_path / "half" / "train" / "cat").mkdir(parents=True)
     with pytest.raises(SystemExit, match="test is missing"):
-        lab.data.load_cifar({"dataset": "cifar10", "data_dir": str(tmp_path / "half")})
+        lab.data.load_cifar(Config(dataset="cifar10", data_dir=str(tmp_path / "half")))
     cfg = cfg_for(["--preset", "imagenet-resnet50", "--data-dir", str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit, match="train not found"):
         lab.data.ImageNetLoader(cfg, torch.device("cpu"), 0, 1)
@@ -300,15 +304,14 @@ def test_flags_that_would_be_ignored_are_errors():
         with pytest.raises(SystemExit, match=msg):
             cfg_for(argv)
     # what stays allowed: the demo passes one set of flags to every optimizer; torchvision's folder: no cache
-    assert cfg_for(["--demo", "--sparsity", "0.9"])["optimizer"] == "sgd"
 
     def demo_plans(*argv):  # the runs the demo would train, one list of flags each
         plans = []
         monkey = pytest.MonkeyPatch()
-        monkey.setattr(train, "run_grid", lambda grid, *a, **k: plans.extend(grid) or [])
-        monkey.setattr(train, "Console", lambda: type("C", (), {"print": lambda *a: None})())
+        monkey.setattr(lab.demo, "run_grid", lambda grid, *a, **k: plans.extend(grid) or [])
+        monkey.setattr(lab.demo, "Console", lambda: type("C", (), {"print": lambda *a: None})())
         try:
-            train.demo(["--demo", *argv])
+            lab.demo.main(["--demo", *argv], train)
         except (IndexError, TypeError):
             pass  # no runs came back: nothing to print
         finally:
@@ -318,7 +321,8 @@ def test_flags_that_would_be_ignored_are_errors():
     def value(plan, flag):
         return [plan[i + 1] for i, a in enumerate(plan) if a == flag]
 
-    # the demo's own length (train.DEMO_EPOCHS = 2) unless --epochs; the test set once, after the last epoch
+    assert demo_plans("--sparsity", "0.9")[0][-2:] == ["--optimizer", "sgd"]  # SGD: without --sparsity
+    # the demo's own length (lab.demo.EPOCHS = 2) unless --epochs; the test set once, after the last epoch
     assert all(value(p, "--epochs") == ["2"] and value(p, "--eval-every") == ["2"] for p in demo_plans())
     both = demo_plans("--epochs", "5", "--eval-every", "1")
     assert all(value(p, "--epochs") == ["5"] and value(p, "--eval-every") == ["1"] for p in both)
@@ -343,10 +347,10 @@ def test_flags_that_would_be_ignored_are_errors():
     ]
     for flag in (["--optimizer", "sam"], ["--name", "x"], ["--resume"]):  # ...but not a flag it would ignore
         with pytest.raises(SystemExit, match=f"--demo trains sgd, sam, ssamf and ssamd .*: drop {flag[0]}"):
-            train.demo(["--demo", *flag])
-    assert cfg_for(["--optimizer", "sam", "--sync-ascent"])["sync_ascent"] is True
+            lab.demo.main(["--demo", *flag], train)
+    assert cfg_for(["--optimizer", "sam", "--sync-ascent"]).sync_ascent is True
     with pytest.raises(SystemExit, match="--cache-dir would be ignored: .* not an ImageFolder tree"):
-        lab.data.load_cifar({"dataset": "cifar10", "data_dir": str(ROOT / "nowhere"), "cache_dir": "/tmp/c"})
+        lab.data.load_cifar(Config(dataset="cifar10", data_dir=str(ROOT / "nowhere"), cache_dir="/tmp/c"))
     r = run_train("--data-dir", "/data/cifar10")
     assert r.returncode != 0 and "--data-dir would be ignored" in r.stderr and "Traceback" not in r.stderr
 
@@ -354,13 +358,13 @@ def test_flags_that_would_be_ignored_are_errors():
 # -------------------------------------------------------------------------------------------- recipes
 def test_presets_follow_the_paper():
     c = cfg_for(["--preset", "cifar100-resnet18", "--optimizer", "ssamf", "--sparsity", "0.9"])
-    assert (c["epochs"], c["batch_size"], c["lr"], c["weight_decay"], c["rho"]) == (200, 128, 0.05, 1e-3, 0.2)
-    assert c["num_samples"] == 128 and c["update_interval"] == 0 and c["cutout"] == 16
-    assert cfg_for(["--preset", "cifar10-resnet18"])["weight_decay"] == 5e-4  # SGD
-    assert cfg_for(["--preset", "cifar10-wrn28-10", "--optimizer", "sam"])["rho"] == 0.1
+    assert (c.epochs, c.batch_size, c.lr, c.weight_decay, c.rho) == (200, 128, 0.05, 1e-3, 0.2)
+    assert c.num_samples == 128 and c.update_interval == 0 and c.cutout == 16
+    assert cfg_for(["--preset", "cifar10-resnet18"]).weight_decay == 5e-4  # SGD
+    assert cfg_for(["--preset", "cifar10-wrn28-10", "--optimizer", "sam"]).rho == 0.1
     c = cfg_for(["--preset", "imagenet-resnet50", "--optimizer", "ssamd", "--lr", "0.2"])
-    assert (c["epochs"], c["batch_size"], c["lr"], c["weight_decay"], c["rho"]) == (90, 256, 0.2, 1e-4, 0.07)
-    assert cfg_for(["--optimizer", "sam", "--weight-decay", "0.01"])["weight_decay"] == 0.01
+    assert (c.epochs, c.batch_size, c.lr, c.weight_decay, c.rho) == (90, 256, 0.2, 1e-4, 0.07)
+    assert cfg_for(["--optimizer", "sam", "--weight-decay", "0.01"]).weight_decay == 0.01
 
 
 def test_models():
@@ -431,7 +435,8 @@ def test_channels_last_gives_the_default_result(tmp_path, monkeypatch):
             torch.manual_seed(0)
             model = lab.models.make_model("wrn10-1", 10, True).double()
             model = model.to(memory_format=torch.channels_last) if cl else model
-            opt = train.make_optimizer({**cfg_for([*TINY, "--optimizer", o]), "update_interval": 2}, model, 4)
+            c = dataclasses.replace(cfg_for([*TINY, "--optimizer", o]), update_interval=2)
+            opt = train.make_optimizer(c, model, 4)
             for _ in range(3):
                 train.train_step(
                     model,
@@ -624,35 +629,32 @@ def test_bad_checkpoints_are_errors_not_restarts(tmp_path):
     )  # a message on the CLI
 
 
-def test_a_checkpoint_of_the_old_format_resumes_and_ends_as_the_old_code_did(tmp_path):
-    """tests/fixtures/ckpt-v0-ssamf: written by the code before the one Config (its saved config leaves the
-    defaults out), stopped after epoch 1 of 2. Resumed by today's code, epoch 2 comes out as the old code's
-    straight run had it, the run ends with the config it recorded, and the new checkpoint holds the whole
-    one."""
+def test_a_checkpoint_whose_config_does_not_load_is_refused(tmp_path):
+    """tests/fixtures/ckpt-v0-ssamf: a checkpoint whose saved config lacks settings that train.py has (it left
+    out those at their default). --resume refuses it with a message naming a missing setting and leaves the
+    folder as it was; so does a config holding a setting that train.py does not know."""
     fixture, out = FIXTURES / "ckpt-v0-ssamf", tmp_path / "run"
     out.mkdir()
     for f in ("ckpt.pt", "metrics.jsonl"):
         (out / f).write_bytes((fixture / f).read_bytes())
     saved = torch.load(out / "ckpt.pt", weights_only=True)["config"]
-    assert saved["epochs"] == 2 and not {"ascent_fraction", "mask_select", "label_noise"} & set(saved)  # old
+    assert not {"ascent_fraction", "mask_select", "label_noise"} & set(
+        saved
+    )  # its settings at default: absent
     argv = ["--model", "wrn10-1", "--batch-size", "32", "--train-size", "64", "--epochs", "2"]
     argv += ["--optimizer", "ssamf", "--num-samples", "16", "--name", "old-format", "--out-dir", str(out)]
-    done = train.train(cfg_for([*argv, "--resume"]), show_config=False)
-    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    # the old code, not stopped. Bit-exact with 2 threads; this process has 1 (conftest.py), with which the
-    # old code, resumed from this checkpoint, also gives a loss 1.5e-6 lower
-    old = json.loads((fixture / "straight-epoch2.json").read_text())
-    same = ("epoch", "acc", "lr", "density", "masks_updated")
-    assert [line[k] for k in same] == [old[k] for k in same] and line["nonfinite_loss_steps"] == 0
-    assert (
-        line["loss"] == pytest.approx(old["loss"], rel=1e-5)
-        and abs(line["test_acc"] - old["test_acc"]) < 1e-3
-    )
-    assert {k: done["config"][k] for k in saved if k not in lab.config.RESUME_FREE} == {
-        k: v for k, v in saved.items() if k not in lab.config.RESUME_FREE
-    }
-    whole = torch.load(out / "ckpt.pt", weights_only=True)["config"]
-    assert list(whole) == list(lab.config.FIELDS) and whole["ascent_fraction"] == 1.0 and whole["epochs"] == 2
+    with pytest.raises(SystemExit, match=r"ckpt.pt: its config does not load \(no setting '\w+'\)"):
+        train.train(cfg_for([*argv, "--resume"]), show_config=False)
+    assert all((out / f).read_bytes() == (fixture / f).read_bytes() for f in ("ckpt.pt", "metrics.jsonl"))
+    assert not (out / "final.json").exists() and not (out / "lock").exists()
+    with pytest.raises(SystemExit, match="does not load"):  # the run listing of a grid says the same
+        lab.grid.run_state(cfg_for(argv))
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    ck["config"] = dataclasses.asdict(cfg_for(argv)) | {"momentum": 0.8}
+    torch.save(ck, out / "ckpt.pt")
+    r = run_train(*argv, "--resume")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "its config does not load (unknown setting 'momentum')" in said(r)
 
 
 class Planted:
@@ -670,11 +672,11 @@ def test_a_planted_checkpoint_runs_no_code(tmp_path):
     cfg = cfg_for([*argv, "--out-dir", str(tmp_path / "run"), "--resume"])
     marker, ck = tmp_path / "marker", tmp_path / "run" / "ckpt.pt"
     ck.parent.mkdir()
-    torch.save(dict(config=cfg, epoch=0, model=Planted(str(marker))), ck)
+    torch.save(dict(config=dataclasses.asdict(cfg), epoch=0, model=Planted(str(marker))), ck)
     r = run_train(*argv, "--out-dir", str(ck.parent), "--resume")
     assert r.returncode != 0 and f"{ck} is unreadable" in said(r) and "Traceback" not in r.stderr
     with pytest.raises(SystemExit, match=f"{ck} is unreadable"):  # the run listing of make reproduce-*
-        lab.runs.run_state(cfg)
+        lab.grid.run_state(cfg)
     assert not marker.exists()
     torch.load(ck, weights_only=False)  # the oracle: loaded as before, the file runs its code
     assert marker.read_text() == "code ran"
@@ -832,7 +834,7 @@ def _ddp_worker(rank, world, init_file, result_file):
         torch.manual_seed(0)  # same initial weights on both processes
         model = lab.models.make_model("wrn10-1", 10, True)
         ddp = nn.parallel.DistributedDataParallel(model)
-        cfg = dict(
+        cfg = Config(
             optimizer=optimizer,
             lr=0.05,
             weight_decay=1e-3,
@@ -890,6 +892,62 @@ def test_ddp_two_processes_keep_weights_and_masks_identical(tmp_path):
             assert 0.15 < r0[o]["masks"].float().mean() < 0.25  # density 1 - 0.8
 
 
+def test_torchrun_two_cpu_processes_end_to_end(tmp_path):
+    out = tmp_path / "ddp"
+    r = run_train(
+        *TINY,
+        "--epochs",
+        "1",
+        "--optimizer",
+        "ssamd",
+        "--update-interval",
+        "3",
+        "--device",
+        "cpu",
+        "--out-dir",
+        str(out),
+        processes=2,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    final = json.loads((out / "final.json").read_text())
+    line = json.loads((out / "metrics.jsonl").read_text())
+    assert final["processes"] == 2 and line["ranks_in_sync"] is True and line["masks_updated"] >= 3
+    # the reported accuracy is the final weights' on the WHOLE test split (both processes' shares), counted
+    # here again in one process from ckpt.pt (a few near-ties may flip with the batch layout)
+    ckpt = lab.runs.read_checkpoint(out / "ckpt.pt")
+    model = lab.models.make_model(ckpt["config"]["model"], 10, small_images=True)
+    model.load_state_dict(ckpt["model"])
+    _, _, test_x, test_y = lab.data.load_cifar(Config(**ckpt["config"]))
+    with torch.no_grad():
+        pred = torch.cat(
+            [model.eval()(lab.data.normalize(test_x[i : i + 1000])).argmax(1) for i in range(0, 10000, 1000)]
+        )
+    assert len(test_y) == 10000 and abs(final["test_acc"] - float((pred == test_y).float().mean())) <= 3e-4
+
+
+def test_torchrun_diverged_run_stops_every_process(tmp_path):
+    """The NaN check is all-reduced: both processes stop at the same step (no process left waiting in a
+    collective), torchrun exits non-zero, nothing is written."""
+    out = tmp_path / "ddp"
+    r = run_train(
+        *TINY,
+        "--epochs",
+        "2",
+        "--lr",
+        "1e6",
+        "--device",
+        "cpu",
+        "--out-dir",
+        str(out),
+        processes=2,
+    )
+    stops = re.findall(r"training diverged in epoch (\d+) \(by step (\d+) of 12\)", said(r))
+    assert r.returncode != 0 and len(stops) == 2 and stops[0] == stops[1], r.stderr[-3000:]  # the same step
+    assert (
+        not (out / "ckpt.pt").exists() and not (out / "final.json").exists() and not (out / "lock").exists()
+    )
+
+
 # ---------------------------------------------------------------------------------------- structured masks
 def test_tensor_masks_and_samon_skip_ascent_gradients_in_train_step():
     """train_step wraps the first pass in opt.ascent_pass(): unperturbed tensors get no ascent gradient there,
@@ -918,7 +976,7 @@ def test_tensor_masks_and_samon_skip_ascent_gradients_in_train_step():
         assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), w0))
 
 
-# ------------------------------------------------------------------- issue 8: --sparse-ascent, --sync-ascent
+# ----------------------------------------------------------------------------- --sparse-ascent, --sync-ascent
 def test_sparse_ascent_flag_is_refused_where_it_cannot_apply():
     for argv, says in (
         (["--optimizer", "sam"], "--optimizer sam --structure"),
@@ -927,7 +985,7 @@ def test_sparse_ascent_flag_is_refused_where_it_cannot_apply():
     ):
         with pytest.raises(SystemExit, match="--sparse-ascent needs .*" + says):
             cfg_for(argv + ["--sparse-ascent"] + TINY)
-    assert "sparse_ascent" not in cfg_for(["--optimizer", "ssamd"] + TINY)  # off: not in the config
+    assert cfg_for(["--optimizer", "ssamd"] + TINY).sparse_ascent is False  # off unless given
     cfg = cfg_for(
         [
             "--optimizer",
