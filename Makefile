@@ -75,6 +75,7 @@ bench-frontier-throughput: venv
 	mkdir -p bench/results
 	OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m pytest bench/test_throughput.py::test_step --benchmark-only \
 	--bench-methods $(FRONTIER_BENCH) --benchmark-json bench/results/frontier-throughput.json $(BENCH_ARGS)
+	$(PYTHON) bench/frontier.py render
 
 bench-frontier: venv
 	OMP_WAIT_POLICY=PASSIVE $(PYTHON) bench/frontier.py screen $(FRONTIER_ARGS)

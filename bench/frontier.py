@@ -6,6 +6,7 @@ the accuracy setting of bench/accuracy.py (SETTING).
     python bench/frontier.py screen           # seeds 0-2, every configuration of SCREEN; picks CANDIDATES
     python bench/frontier.py confirm          # seeds 3-14: SGD, SAM and the candidates the screen picked
     python bench/frontier.py render           # frontier.json -> frontier.md and frontier.png, no runs needed
+                                              # (--throughput's file, if there, replaces the JSON's costs)
     python bench/frontier.py screen --report  # train nothing: whatever has finished
 
 Step costs come from --throughput (make bench-frontier-throughput writes it); a configuration it lacks gets
@@ -319,6 +320,9 @@ def main(argv=None):
     out = Path(args.out + ".json")
     old = json.loads(out.read_text()) if out.exists() else {}
     if args.stage == "render":
+        if Path(args.throughput).exists():  # the step costs of a newer throughput run, into the JSON
+            old["costs"], old["throughput"] = throughput(args.throughput)
+            out.write_text(json.dumps(old, indent=1) + "\n")
         Path(args.out + ".md").write_text(render(old))
         plot(old, args.out + ".png")
         print(f"-> {args.out}.md, {args.out}.png", file=sys.stderr)
