@@ -157,7 +157,10 @@ class SAM(torch.optim.Optimizer):
             return self._step_between_ascents()  # the caller's one pass at w
         if closure is None:  # scaler.step(opt), HF Trainer, accelerate: the second step
             if self._w is None:
-                raise ValueError("SAM.step needs a closure (forward + backward), or first_step() first")
+                raise ValueError(
+                    "SAM.step needs a closure (forward + backward), or first_step() first (torch's "
+                    "get_state_dict(model, opt) steps it: pass opt.base_optimizer, see fsdp_checkpoint.py)"
+                )
             finite = self._finite.float()  # pass 1 overflowed: restore w, skip the base step (a sync)
             if torch.distributed.is_available() and torch.distributed.is_initialized():  # local ascents:
                 torch.distributed.all_reduce(finite, torch.distributed.ReduceOp.MIN)  # one decision for all
@@ -190,6 +193,11 @@ class SAM(torch.optim.Optimizer):
         if not {"base", "counters"} <= state_dict.keys():  # or a framework's that dropped them
             if "param_groups" not in state_dict:
                 raise ValueError(f"not an optimizer state_dict: keys {sorted(state_dict)}, no 'param_groups'")
+            if any("mask" in s for s in state_dict.get("state", {}).values()):  # an SSAM's, cut down
+                raise ValueError(
+                    "an SSAM state_dict without 'base' and 'counters' (torch's get_state_dict keeps only "
+                    "'state' and 'param_groups'): save opt.state_dict() whole, or as fsdp_checkpoint.py does"
+                )
             warnings.warn(
                 f"no {sorted({'base', 'counters'} - state_dict.keys())} in state_dict: only groups "
                 "load; no base-optimizer state (momentum...), counters at 0",

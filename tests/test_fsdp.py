@@ -384,17 +384,30 @@ MAKERS = {
 def check_dcp_recipe(rank, tmp):
     """examples/fsdp_checkpoint.py's state() and load(): SAM, SSAM-D, SSAM-F saved before its first mask
     (a fresh optimizer, no mask yet) and between two updates (interval 3, saved at step 2). torch's
-    get_optimizer_state_dict / set_optimizer_state_dict on the SSAM itself: a warning names what is lost."""
+    get_optimizer_state_dict / set_optimizer_state_dict on the SSAM itself: refused, nothing loaded; on a
+    dense SAM: an error that points to the base optimizer."""
     ex = runpy.run_path(str(EXAMPLES / "fsdp_checkpoint.py"))
     for name, stop in (("sam", 2), ("ssamf", 0), ("ssamf", 2), ("ssamd", 3)):
         resume_pair(MAKERS[name], rank, stop, f"{tmp}/recipe-{name}{stop}", ex["state"], ex["load"])
     model = shard(mlp())  # torch's own recipe on the SSAM itself: the load says what it leaves out
     opt = MAKERS["ssamd"](model, 3)
     osd = get_optimizer_state_dict(model, opt)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    masks = [m.clone() for m in opt.masks()]
+    try:
         set_optimizer_state_dict(model, opt, osd)
-    assert any("no ['base', 'counters'] in state_dict" in str(w.message) for w in caught), caught
+        raise AssertionError(
+            "torch's set_optimizer_state_dict loaded an SSAM state_dict without its counters"
+        )
+    except ValueError as e:
+        assert "without 'base' and 'counters'" in str(e), e
+    assert all(torch.equal(m, n) for m, n in zip(masks, opt.masks()))  # nothing loaded
+    dense = shard(mlp())  # dense SAM: torch's recipe steps the optimizer, and the error says what to do
+    sam = MAKERS["sam"](dense, 0)
+    try:
+        get_optimizer_state_dict(dense, sam)
+        raise AssertionError("torch's get_optimizer_state_dict stepped a SAM without a closure")
+    except ValueError as e:
+        assert "pass opt.base_optimizer" in str(e), e
 
 
 def check_train_resume(rank, tmp):
