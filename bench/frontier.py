@@ -54,6 +54,7 @@ GOAL = 1.15  # x SGD: the cost the issue asks SAM's accuracy at
 KEEPS_ABOVE = -0.3  # the rule: a 95% CI of the paired difference to SAM that contains 0, and a mean >= -0.3
 DROP_BELOW = -1.0  # candidates: a screen mean below this (points vs SAM) is not confirmed
 MAX_CANDIDATES, MAX_GOAL = 6, 4
+FLOOR = -6  # frontier.png's lowest y (points): lower points sit on it, their CIs (a few seeds: wide) cut
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -266,14 +267,19 @@ def plot(result, path):
             for r in summarize(result["runs"], seeds, result["costs"])
             if r["x"] is not None and r["y"] is not None
         ]
-        for r in rows:
+        for r in rows:  # y below FLOOR: drawn on it as a triangle, its value in the label
             ci = 0 if r["method"] == "sam" or r["vs_sam"] is None else r["vs_sam"][1]
             face = color(r["method"]) if r["resnet18"]["measured"] else "none"
-            ax.errorbar(r["x"], r["y"], yerr=ci if ci == ci else 0, fmt="o", color=color(r["method"]),
-                        mfc=face, capsize=3)  # fmt: skip
-            ax.annotate(label(r["method"], r["sparsity"]), (r["x"], r["y"]), fontsize=7, xytext=(4, 3),
-                        textcoords="offset points")  # fmt: skip
-        pts = sorted((r["x"], r["y"]) for r in rows if r["front"])
+            y, text = (
+                max(r["y"], FLOOR),
+                label(r["method"], r["sparsity"]) + ("" if r["y"] >= FLOOR else f" ({r['y']:.1f})"),
+            )
+            low = r["y"] < FLOOR
+            ax.errorbar(r["x"], y, yerr=0 if low or ci != ci else ci, fmt="v" if low else "o",
+                        color=color(r["method"]), mfc=face, capsize=3)  # fmt: skip
+            ax.annotate(text, (r["x"], y), fontsize=6, xytext=(4, 3), textcoords="offset points")
+        ax.set_ylim(FLOOR - 0.5, 2.5)
+        pts = sorted((r["x"], max(r["y"], FLOOR)) for r in rows if r["front"])
         if pts:
             ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color="k", lw=1, alpha=0.6)
         ax.axvline(GOAL, ls=":", color="gray")
