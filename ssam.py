@@ -85,7 +85,7 @@ class SAM(torch.optim.Optimizer):
             raise ValueError("no gradients: run loss.backward() first, or step(closure, both_passes=True)")
         _refuse_sparse(params)
         masks = self._mask_for_step(params, grads)  # may raise (SSAMF without a mask): nothing changed yet
-        self._g = (params, torch._foreach_clone(grads)) if self.looksam_alpha else None  # LookSAM: g at w
+        self._g = (params, [g.clone() for g in grads]) if self.looksam_alpha else None  # LookSAM: g at w
         if masks is not None and self.norm == "masked":
             torch._foreach_mul_(grads, masks)  # g ⊙ m, normalized by its own norm below
         ada = [p for g, ps in groups if g["adaptive"] for p in ps]
@@ -157,10 +157,8 @@ class SAM(torch.optim.Optimizer):
             return self._step_between_ascents()  # the caller's one pass at w
         if closure is None:  # scaler.step(opt), HF Trainer, accelerate: the second step
             if self._w is None:
-                raise ValueError(
-                    "SAM.step needs a closure (forward + backward), or first_step() first (torch's "
-                    "get_state_dict(model, opt) steps it: pass opt.base_optimizer, see fsdp_checkpoint.py)"
-                )
+                message = "SAM.step needs a closure, or first_step() first (torch: pass opt.base_optimizer)"
+                raise ValueError(message)
             finite = self._finite.float()  # pass 1 overflowed: restore w, skip the base step (a sync)
             if torch.distributed.is_available() and torch.distributed.is_initialized():  # local ascents:
                 torch.distributed.all_reduce(finite, torch.distributed.ReduceOp.MIN)  # one decision for all
@@ -198,11 +196,9 @@ class SAM(torch.optim.Optimizer):
                     "an SSAM state_dict without 'base' and 'counters' (torch's get_state_dict keeps only "
                     "'state' and 'param_groups'): save opt.state_dict() whole, or as fsdp_checkpoint.py does"
                 )
-            warnings.warn(
-                f"no {sorted({'base', 'counters'} - state_dict.keys())} in state_dict: only groups "
-                "load; no base-optimizer state (momentum...), counters at 0",
-                stacklevel=2,
-            )
+            missing = sorted({"base", "counters"} - state_dict.keys())
+            message = f"no {missing} in state_dict: only groups load; no base-optimizer state, counters at 0"
+            warnings.warn(message, stacklevel=2)
             self.base_optimizer.load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         else:
             state_dict = dict(state_dict)
@@ -287,11 +283,8 @@ def cost_tensor_masks(scores, density, costs, by_count=False):
         value = sum(sizes[i] * (1 if by_count else mean[i]) for i in take)
         per_cost = value / (cost or 1)  # every cost 0: by value
         fills.append(dict(take=take, near=abs(room) <= budget / 4, value_per_cost=per_cost, room=room))
-    near = [f for f in fills if f["near"]]
-    if near:  # the most value per cost; ties: the first cut, the shallowest backward
-        best = max(near, key=lambda f: f["value_per_cost"])
-    else:  # none near: the fill nearest the budget
-        best = min(fills, key=lambda f: abs(f["room"]))
+    near = [f for f in fills if f["near"]]  # of those, the most value per cost (ties: the shallowest cut)
+    best = max(near, key=lambda f: f["value_per_cost"]) if near else min(fills, key=lambda f: abs(f["room"]))
     return [torch.full_like(s, i in best["take"], dtype=torch.bool) for i, s in enumerate(scores)]
 
 
@@ -339,8 +332,8 @@ class _SparseSAM(SAM):
             raise ValueError("costs= picks whole tensors by their ascent cost: it needs structure='tensor'")
         self.process_group = kw.pop("process_group", None)  # None: the default group; False: none
         super().__init__(params, base, **kw)  # rho, adaptive, the base optimizer's arguments
-        self.sparsity, self.update_interval, self.structure = sparsity, update_interval, structure
-        self.norm = norm
+        self.sparsity, self.structure, self.norm = sparsity, structure, norm
+        self.update_interval = update_interval
         self.masked = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         if not self.masked:
             raise ValueError("every parameter has requires_grad=False: there is nothing to train or perturb")
@@ -536,16 +529,9 @@ class SSAMD(_SparseSAM):
     _COUNTERS = _SparseSAM._COUNTERS + ("generator",)
 
     def __init__(
-        self,
-        params,
-        base_optimizer,
-        rho=0.05,
-        sparsity=0.5,
-        drop_rate=0.5,
-        total_steps=None,
-        seed=None,
-        **kwargs,
+        self, params, base_optimizer, rho=0.05, sparsity=0.5, drop_rate=0.5, total_steps=None, **kwargs
     ):
+        seed = kwargs.pop("seed", None)
         if not 0 <= drop_rate <= 1:
             raise ValueError(f"drop_rate must be in [0, 1], got {drop_rate!r}")
         if not (isinstance(total_steps, int) and total_steps >= 1):
