@@ -1,4 +1,4 @@
-"""ssam.py under FSDP2 (torch.distributed.fsdp.fully_shard, DTensor parameters), issue 15.
+"""ssam.py under FSDP2 (torch.distributed.fsdp.fully_shard, DTensor parameters).
 
 One spawn of 2 gloo processes on the CPU runs every check (`_worker`); each check compares the sharded run
 with the SAME optimizer on the unsharded model fed the full batch (the union of both ranks' batches), in

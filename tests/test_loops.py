@@ -1,4 +1,4 @@
-"""Issue 16: ssam.py in the loops people already train with. Each test runs an example of examples/ with the
+"""ssam.py in the loops people already train with. Each test runs an example of examples/ with the
 real package (torch.amp, accelerate, timm, Lightning, transformers) and checks its numbers against a plain
 loop written here: first_step / second_step by hand, the README's fp32 loop."""
 

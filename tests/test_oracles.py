@@ -1,4 +1,4 @@
-"""Independent oracles for the parts of ssam.py that a planted bug slipped past (issue 18). Every expected
+"""Independent oracles for the parts of ssam.py that a planted bug slipped past. Every expected
 value comes from the paper's equations or from a small case counted by hand in the comments, never from
 ssam.py.  Sparse SAM: Mi et al., NeurIPS 2022 (Eq. 5-9); ASAM as davda54/sam computes it, per parameter
 group."""

@@ -1353,7 +1353,7 @@ def test_masks_are_bool_and_density_is_exact(s):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 13. models a vendoring user brings (issue 8): tied weights, BatchNorm1d, frozen parameters, davda54's loop
+# 13. models a vendoring user brings: tied weights, BatchNorm1d, frozen parameters, davda54's loop
 #     and checkpoints, autocast
 
 
