@@ -139,7 +139,8 @@ def test_render_from_runs(tmp_path):
         candidates=[["sam-k5-a0.7", None]],
     )
     (tmp_path / "f.json").write_text(json.dumps(result))
-    frontier.main(["render", "--out", str(tmp_path / "f")])
+    no_timing = str(tmp_path / "no-throughput.json")  # the JSON's own costs, not the repository's timing
+    frontier.main(["render", "--out", str(tmp_path / "f"), "--throughput", no_timing])
     md = (tmp_path / "f.md").read_text()
     assert "| LookSAM k=5 α=0.7 | not measured (bound 1.20) |" in md
     assert "| -0.07 ± 0.38 | 1.77 ± 0.38 | keeps | yes |" in md  # Δ vs SAM, vs SGD (by hand), on the front
