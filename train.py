@@ -441,16 +441,20 @@ def train_epochs(run, start_epoch, elapsed):
     return finish(run, line, test_acc, elapsed)
 
 
+def step_totals(device):
+    """What one_step adds up on the device (no sync per step): loss, non-finite steps, correct, seen."""
+    return {
+        k: torch.zeros((), device=device) for k in ("loss_sum", "loss_seen", "bad_steps", "correct", "seen")
+    }
+
+
 def train_epoch(run, epoch, progress):
     """One epoch: its steps, then the checks and (every --eval-every epochs) the test. -> (log line, test
     accuracy or None, seconds)."""
     c, steps = run.c, run.data.steps_per_epoch
     run.model.train()
     task = progress.add_task(f"epoch {epoch + 1}/{c.epochs}", total=steps, metrics="")
-    tot = {
-        k: torch.zeros((), device=run.device)
-        for k in ("loss_sum", "loss_seen", "bad_steps", "correct", "seen")
-    }
+    tot = step_totals(run.device)
     t0, data_time, masks_updated = time.perf_counter(), 0.0, 0
     batches = run.data.batches(run.g)
     for step in range(steps):

@@ -111,10 +111,7 @@ def x_sgd(configs, train):
         runs.append((run, endless(run)))
 
     def steps(run, data, n):
-        tot = {
-            k: torch.zeros((), device=run.device)
-            for k in ("loss_sum", "loss_seen", "bad_steps", "correct", "seen")
-        }
+        tot = train.step_totals(run.device)
         t0 = time.perf_counter()
         for _ in range(n):
             train.one_step(run, *next(data), tot)
