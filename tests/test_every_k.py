@@ -383,7 +383,7 @@ def test_accumulation_example_with_looksam_equals_one_full_batch_step():
     assert ob.steps == 5 and "g_v" in ob.state[next(b.parameters())]
 
 
-def test_train_py_crash_and_resume_mid_period_is_bit_exact(tmp_path, monkeypatch):
+def test_train_py_crash_and_resume_mid_period_is_bit_exact(straight_and_resumed):
     """train.py, SSAM-D with LookSAM-3 (4 steps an epoch: epoch 2 starts at phase 1 of 3), crashing inside
     epoch 2, then --resume: the same weights, counters and test accuracy as the run straight through."""
     argv = "--model wrn10-1 --batch-size 8 --train-size 32 --epochs 2 --eval-every 2 --optimizer ssamd"
@@ -392,21 +392,7 @@ def test_train_py_crash_and_resume_mid_period_is_bit_exact(tmp_path, monkeypatch
     def cfg(*more):
         return train.resolve_config(train.get_args([*argv, *more]))
 
-    a = train.train(cfg("--out-dir", str(tmp_path / "a")), show_config=False)
-    real_step, calls = train.train_step, []
-
-    def crashing_step(*args, **kw):
-        calls.append(1)
-        if len(calls) == 4 + 2:  # step 2 of epoch 2
-            raise KeyboardInterrupt
-        return real_step(*args, **kw)
-
-    monkeypatch.setattr(train, "train_step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
-        train.train(cfg("--out-dir", str(tmp_path / "b")), show_config=False)
-    monkeypatch.setattr(train, "train_step", real_step)
-    b = train.train(cfg("--out-dir", str(tmp_path / "b"), "--resume"), show_config=False)
-    ca, cb = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in "ab")
+    a, b, ca, cb = straight_and_resumed(cfg, crash_at=4 + 2)  # step 2 of epoch 2
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
     ka, kb = ca["optimizer"]["counters"], cb["optimizer"]["counters"]
     assert (

@@ -571,7 +571,7 @@ def test_kill9_mid_epoch_then_resume_is_bit_exact(tmp_path):
     ]
 
 
-def test_crash_then_resume_in_process_is_bit_exact(tmp_path, monkeypatch):
+def test_crash_then_resume_in_process_is_bit_exact(straight_and_resumed):
     """SSAM-F (its Fisher images come from the data generator) crashing inside epoch 2, then --resume."""
     argv = [
         *TINY,
@@ -588,21 +588,8 @@ def test_crash_then_resume_in_process_is_bit_exact(tmp_path, monkeypatch):
         "--eval-every",
         "2",  # the test accuracy compared: after the last epoch
     ]
-    a = train.train(cfg_for([*argv, "--out-dir", str(tmp_path / "a")]), show_config=False)
-    real_step, calls = train.train_step, []
-
-    def crashing_step(*args, **kw):
-        calls.append(1)
-        if len(calls) == 8 + 5:  # step 5 of epoch 2
-            raise KeyboardInterrupt
-        return real_step(*args, **kw)
-
-    monkeypatch.setattr(train, "train_step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
-        train.train(cfg_for([*argv, "--out-dir", str(tmp_path / "b")]), show_config=False)
-    monkeypatch.setattr(train, "train_step", real_step)
-    b = train.train(cfg_for([*argv, "--out-dir", str(tmp_path / "b"), "--resume"]), show_config=False)
-    ca, cb = (torch.load(tmp_path / d / "ckpt.pt", weights_only=False) for d in "ab")
+    crash_at = 8 + 5  # step 5 of epoch 2
+    a, b, ca, cb = straight_and_resumed(lambda *more: cfg_for([*argv, *more]), crash_at)
     assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
     assert a["test_acc"] == b["test_acc"] and ca["optimizer"]["counters"] == cb["optimizer"]["counters"]
 
