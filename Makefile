@@ -66,7 +66,8 @@ bench-accuracy: venv
 	$(PYTHON) bench/plots.py bench/results/accuracy.json
 
 # The frontier (bench/README.md "Frontier"): step time of its configurations (one throughput run, --bench-methods),
-# then the accuracy screen (seeds 0-2) and the confirmation of the candidates the screen picked (seeds 3-14):
+# then the accuracy screen (seeds 0-2), the confirmation of the candidates the screen picked (seeds 3-14) and
+# the held-out check (seeds 15-20 on other training images, --data-seed 1):
 # bench/results/frontier.{json,md,png}. Finished runs are reused; FRONTIER_ARGS="--runs-dir DIR --jobs N".
 FRONTIER_BENCH := sgd,sam,ssamf-s0.5,ssamd-s0.5,ssamf-s0.9-tensor-cost,sam-f0.5,sam-f0.25,sam-k2,sam-k5,sam-k10
 FRONTIER_BENCH := $(FRONTIER_BENCH),sam-k2-a0.7,sam-k5-a0.7,sam-k10-a0.7,sam-f0.5-k5-a0.7,sam-f0.25-k2-a0.7
@@ -80,6 +81,7 @@ bench-frontier-throughput: venv
 bench-frontier: venv
 	OMP_WAIT_POLICY=PASSIVE $(PYTHON) bench/frontier.py screen $(FRONTIER_ARGS)
 	OMP_WAIT_POLICY=PASSIVE $(PYTHON) bench/frontier.py confirm $(FRONTIER_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(PYTHON) bench/frontier.py heldout $(FRONTIER_ARGS)
 
 # Mutation testing of ssam.py: mutmut against its fast unit tests ([tool.mutmut] in pyproject.toml), one worker,
 # niced; prints the score and each survivor, rewrites bench/results/mutation-survivors.md (reasons kept).

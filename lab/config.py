@@ -86,6 +86,9 @@ class Config:
     label_noise: float = setting(
         0.0, "CIFAR: give this fraction of the training images a wrong label, drawn once with a fixed seed"
     )
+    data_seed: int = setting(
+        0, "CIFAR: which images --train-size keeps and which labels --label-noise changes (0: the benches')"
+    )
     seed: int = setting(0, "model init, data order, augmentation, SSAM-D growth")
     sync_ascent: bool = setting(
         False, "DDP: all-reduce the ascent gradient too (off: each process perturbs with its own batch's)"
@@ -147,6 +150,7 @@ RANGES = [
     ("train_size", lambda v: v >= 0, "0 (all images) or a number of images >= 1"),
     ("label_noise", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
     ("seed", lambda v: v >= 0, "an integer >= 0"),
+    ("data_seed", lambda v: v >= 0, "an integer >= 0"),
     ("sparsity", lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
     ("update_interval", lambda v: v >= 0, "0 (once an epoch) or a number of steps >= 1"),
     ("num_samples", lambda v: v >= 1, "an integer >= 1"),
@@ -265,6 +269,8 @@ def check(c, given=()):
         if k in given and c.optimizer not in READ_BY[k]
     ]
     ignored += [(k, why) for k, why in DATASETS[c.dataset]["ignores"].items() if k in given]
+    if "data_seed" in given and not (c.train_size or c.label_noise):
+        ignored += [("data_seed", "it picks the --train-size part and the --label-noise draw; neither is on")]
     if ignored:
         k, why = ignored[0]
         raise SystemExit(f"{flag(k)} would be ignored: {why}. Drop {flag(k)} or change the run as said")

@@ -215,12 +215,12 @@ def normalize(x):
     return (x.float() - mean) / std
 
 
-def noisy_labels(y, p, num_classes):
-    """A fixed fraction p of the labels replaced by a different class, uniformly; drawn from seed 0 (not
-    --seed), so every run of a comparison sees the same noisy training set."""
+def noisy_labels(y, p, num_classes, seed=0):
+    """A fixed fraction p of the labels replaced by a different class, uniformly; drawn from `seed`
+    (--data-seed, not --seed), so every run of a comparison sees the same noisy training set."""
     if not 0 <= p < 1:
         raise SystemExit(f"--label-noise {p} must be in [0, 1)")
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(y), generator=g)[: round(p * len(y))]
     y = y.clone()
     y[idx] = (y[idx] + torch.randint(1, num_classes, (len(idx),), generator=g)) % num_classes
@@ -238,11 +238,12 @@ class CifarOnDevice:
                 f"of {c.dataset} (or 0 for all)"
             )
         if c.train_size:
-            keep = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0))[: c.train_size]
+            g = torch.Generator().manual_seed(c.data_seed)
+            keep = torch.randperm(len(train_y), generator=g)[: c.train_size]
             train_x, train_y = train_x[keep.sort().values], train_y[keep.sort().values]
         self.num_classes = DATASETS[c.dataset]["classes"]
         if c.label_noise:  # symmetric noise: exactly round(p*N) images get one of the other labels
-            train_y = noisy_labels(train_y, c.label_noise, self.num_classes)
+            train_y = noisy_labels(train_y, c.label_noise, self.num_classes, c.data_seed)
         self.train_x, self.train_y = train_x.to(device), train_y.to(device)
         self.test_x, self.test_y = test_x[rank::world].to(device), test_y[rank::world].to(device)
         self.batch, self.cutout, self.rank, self.world = c.batch_size, c.cutout, rank, world
@@ -376,6 +377,7 @@ DATASETS = {
             cutout=RESIZED,
             train_size=RESIZED,
             label_noise=RESIZED,
+            data_seed=RESIZED,
             cache_dir="ImageNet is read by DataLoader workers, never cached",
         ),
     ),

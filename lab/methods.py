@@ -99,6 +99,14 @@ METHODS = {  # the order of the figures' legends
         )
         for k, c in ((2, "crimson"), (5, "darkorange"), (10, "sienna"))
     },
+    # LookSAM at smaller alpha (the frontier's second screen round): alpha scales one vector, so the step runs
+    # alpha 0.7's operations and is not timed again
+    **{
+        f"sam-k{k}-a{a}": method(
+            dict(optimizer="sam", ascent_every=k, looksam_alpha=a), f"LookSAM k={k} α={a}", "sam", c
+        )
+        for k, a, c in ((5, 0.1, "peru"), (5, 0.3, "tan"), (10, 0.1, "olive"), (10, 0.3, "yellowgreen"))
+    },
     "sam-f0.5-k5-a0.7": method(
         dict(optimizer="sam", ascent_fraction=0.5, ascent_every=5, looksam_alpha=0.7),
         "SAM f=0.5, LookSAM k=5 α=0.7",

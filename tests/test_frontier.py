@@ -106,11 +106,26 @@ def test_candidates_follow_the_written_rule():
 
 
 def test_frontier_throughput_target_times_every_screened_configuration():
-    """make bench-frontier-throughput's --bench-methods name exactly the configurations of SCREEN."""
+    """make bench-frontier-throughput's --bench-methods name exactly the configurations of SCREEN, LookSAM at
+    alpha 0.7 only: at another alpha a configuration uses alpha 0.7's timing (the same operations)."""
     make = (ROOT / "Makefile").read_text()
     keys = ",".join(re.findall(r"FRONTIER_BENCH := (?:\$\(FRONTIER_BENCH\),)?(\S+)", make)).split(",")
     named = {method_of(common.config(common.METHODS[k][0])) for k in keys}
-    assert named == set(frontier.SCREEN) and len(keys) == len(frontier.SCREEN)
+    timed = {(frontier.timed_as(m), sp) for m, sp in frontier.SCREEN}
+    assert named == timed and len(keys) == len(timed) < len(frontier.SCREEN)
+    assert frontier.timed_as("sam-k10-a0.1") == "sam-k10-a0.7" and frontier.timed_as("sam-k10") == "sam-k10"
+
+
+def test_heldout_picks_what_meets_the_goal_else_the_cheapest_keeper_and_the_best_cheap_one():
+    def row(m, x, y, verdict):
+        return dict(method=m, sparsity=None, x=x, y=y, verdict=verdict)
+
+    rows = [row("sgd", 1.0, -2.0, "loses"), row("sam", 1.98, 0.0, None)]
+    rows += [row("sam-k10", 1.12, -1.0, "loses"), row("sam-k10-a0.1", 1.12, -0.5, "misses")]
+    rows += [row("sam-f0.5", 1.58, -0.1, "keeps"), row("sam-f0.25", 1.31, -0.2, "keeps")]
+    assert frontier.heldout_picks(rows) == [("sam-f0.25", None), ("sam-k10-a0.1", None)]
+    rows.append(row("sam-k5-a0.1", 1.14, 0.1, "keeps"))
+    assert frontier.heldout_picks(rows) == [("sam-k5-a0.1", None)]
 
 
 def test_render_from_runs(tmp_path):

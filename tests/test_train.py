@@ -62,6 +62,26 @@ def cfg_for(argv):
 
 
 # -------------------------------------------------------------------------------------------- data
+def test_data_seed_draws_another_training_part_and_another_label_noise():
+    """--data-seed picks which --train-size images are kept and which labels --label-noise changes; 0 is the
+    benches' draw, so the runs they made keep their data. Without either, it is refused, not ignored."""
+    cpu = torch.device("cpu")
+
+    def data(*flags):
+        return lab.data.CifarOnDevice(cfg_for([*TINY, "--label-noise", "0.4", *flags]), cpu, 0, 1)
+
+    d0, again, d1 = data(), data("--data-seed", "0"), data("--data-seed", "1")
+    clean1 = lab.data.CifarOnDevice(cfg_for([*TINY, "--data-seed", "1"]), cpu, 0, 1)
+    assert torch.equal(d0.train_x, again.train_x) and torch.equal(d0.train_y, again.train_y)
+    assert len(d1.train_x) == len(d0.train_x) == 384
+    kept0, kept1 = {x.numpy().tobytes() for x in d0.train_x}, {x.numpy().tobytes() for x in d1.train_x}
+    assert len(kept0 & kept1) < 384 // 2  # another part of the 5,000 images (about 384 * 384 / 5000 shared)
+    changed = d1.train_y != clean1.train_y
+    assert torch.equal(d1.train_x, clean1.train_x) and changed.sum() == round(0.4 * 384)
+    with pytest.raises(SystemExit, match="--data-seed would be ignored"):
+        cfg_for(["--data-seed", "1"])
+
+
 def test_augment_is_a_crop_flip_and_cutout_of_the_input():
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8)
