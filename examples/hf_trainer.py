@@ -10,6 +10,8 @@ with the optimizer's. SSAM-F's mask is refreshed from the batch as it comes (a d
 sample's Fisher uses its own attention_mask). gradient_accumulation_steps > 1 is refused on the first
 micro-batch, before anything changes: Trainer hands training_step one micro-batch at a time, and SAM's ascent
 needs pass 1 over all of them before first_step (examples/accumulation.py accumulates by hand).
+SAM-k / LookSAM-k (ascent_every=k): when not sam.ascent_due, pass 1 is the step's only pass and Trainer's
+optimizer.step() is the step between ascents (LookSAM adds g_v there).
 fp16 (GPU; not run by the tests: Trainer has no GradScaler on the CPU): pass 1's inf/NaN is recorded for the
 scaler as in examples/amp.py, and a step the scaler skips is restored to w by a callback.
 """
@@ -43,7 +45,12 @@ class SAMTrainer(transformers.Trainer):
         sam = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps the SAM
         if isinstance(sam, ssam.SSAMF) and sam.mask_update_due:
             sam.update_mask(self.accelerator.unwrap_model(model), [inputs])  # the inner model, never DDP
-        self.accelerator.backward(model(**inputs).loss)  # pass 1 at w
+        loss = model(**inputs).loss
+        self.accelerator.backward(loss)  # pass 1 at w
+        if (
+            not sam.ascent_due
+        ):  # ascent_every=k: no ascent this step; Trainer clips pass 1, then optimizer.step()
+            return loss.detach()
         if self.accelerator.scaler is not None:  # fp16: pass 1's inf/NaN lowers the scale too
             self.accelerator.scaler.unscale_(sam.base_optimizer)
         sam.first_step(zero_grad=True)  # w + eps

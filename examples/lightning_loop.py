@@ -8,9 +8,12 @@ opt.step(closure=descent): Lightning counts the step and hands the closure to SA
 first_step, descent() at w + eps, second_step. The SAM state (base optimizer, counters, masks) is saved in the
 checkpoint and a resumed run continues exactly. SSAM-F's mask is refreshed from on_train_batch_start; under
 strategy="ddp" every process holds rank 0's mask (ssam.py broadcasts it).
+SAM-k / LookSAM-k (ascent_every=k): when not ascent_due, pass 1 is the step's only pass; descent() returns its
+loss and SAM.step makes the step between ascents.
 precision="16-mixed" (a GradScaler): Lightning calls the closure itself, then scaler.step(opt) without one,
-which is SAM's second step. So descent() climbs first (first_step, after recording pass 1's inf/NaN for the
-scaler, as examples/amp.py); opt.optimizer.restore() after opt.step() puts w back if the scaler skipped it.
+which is SAM's second step (or the step between ascents). So descent() climbs first (first_step, after
+recording pass 1's inf/NaN for the scaler, as examples/amp.py); opt.optimizer.restore() after opt.step() puts
+w back if the scaler skipped it.
 """
 
 import lightning as L
@@ -48,6 +51,8 @@ class SAMModule(L.LightningModule):
         self.manual_backward(loss)  # pass 1 at w
 
         def descent():  # pass 2 at w + eps: SAM.step runs first_step before it, second_step after
+            if not opt.optimizer.ascent_due:  # ascent_every=k: no ascent this step, pass 1 is its only pass
+                return loss
             if scaler is not None:  # 16-mixed: Lightning runs this, then scaler.step(opt): the second step
                 scaler.unscale_(opt.optimizer.base_optimizer)  # pass 1's inf/NaN lowers the scale too
                 opt.optimizer.first_step(zero_grad=True)  # eps = 0 after an inf/NaN

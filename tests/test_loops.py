@@ -39,6 +39,8 @@ def make_opt(kind, params, **kw):
         return ssam.SAM(params, torch.optim.SGD, **kw)
     if kind == "ssamf":
         return ssam.SSAMF(params, torch.optim.SGD, **dict(dict(num_samples=8, update_interval=2), **kw))
+    if kind == "looksam":  # LookSAM-2: the ascent every 2 steps, g_v added between
+        return ssam.SAM(params, torch.optim.SGD, **dict(dict(ascent_every=2, looksam_alpha=0.7), **kw))
     return ssam.SSAMD(params, torch.optim.SGD, **dict(dict(total_steps=10, update_interval=2, seed=0), **kw))
 
 
@@ -298,6 +300,35 @@ def test_lightning_counts_steps_checkpoints_and_resumes_exactly(tmp_path):
     assert_bitwise(weights(whole.net), weights(ref))
 
 
+def test_lightning_with_looksam_takes_one_pass_between_ascents(tmp_path):
+    """LookSAM-3 in the example's module (fp32): SAM.step(closure) skips the closure between ascents; the
+    weights equal the README's loop that takes the second pass only when opt.ascent_due, bit for bit."""
+    import lightning as L
+
+    def make(ps):
+        return make_opt("looksam", ps, ascent_every=3)
+
+    module = example("lightning_loop")["SAMModule"](make)
+    module.net, ref = mlp(), mlp()
+    oref, data = make(ref.parameters()), [batch(s) for s in range(5)]
+    for x, y in data:
+        F.cross_entropy(ref(x), y).backward()
+        if oref.ascent_due:
+            oref.first_step(zero_grad=True)
+            F.cross_entropy(ref(x), y).backward()
+        oref.step()  # the second step, or the step between ascents
+        oref.zero_grad()
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(*map(torch.cat, zip(*data))), batch_size=16
+    )
+    quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, enable_checkpointing=False, **quiet)
+    trainer.fit(module, loader)
+    sam = trainer.optimizers[0]
+    assert trainer.global_step == sam.steps == 5 and "g_v" in sam.state[module.net[0].weight]
+    assert_bitwise(weights(module.net), weights(ref))
+
+
 def test_lightning_checkpoint_without_ssam_state(tmp_path):
     """A Lightning checkpoint whose optimizer state lost an SSAM entry ('base': the base optimizer's state,
     'counters'): the resume warns, naming what is missing, and loads only the group settings (as the warning
@@ -331,16 +362,18 @@ def hf_opt(kind, params):
         return ssam.SAM(params, torch.optim.SGD, **kw)
     if kind == "ssamf":
         return ssam.SSAMF(params, torch.optim.SGD, num_samples=8, update_interval=2, **kw)
+    if kind == "looksam":  # LookSAM-3: steps 0 and 3 climb; the checkpoint at 2 is mid-period (g_v kept)
+        return ssam.SAM(params, torch.optim.SGD, ascent_every=3, looksam_alpha=0.7, **kw)
     return ssam.SSAMD(params, torch.optim.SGD, total_steps=4, update_interval=2, seed=0, **kw)
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of:UserWarning")  # the oracle calls second_step, not step
-@pytest.mark.parametrize("kind", ["sam", "ssamf", "ssamd"])
+@pytest.mark.parametrize("kind", ["sam", "ssamf", "ssamd", "looksam"])
 def test_hf_trainer_clips_schedules_and_resumes_like_the_plain_loop(kind, tmp_path):
     """The example's Trainer subclass (tiny BERT from a config, padded dict batches, max_grad_norm 0.05 so
     that Trainer's clipping bites, linear LR decay): 4 steps, checkpoint at 2, resume to 4: the weights equal
     the plain loop that clips the descent gradient and decays lr by (4 - t) / 4, written here; so does the
-    uninterrupted run."""
+    uninterrupted run. LookSAM-3: the loop's second pass only when opt.ascent_due; resumed mid-period."""
     ex = example("hf_trainer")
     data = ex["token_data"]()
     torch.manual_seed(0)
@@ -352,10 +385,12 @@ def test_hf_trainer_clips_schedules_and_resumes_like_the_plain_loop(kind, tmp_pa
         if kind == "ssamf" and oref.mask_update_due:
             oref.update_mask(ref, [b])
         ref(**b).loss.backward()
-        oref.first_step(zero_grad=True)
-        ref(**b).loss.backward()
+        if oref.ascent_due:
+            oref.first_step(zero_grad=True)
+            ref(**b).loss.backward()
         assert torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05) > 0.05  # the clip bites
-        oref.second_step(zero_grad=True)
+        oref.step()  # the second step, or the step between ascents
+        oref.zero_grad()
         sched.step()
 
     def run(out, resume=None):
@@ -372,7 +407,10 @@ def test_hf_trainer_clips_schedules_and_resumes_like_the_plain_loop(kind, tmp_pa
     resumed, ropt = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-2"))
     assert_bitwise(weights(resumed), weights(ref))
     assert ropt.param_groups[0]["lr"] == oref.param_groups[0]["lr"] == 0.0
-    if kind != "sam":
+    if kind == "looksam":  # g_v of step 3's ascent, the same on both
+        assert_bitwise([ropt.state[p]["g_v"] for p in resumed.parameters() if p in ropt.state],
+                       [oref.state[p]["g_v"] for p in ref.parameters() if p in oref.state])  # fmt: skip
+    if kind in ("ssamf", "ssamd"):
         assert (
             all(torch.equal(u, v) for u, v in zip(ropt.masks(), oref.masks())) and ropt.last_mask_update == 2
         )
@@ -522,21 +560,23 @@ def test_gradscaler_inf_in_pass_1_leaves_a_due_ssamd_update_to_the_next_finite_s
     assert_bitwise(weights(b), weights(a))
 
 
+@pytest.mark.parametrize("kind", ["ssamd", "looksam"])
 @pytest.mark.parametrize("bad_pass", [None, 1, 2])
-def test_lightning_16_mixed_with_a_gradscaler(tmp_path, bad_pass):
+def test_lightning_16_mixed_with_a_gradscaler(tmp_path, bad_pass, kind):
     """Lightning's MixedPrecision("16-mixed") with a real GradScaler (fixed scale) on the CPU, the example's
     module: Lightning runs the closure itself, then scaler.step(opt). It equals examples/amp.py's loop under
     the same fp16 autocast and scale bit for bit (that loop equals fp32 at a fixed scale where autocast is
-    off); an inf in either pass of step 1 skips that step (w exact), halves the scale, and training goes on"""
+    off); an inf in either pass of step 1 skips that step (w exact), halves the scale, and training goes on.
+    LookSAM-2: step 1 has no ascent (one pass), so the second bad pass is step 2's first; the same holds."""
     import lightning as L
     from lightning.pytorch.plugins import MixedPrecision
 
     SAMModule, sam_step = example("lightning_loop")["SAMModule"], example("amp")["sam_step"]
     bad = set() if bad_pass is None else {2 + bad_pass - 1}
-    module = SAMModule(lambda ps: make_opt("ssamd", ps))
+    module = SAMModule(lambda ps: make_opt(kind, ps))
     module.net = InfAt(mlp(), bad)
     ref = InfAt(mlp(), bad)
-    oref, sref = make_opt("ssamd", ref.parameters()), fixed_scaler()
+    oref, sref = make_opt(kind, ref.parameters()), fixed_scaler()
     batches = [batch(s) for s in range(3)]
     for x, y in batches:
         sam_step(ref, oref, sref, x, y, torch.autocast("cpu", dtype=torch.float16))
