@@ -53,9 +53,11 @@ bench-throughput: venv
 	mkdir -p bench/results
 	OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m pytest bench/ --benchmark-only --benchmark-json bench/results/throughput.json $(BENCH_ARGS)
 
-# bench/results/throughput.json -> bench/results/throughput.md: ratios with 95% intervals, FLOP bounds, targets
+# bench/results/throughput.json -> bench/results/throughput.md: ratios with 95% intervals, FLOP bounds, targets;
+# the frontier's step table (frontier-throughput.json, its own run) appended
 bench-report: venv
-	$(PYTHON) bench/report.py bench/results/throughput.json -o bench/results/throughput.md
+	$(PYTHON) bench/report.py bench/results/throughput.json -o bench/results/throughput.md \
+	--also bench/results/frontier-throughput.json
 
 # SGD, SAM, SSAM-F 0.5, SSAM-D 0.5/0.9 where the model fits its (label-noisy) training data, seeds 0-5, 10,000 test
 # images: mean ± 95% CI, paired differences, Hessian lambda_1; then the two figures. Finished runs are reused.
@@ -77,6 +79,7 @@ bench-frontier-throughput: venv
 	OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m pytest bench/test_throughput.py::test_step --benchmark-only \
 	--bench-methods $(FRONTIER_BENCH) --benchmark-json bench/results/frontier-throughput.json $(BENCH_ARGS)
 	$(PYTHON) bench/frontier.py render
+	$(MAKE) bench-report
 
 bench-frontier: venv
 	OMP_WAIT_POLICY=PASSIVE $(PYTHON) bench/frontier.py screen $(FRONTIER_ARGS)

@@ -340,21 +340,28 @@ def render_memory_and_targets(s):
     ]
 
 
-def render(data, source):
-    """The loaded throughput JSON -> the Markdown report; source: the JSON's path as the report names it."""
+def render(data, source, also=()):
+    """The loaded throughput JSON -> the Markdown report; source: the JSON's path as the report names it.
+    also: (data, source) of other runs (make bench-frontier-throughput's), each adding its step table."""
     s = summarize(data)
     lines = render_head(data, source) + render_steps(s) + render_first_and_updates(s)
-    return "\n".join(lines + render_memory_and_targets(s))
+    lines += render_memory_and_targets(s)
+    for d, src in also:  # another run: its own machine line and rounds, never mixed with the rows above
+        head = render_head(d, src)
+        lines += [f"# Steps timed in another run: `{src}`", "", *head[2:]] + render_steps(summarize(d))
+    return "\n".join(lines)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("json", nargs="?", default=os.path.join(HERE, "results", "throughput.json"))
     ap.add_argument("-o", "--out", default=os.path.join(HERE, "results", "throughput.md"))
+    ap.add_argument("--also", nargs="*", default=[], help="other runs' JSON: their step tables, appended")
     args = ap.parse_args()
     with open(args.json) as f:
         data = json.load(f)
-    text = render(data, os.path.relpath(args.json))
+    also = [(json.loads(open(p).read()), os.path.relpath(p)) for p in args.also]
+    text = render(data, os.path.relpath(args.json), also)
     with open(args.out, "w") as f:
         f.write(text)
     print(text)

@@ -369,8 +369,17 @@ def test_accuracy_method_names_round_trip_through_train_config(tmp_path):
 
 def test_committed_tables_render_byte_identical_from_their_json():
     data = json.loads((RESULTS / "throughput.json").read_text())
-    text = report.render(data, "bench/results/throughput.json")  # `make bench-report` from the repo root
+    also = [
+        (
+            json.loads((RESULTS / "frontier-throughput.json").read_text()),
+            "bench/results/frontier-throughput.json",
+        )
+    ]
+    text = report.render(
+        data, "bench/results/throughput.json", also
+    )  # `make bench-report` from the repo root
     assert text == (RESULTS / "throughput.md").read_text()
+    assert "| vit | 32 | sam-k10-a0.7 | fresh |" in text.split("# Steps timed in another run")[1]  # appended
     result = json.loads((RESULTS / "accuracy.json").read_text())
     assert accuracy.rerender(result) == (RESULTS / "accuracy.md").read_text()  # summaries made again
 
