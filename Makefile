@@ -73,7 +73,7 @@ bench-accuracy: venv
 # bench/results/frontier.{json,md,png}. Finished runs are reused; FRONTIER_ARGS="--runs-dir DIR --jobs N".
 FRONTIER_BENCH := sgd,sam,ssamf-s0.5,ssamd-s0.5,ssamf-s0.9-tensor-cost,sam-f0.5,sam-f0.25,sam-k2,sam-k5,sam-k10
 FRONTIER_BENCH := $(FRONTIER_BENCH),sam-k2-a0.7,sam-k5-a0.7,sam-k10-a0.7,sam-f0.5-k5-a0.7,sam-f0.25-k2-a0.7
-FRONTIER_BENCH := $(FRONTIER_BENCH),ssamf-s0.9-tensor-cost-k2-a0.7
+FRONTIER_BENCH := $(FRONTIER_BENCH),ssamf-s0.9-tensor-cost-k2-a0.7,sam-k10-a0.1
 bench-frontier-throughput: venv
 	mkdir -p bench/results
 	OMP_WAIT_POLICY=PASSIVE $(PYTHON) -m pytest bench/test_throughput.py::test_step --benchmark-only \

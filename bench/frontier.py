@@ -82,17 +82,19 @@ def costs(data):
     return out
 
 
-def timed_as(method):
-    """The configuration whose timing row a configuration uses: LookSAM at another alpha runs alpha 0.7's
-    operations (alpha scales one vector), so it is not timed again."""
+def timed_as(method, sp, table):
+    """The configuration whose timing row a configuration uses: its own, or for LookSAM at another alpha
+    without one, alpha 0.7's (alpha scales one vector: the same operations)."""
     a = METHODS[method]["settings"].get("looksam_alpha")
-    return method.replace(f"-a{a}", "-a0.7") if a not in (None, 0.7) else method
+    if f"{method}|{sp}" in table or a in (None, 0.7):
+        return method
+    return method.replace(f"-a{a}", "-a0.7")
 
 
 def cost_of(method, sp, table, model="resnet18"):
     """(x SGD or None, FLOP bound or None, measured?) of a configuration on `model`. Without its own row the
     bound comes from the configuration without -k: 1 + (bound - 1) / k, as common.flops_x_sgd counts."""
-    row = table.get(f"{timed_as(method)}|{sp}", {}).get(model)
+    row = table.get(f"{timed_as(method, sp, table)}|{sp}", {}).get(model)
     if row:
         return (row["x"][0] if row["x"] else None), row["flops"], row["x"] is not None
     k = METHODS[method]["settings"].get("ascent_every")
@@ -188,6 +190,7 @@ def summarize(runs, seeds, table):
         for model in ("resnet18", "vit"):
             x, bound, measured = cost_of(r["method"], r["sparsity"], table, model)
             r[model] = dict(x=x, bound=bound, measured=measured)
+        r["timed_as"] = timed_as(r["method"], r["sparsity"], table)
         r["x"] = r["resnet18"]["x"] if r["resnet18"]["measured"] else r["resnet18"]["bound"]
         r["verdict"] = None if r["method"] == "sam" else verdict(r["vs_sam"])
         r["y"] = 0.0 if r["method"] == "sam" else r["vs_sam"][0] if r["vs_sam"] else None
@@ -225,7 +228,7 @@ def render_table(title, rows):
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        same = " as α=0.7" if timed_as(r["method"]) != r["method"] else ""  # its timing row: α=0.7's
+        same = " as α=0.7" if r["timed_as"] != r["method"] else ""  # its timing row: α=0.7's
         lines.append(
             f"| {label(r['method'], r['sparsity'])} | {fmt_cost(r['resnet18'])}{same} | "
             f"{fmt_cost(r['vit'])}{same} | "

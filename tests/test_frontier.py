@@ -111,9 +111,11 @@ def test_frontier_throughput_target_times_every_screened_configuration():
     make = (ROOT / "Makefile").read_text()
     keys = ",".join(re.findall(r"FRONTIER_BENCH := (?:\$\(FRONTIER_BENCH\),)?(\S+)", make)).split(",")
     named = {method_of(common.config(common.METHODS[k][0])) for k in keys}
-    timed = {(frontier.timed_as(m), sp) for m, sp in frontier.SCREEN}
+    rows = {f"{m}|{sp}": {} for m, sp in named}
+    timed = {(frontier.timed_as(m, sp, rows), sp) for m, sp in frontier.SCREEN}
     assert named == timed and len(keys) == len(timed) < len(frontier.SCREEN)
-    assert frontier.timed_as("sam-k10-a0.1") == "sam-k10-a0.7" and frontier.timed_as("sam-k10") == "sam-k10"
+    assert frontier.timed_as("sam-k5-a0.1", None, rows) == "sam-k5-a0.7"  # not timed: alpha 0.7's row
+    assert frontier.timed_as("sam-k10", None, {}) == "sam-k10"
 
 
 def test_heldout_picks_what_meets_the_goal_else_the_cheapest_keeper_and_the_best_cheap_one():
