@@ -100,7 +100,7 @@ METHODS = {  # the order of the figures' legends
         for k, c in ((2, "crimson"), (5, "darkorange"), (10, "sienna"))
     },
     # LookSAM at smaller alpha (the frontier's second screen round): alpha scales one vector, so the step runs
-    # alpha 0.7's operations; only the one confirmed at <= 1.15x SGD (k=10, alpha 0.1) is timed itself
+    # alpha 0.7's operations; only the confirmation's candidate at <= 1.15x SGD (k=10, alpha 0.1) is timed
     **{
         f"sam-k{k}-a{a}": method(
             dict(optimizer="sam", ascent_every=k, looksam_alpha=a),
