@@ -111,20 +111,17 @@ METHODS = {  # the order of the figures' legends
         )
         for k, a, c in ((5, 0.1, "peru"), (5, 0.3, "tan"), (10, 0.1, "olive"), (10, 0.3, "yellowgreen"))
     },
-    "sam-f0.5-k5-a0.7": method(
-        dict(optimizer="sam", ascent_fraction=0.5, ascent_every=5, looksam_alpha=0.7),
-        "SAM f=0.5, LookSAM k=5 α=0.7",
-        "sam",
-        "orchid",
-        bench=[(None, "fresh")],
-    ),
-    "sam-f0.25-k2-a0.7": method(
-        dict(optimizer="sam", ascent_fraction=0.25, ascent_every=2, looksam_alpha=0.7),
-        "SAM f=0.25, LookSAM k=2 α=0.7",
-        "sam",
-        "deeppink",
-        bench=[(None, "fresh")],
-    ),
+    # LookSAM-k with the ascent on a fraction f of the batch
+    **{
+        f"sam-f{f}-k{k}-a0.7": method(
+            dict(optimizer="sam", ascent_fraction=f, ascent_every=k, looksam_alpha=0.7),
+            f"SAM f={f}, LookSAM k={k} α=0.7",
+            "sam",
+            c,
+            bench=[(None, "fresh")],
+        )
+        for f, k, c in ((0.5, 5, "orchid"), (0.25, 2, "deeppink"))
+    },
     "ssamf-tensor-cost-k2-a0.7": method(
         dict(optimizer="ssamf", structure="tensor", mask_select="cost", ascent_every=2, looksam_alpha=0.7),
         "SSAM-F cost-aware{s}, LookSAM k=2 α=0.7",
