@@ -899,25 +899,17 @@ def test_ddp_two_processes_keep_weights_and_masks_identical(tmp_path):
             assert 0.15 < r0[o]["masks"].float().mean() < 0.25  # density 1 - 0.8
 
 
+def torchrun_one_epoch(out, *flags):
+    """train.py for one epoch under torchrun, 2 CPU processes, into out; it must succeed. -> (final.json, the
+    epoch's log line)."""
+    r = run_train(*flags, "--epochs", "1", "--device", "cpu", "--out-dir", str(out), processes=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads((out / "final.json").read_text()), json.loads((out / "metrics.jsonl").read_text())
+
+
 def test_torchrun_two_cpu_processes_end_to_end(tmp_path):
     out = tmp_path / "ddp"
-    r = run_train(
-        *TINY,
-        "--epochs",
-        "1",
-        "--optimizer",
-        "ssamd",
-        "--update-interval",
-        "3",
-        "--device",
-        "cpu",
-        "--out-dir",
-        str(out),
-        processes=2,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    final = json.loads((out / "final.json").read_text())
-    line = json.loads((out / "metrics.jsonl").read_text())
+    final, line = torchrun_one_epoch(out, *TINY, "--optimizer", "ssamd", "--update-interval", "3")
     assert final["processes"] == 2 and line["ranks_in_sync"] is True and line["masks_updated"] >= 3
     # the reported accuracy is the final weights' on the WHOLE test split (both processes' shares), counted
     # here again in one process from ckpt.pt (a few near-ties may flip with the batch layout)
@@ -1037,27 +1029,8 @@ def test_train_step_sparse_ascent_under_bf16_autocast(monkeypatch):
 def test_torchrun_sync_ascent_with_tensor_masks_and_samon(tmp_path, optimizer):
     """The ascent pass skips tensors (requires_grad off): a synchronized backward over them used to crash
     DDP."""
-    out = tmp_path / "ddp"
-    r = run_train(
-        "--model",
-        "wrn10-1",
-        "--batch-size",
-        "32",
-        "--train-size",
-        "128",
-        "--epochs",
-        "1",
-        *optimizer,
-        "--sync-ascent",
-        "--device",
-        "cpu",
-        "--out-dir",
-        str(out),
-        processes=2,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    final = json.loads((out / "final.json").read_text())
-    line = json.loads((out / "metrics.jsonl").read_text())
+    tiny = ["--model", "wrn10-1", "--batch-size", "32", "--train-size", "128"]
+    final, line = torchrun_one_epoch(tmp_path / "ddp", *tiny, *optimizer, "--sync-ascent")
     assert (
         final["processes"] == 2 and line["ranks_in_sync"] is True and final["config"]["sync_ascent"] is True
     )
