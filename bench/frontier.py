@@ -376,7 +376,7 @@ def main(argv=None):
             raise SystemExit(f"{out}: no candidates yet; run the screen to its end first")
         methods = [("sgd", None), ("sam", None)] + [tuple(c) for c in old["candidates"]]
     else:
-        rows = summarize(old.get("runs", []), STAGES["confirm"], old.get("costs", {}))
+        rows = summarize(old.get("runs", []), STAGES["confirm"], table)  # costs: the timing file
         if not rows or any(len(r["per_seed"]) < len(STAGES["confirm"]) for r in rows):
             raise SystemExit(f"{out}: the confirmation has not finished; run it to its end first")
         picks = heldout_picks(rows)

@@ -239,8 +239,8 @@ class CifarOnDevice:
             )
         if c.train_size:
             g = torch.Generator().manual_seed(c.data_seed)
-            keep = torch.randperm(len(train_y), generator=g)[: c.train_size]
-            train_x, train_y = train_x[keep.sort().values], train_y[keep.sort().values]
+            keep = torch.randperm(len(train_y), generator=g)[: c.train_size].sort().values
+            train_x, train_y = train_x[keep], train_y[keep]
         self.num_classes = DATASETS[c.dataset]["classes"]
         if c.label_noise:  # symmetric noise: exactly round(p*N) images get one of the other labels
             train_y = noisy_labels(train_y, c.label_noise, self.num_classes, c.data_seed)
